@@ -1,0 +1,73 @@
+"""The one loop owner: runs a solver's sweep in ``lax.while_loop`` with a fixed-length history.
+
+A solver supplies ``sweep(state) -> (state, inner_converged)`` and ``error(state) -> scalar``;
+this driver counts sweeps, records the relative error after each, stops on convergence
+(``|e_{k-1} − e_k| <= rtol · e_{k-1}``), on ``max_steps`` or on a non-finite error, and keeps the
+last finite state. Everything is traceable, so it lives inside the caller's ``jit``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sigmadecomp.solvers._solution import Status
+
+__all__ = ["iterate"]
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+
+
+def iterate(
+    sweep: Callable,
+    error: Callable,
+    state,
+    *,
+    max_steps: int,
+    rtol,
+):
+    """Run ``sweep`` until converged; returns ``(state, status, errors, num_steps)``.
+
+    ``errors`` has length ``max_steps + 1`` (index 0 = initial state), NaN-padded.
+    ``status`` is CONVERGED / MAX_STEPS / INNER_NOT_CONVERGED (the last sweep's inner solve did
+    not reach its tolerance) / NONFINITE (the returned state is the last finite one).
+    """
+    e0 = error(state)
+    dtype = e0.dtype
+    errors = jnp.full((max_steps + 1,), jnp.nan, dtype).at[0].set(e0)
+    rtol = jnp.asarray(rtol, dtype)
+    init = (state, jnp.int32(0), errors, jnp.bool_(False), jnp.int32(Status.MAX_STEPS))
+
+    def cond(carry):
+        _, k, _, done, _ = carry
+        return (k < max_steps) & ~done
+
+    def body(carry):
+        state, k, errors, _, _ = carry
+        new_state, inner_ok = sweep(state)
+        e_new = error(new_state)
+        finite = jnp.isfinite(e_new) & _all_finite(new_state)
+        e_prev = errors[k]
+        settled = jnp.abs(e_prev - e_new) <= rtol * jnp.maximum(e_prev, jnp.finfo(dtype).tiny)
+        status = jnp.where(
+            ~finite,
+            Status.NONFINITE,
+            jnp.where(
+                ~inner_ok,
+                Status.INNER_NOT_CONVERGED,
+                jnp.where(settled, Status.CONVERGED, Status.MAX_STEPS),
+            ),
+        ).astype(jnp.int32)
+        state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+        errors = errors.at[k + 1].set(jnp.where(finite, e_new, jnp.nan))
+        done = ~finite | (settled & inner_ok)
+        return state, k + 1 + jnp.where(finite, 0, -1).astype(jnp.int32), errors, done, status
+
+    state, k, errors, _, status = lax.while_loop(cond, body, init)
+    return state, status, errors, k

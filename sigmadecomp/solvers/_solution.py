@@ -1,0 +1,77 @@
+"""What every solver returns: a factorized kernel plus why it stopped and how the error went."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import jax
+import numpy as np
+
+__all__ = ["Solution", "Status"]
+
+
+class Status(enum.IntEnum):
+    """Why a solver stopped. Stored as an int32 array in :class:`Solution` so it survives ``jit``."""
+
+    CONVERGED = 0
+    MAX_STEPS = 1
+    INNER_NOT_CONVERGED = 2
+    NONFINITE = 3
+
+    @property
+    def message(self) -> str:
+        return _MESSAGES[self]
+
+
+_MESSAGES = {
+    Status.CONVERGED: "converged: the relative Σ-error changed by less than rtol in the last sweep.",
+    Status.MAX_STEPS: (
+        "stopped at max_steps before the error settled: raise max_steps, or loosen rtol."
+    ),
+    Status.INNER_NOT_CONVERGED: (
+        "an inner conjugate-gradient solve stopped at cg_max_steps above cg_tol in the last sweep: "
+        "raise cg_max_steps, loosen cg_tol, or raise ridge (cov may be badly conditioned)."
+    ),
+    Status.NONFINITE: (
+        "a sweep produced NaN/Inf; the last finite iterate is returned. Check the kernel and cov "
+        "for huge values, raise ridge, or run in float64."
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Solution:
+    """The result of :func:`sigmadecomp.decompose`.
+
+    Attributes:
+        value: the factorized kernel (``LowRank``, ``Tucker2``, ``CP`` or ``CP3``).
+        status: int32 scalar array holding a :class:`Status` code.
+        errors: relative Σ-error (Frobenius when ``cov=None``) of the initial point (index 0) and
+            after every sweep (index k); fixed length ``max_steps + 1``, NaN after ``num_steps``.
+        num_steps: number of sweeps run (int32 scalar array).
+    """
+
+    value: object
+    status: jax.Array
+    errors: jax.Array
+    num_steps: jax.Array
+
+    @property
+    def message(self) -> str:
+        """Human-readable status, saying what to change (call outside ``jit``)."""
+        return Status(int(self.status)).message
+
+    @property
+    def converged(self) -> bool:
+        return int(self.status) == Status.CONVERGED
+
+    @property
+    def final_error(self) -> float:
+        """The relative error of ``value`` (host float; call outside ``jit``)."""
+        return float(np.asarray(self.errors)[int(self.num_steps)])
+
+
+jax.tree_util.register_dataclass(
+    Solution, data_fields=["value", "status", "errors", "num_steps"], meta_fields=[]
+)

@@ -1,0 +1,3 @@
+"""surgery (filled in by its issue)."""
+
+__all__: list[str] = []

@@ -1,0 +1,38 @@
+"""Test-wide settings: x64 available, strict dtype and rank promotion, shared fixtures."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import jax
+import pytest
+
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+DATA_DIR = pathlib.Path(
+    os.environ.get("SIGMADECOMP_DATA", pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
+).resolve()
+
+# Tolerances that depend on dtype: (rtol for values, slack for monotone-decrease checks).
+TOL = {"float32": 2e-4, "float64": 1e-9}
+
+
+@pytest.fixture(params=["float32", "float64"])
+def dtype(request):
+    return request.param
+
+
+@pytest.fixture
+def tol(dtype):
+    return TOL[dtype]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> pathlib.Path:
+    """``../shared/data`` (or $SIGMADECOMP_DATA); skips the test with a reason when absent."""
+    if not (DATA_DIR / "README.md").exists():
+        pytest.skip(f"data kit not found at {DATA_DIR} (set SIGMADECOMP_DATA or place ../shared/data)")
+    return DATA_DIR
