@@ -1,3 +1,26 @@
-"""data (filled in by its issue)."""
+"""Data loaders for the official CIFAR-10 and MNIST files, normalisation and deterministic batching.
 
-__all__: list[str] = []
+* :func:`load_cifar10`, :func:`cifar10_normalize` — CIFAR-10 python-version batches → uint8 NHWC;
+* :func:`load_mnist`, :func:`mnist_normalize` — MNIST IDX (gzip) files → uint8 NHWC;
+* :func:`batches`, :func:`sample` — batching and calibration subsets driven by an explicit ``key``.
+
+Loaders return numpy arrays (host memory); missing or corrupt files raise ``FileNotFoundError`` /
+``ValueError`` naming the file and the format expected.
+"""
+
+from sigmadecomp.data._batching import batches, sample
+from sigmadecomp.data._cifar10 import CIFAR10_MEAN, CIFAR10_STD, cifar10_normalize, load_cifar10
+from sigmadecomp.data._mnist import MNIST_MEAN, MNIST_STD, load_mnist, mnist_normalize
+
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "MNIST_MEAN",
+    "MNIST_STD",
+    "batches",
+    "cifar10_normalize",
+    "load_cifar10",
+    "load_mnist",
+    "mnist_normalize",
+    "sample",
+]
