@@ -1,3 +1,23 @@
-"""solvers (filled in by its issue)."""
+"""Pure-JAX solvers for low-rank kernel decompositions, Frobenius and Σ-norm.
 
-__all__: list[str] = []
+Entry point: :func:`decompose` ``(kernel, solver, *, cov=None, ...)`` → :class:`Solution`.
+Solvers are frozen configurations: :class:`SVD` (closed form → ``LowRank``) and
+:class:`Tucker2ALS` (block ALS → ``Tucker2``). They minimise
+``f(W̃) = tr((W − W̃) cov (W − W̃)ᵀ)`` (Frobenius when ``cov`` is None); :func:`relative_error`
+scores any approximation. :class:`AbstractSolver` and :class:`Problem` are for writing new solvers.
+"""
+
+from sigmadecomp.solvers._base import AbstractSolver, Problem
+from sigmadecomp.solvers._decompose import decompose, relative_error
+from sigmadecomp.solvers._solution import Solution, Status
+from sigmadecomp.solvers._svd import SVD
+
+__all__ = [
+    "SVD",
+    "AbstractSolver",
+    "Problem",
+    "Solution",
+    "Status",
+    "decompose",
+    "relative_error",
+]

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from sigmadecomp.solvers._numerics import mm
+from sigmadecomp.solvers._validation import check_factorized_shapes
 
 __all__ = ["AbstractSolver", "Problem", "problem_error"]
 
@@ -74,8 +75,24 @@ def problem_error(problem: Problem, approx):
 class AbstractSolver(abc.ABC):
     """Base of the solver configurations (frozen dataclasses: hashable, usable as jit statics).
 
-    Subclasses define ``max_steps`` and implement :meth:`check` and :meth:`solve`.
+    Subclasses define ``max_steps`` and ``ridge`` (read by :func:`sigmadecomp.decompose` to build
+    ``M = cov + ridge·(tr cov / d)·I``), implement :meth:`check` and :meth:`solve`, and, to accept
+    a warm start, :meth:`init_shapes`.
     """
+
+    def init_shapes(self, kernel_shape: tuple):
+        """The solver's format with shape tuples in place of arrays (e.g.
+        ``Tucker2(core=(kh, kw, r_in, r_out), ...)``); ``None`` (default) = no warm start."""
+        return None
+
+    def check_init(self, init, kernel_shape: tuple, dtype):
+        """Validate a warm start against :meth:`init_shapes`; returns it cast to ``dtype``."""
+        if init is None:
+            return None
+        expected = self.init_shapes(tuple(kernel_shape))
+        if expected is None:
+            raise ValueError(f"{type(self).__name__} does not take a warm start; pass init=None.")
+        return check_factorized_shapes(init, expected, dtype)
 
     @abc.abstractmethod
     def check(self, kernel_shape: tuple) -> None:
