@@ -17,4 +17,4 @@ def require_file(path: pathlib.Path, fmt: str) -> pathlib.Path:
 
 def corrupt(path: pathlib.Path, fmt: str, detail: str) -> ValueError:
     """The ``ValueError`` for a file that exists but is not valid ``fmt``."""
-    return ValueError(f"{path} is not a valid {fmt}: {detail}. Re-download the official file.")
+    return ValueError(f"{path} is not {fmt}: {detail}. Re-download the official file.")

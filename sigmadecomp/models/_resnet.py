@@ -1,0 +1,101 @@
+"""CIFAR ResNets of depth 6n+2 (He et al. 2015, option-A shortcuts) as Flax NNX modules.
+
+Attribute names mirror the PyTorch reference implementation, so layer paths read
+``conv1``, ``layer2.0.conv1``, ``linear`` and PyTorch ``state_dict`` names map one to one
+(see :func:`sigmadecomp.models.load_state_dict`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+__all__ = ["BasicBlock", "CifarResNet"]
+
+# Explicit symmetric padding: 'SAME' with stride 2 on an even size pads (0, 1), PyTorch's pad=1
+# pads (1, 1), which shifts every strided window by one pixel.
+_PAD = ((1, 1), (1, 1))
+
+
+def _conv3x3(cin: int, cout: int, stride: int, dtype, rngs: nnx.Rngs) -> nnx.Conv:
+    return nnx.Conv(cin, cout, (3, 3), strides=stride, padding=_PAD, use_bias=False,
+                    dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+def _batch_norm(features: int, dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    # PyTorch defaults: eps 1e-5, momentum 0.1 (Flax counts momentum the other way: 0.9).
+    return nnx.BatchNorm(features, use_running_average=True, epsilon=1e-5, momentum=0.9,
+                         dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+def _shortcut_a(x: jax.Array, planes: int) -> jax.Array:
+    """Option A: subsample by 2 and zero-pad ``planes // 4`` channels on each side (no params)."""
+    pad = planes // 4
+    return jnp.pad(x[:, ::2, ::2, :], ((0, 0), (0, 0), (0, 0), (pad, pad)))
+
+
+class BasicBlock(nnx.Module):
+    """conv3×3(stride)-BN-ReLU-conv3×3-BN, plus the (option-A) shortcut, then ReLU."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, *, dtype, rngs: nnx.Rngs):
+        self.conv1 = _conv3x3(in_planes, planes, stride, dtype, rngs)
+        self.bn1 = _batch_norm(planes, dtype, rngs)
+        self.conv2 = _conv3x3(planes, planes, 1, dtype, rngs)
+        self.bn2 = _batch_norm(planes, dtype, rngs)
+        self.downsample = stride != 1 or in_planes != planes
+        self.planes = planes
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out = nnx.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = _shortcut_a(x, self.planes) if self.downsample else x
+        return nnx.relu(out + shortcut)
+
+
+class CifarResNet(nnx.Module):
+    """ResNet-``depth`` for 32×32 images, ``depth = 6n + 2`` (20, 32, 44, 56, 110, ...).
+
+    Input: NHWC images normalised with :func:`sigmadecomp.data.cifar10_normalize`; output: logits
+    ``(N, num_classes)``. Parameters and computation are in ``dtype`` (float32 by default, also
+    when x64 is enabled). BatchNorm layers are built in inference mode
+    (``use_running_average=True``, running statistics); call ``model.train()`` before fine-tuning
+    with batch statistics and ``model.eval()`` to come back.
+
+    >>> model = CifarResNet(20, rngs=nnx.Rngs(0))
+    >>> model(jnp.zeros((2, 32, 32, 3), jnp.float32)).shape
+    (2, 10)
+    >>> [path for path, _ in find_layers(model)][:3]  # doctest: +SKIP
+    ['conv1', 'layer1.0.conv1', 'layer1.0.conv2']
+    """
+
+    def __init__(self, depth: int, *, num_classes: int = 10, dtype=jnp.float32, rngs: nnx.Rngs):
+        if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+            raise ValueError(
+                f"CIFAR ResNet depth must be 6n + 2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...), "
+                f"got {depth!r}"
+            )
+        n = (depth - 2) // 6
+        self.depth = depth
+        self.conv1 = _conv3x3(3, 16, 1, dtype, rngs)
+        self.bn1 = _batch_norm(16, dtype, rngs)
+        self.layer1 = self._stage(16, 16, n, 1, dtype, rngs)
+        self.layer2 = self._stage(16, 32, n, 2, dtype, rngs)
+        self.layer3 = self._stage(32, 64, n, 2, dtype, rngs)
+        self.linear = nnx.Linear(64, num_classes, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+    @staticmethod
+    def _stage(in_planes: int, planes: int, n: int, stride: int, dtype, rngs) -> nnx.List:
+        blocks = [BasicBlock(in_planes, planes, stride, dtype=dtype, rngs=rngs)]
+        blocks += [BasicBlock(planes, planes, 1, dtype=dtype, rngs=rngs) for _ in range(n - 1)]
+        return nnx.List(blocks)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"CifarResNet expects NHWC images (N, H, W, 3), got shape {x.shape}; "
+                             "transpose NCHW inputs with x.transpose(0, 2, 3, 1)")
+        out = nnx.relu(self.bn1(self.conv1(x)))
+        for stage in (self.layer1, self.layer2, self.layer3):
+            for block in stage:
+                out = block(out)
+        return self.linear(jnp.mean(out, axis=(1, 2)))
