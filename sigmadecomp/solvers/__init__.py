@@ -11,9 +11,11 @@ from sigmadecomp.solvers._base import AbstractSolver, Problem
 from sigmadecomp.solvers._decompose import decompose, relative_error
 from sigmadecomp.solvers._solution import Solution, Status
 from sigmadecomp.solvers._svd import SVD
+from sigmadecomp.solvers._tucker2 import Tucker2ALS
 
 __all__ = [
     "SVD",
+    "Tucker2ALS",
     "AbstractSolver",
     "Problem",
     "Solution",
