@@ -1,3 +1,52 @@
-"""layers (filled in by its issue)."""
+"""Factorized NNX layers, equivalent (to float tolerance) to the dense layer built from the same
+factors, and their parameter / FLOP counts.
 
-__all__: list[str] = []
+=================  ==========  ==========================================================================
+layer              from        structure (bias on the last sub-layer)
+=================  ==========  ==========================================================================
+``LowRankDense``   LowRank     dense ``in → r``, dense ``r → out``
+``LowRankConv``    LowRank     ``kh×kw`` conv ``cin → r`` (original strides/padding/dilation), 1×1 ``r → cout``
+``Tucker2Conv``    Tucker2     1×1 ``cin → r_in``, ``kh×kw`` core ``r_in → r_out``, 1×1 ``r_out → cout``
+``CPConv``         CP          1×1 ``cin → R``, depthwise ``kh×1``, depthwise ``1×kw``, 1×1 ``R → cout``
+``CP3Conv``        CP3         1×1 ``cin → R``, depthwise ``kh×kw``, 1×1 ``R → cout``
+=================  ==========  ==========================================================================
+
+Build one with ``Layer.from_layer(original, factorized)`` (copies bias, strides, padding,
+dilation, groups, dtype and precision) or :func:`factorize_layer`. A grouped conv
+(``feature_group_count = g``) takes a list of ``g`` factorized kernels, one per group, each of
+kernel shape ``(kh, kw, cin // g, cout // g)`` and the same ranks; the sub-convs are grouped.
+Counts come from one function per format: :func:`count_dense`, :func:`count_lowrank`,
+:func:`count_tucker2`, :func:`count_cp`, :func:`count_cp3`.
+"""
+
+from sigmadecomp.layers._common import FactorizedLayer
+from sigmadecomp.layers._config import ConvConfig
+from sigmadecomp.layers._counts import (
+    Counts, count_cp, count_cp3, count_dense, count_format, count_lowrank, count_tucker2,
+)
+from sigmadecomp.layers._cp import CP3Conv, CPConv
+from sigmadecomp.layers._lowrank import LowRankConv, LowRankDense
+from sigmadecomp.layers._registry import FACTORIZED_LAYERS, factorize_layer
+from sigmadecomp.layers._shapes import factor_shapes, placeholder
+from sigmadecomp.layers._tucker2 import Tucker2Conv
+
+__all__ = [
+    "CP3Conv",
+    "CPConv",
+    "ConvConfig",
+    "Counts",
+    "FACTORIZED_LAYERS",
+    "FactorizedLayer",
+    "LowRankConv",
+    "LowRankDense",
+    "Tucker2Conv",
+    "count_cp",
+    "count_cp3",
+    "count_dense",
+    "count_format",
+    "count_lowrank",
+    "count_tucker2",
+    "factor_shapes",
+    "factorize_layer",
+    "placeholder",
+]

@@ -1,3 +1,46 @@
-"""surgery (filled in by its issue)."""
+"""Model surgery: plan (pure data) → apply (on a copy) → verify (on real data) → save / load.
 
-__all__: list[str] = []
+Typical use (``factors`` maps each planned path to its factorized kernel, e.g. from a solver)::
+
+    p = plan(model, format="tucker2", ratio=0.5, skip=["conv1", "linear"], input_shape=(1, 32, 32, 3))
+    compressed = apply(model, p, factors)
+    print(verify(model, compressed, batches, plan=p))
+    save("resnet20-tucker2", compressed, p)
+    same = load("resnet20-tucker2", CifarResNet(20, rngs=nnx.Rngs(0)))
+
+* :func:`plan` / :class:`Plan` / :class:`PlanEntry` — which layers, format, ranks, counts;
+  ranks for a target parameter ratio come from :func:`svd_rank_for_ratio`,
+  :func:`tucker2_ranks_for_ratio`, :func:`cp_rank_for_ratio`, :func:`cp3_rank_for_ratio`.
+* :func:`apply` — a compressed copy with factorized layers (:mod:`sigmadecomp.layers`).
+* :func:`verify` / :class:`Report` — per-layer relative Σ-error on real inputs, end-to-end output
+  error and top-1 agreement, parameters and measured MACs.
+* :func:`save` / :func:`load` — ``plan.json`` + ``params.safetensors`` in a directory.
+"""
+
+from sigmadecomp.surgery._apply import apply
+from sigmadecomp.surgery._io import FILE_VERSION, load, save
+from sigmadecomp.surgery._plan import FORMAT_NAMES, PLAN_VERSION, Plan, PlanEntry, plan
+from sigmadecomp.surgery._ranks import (
+    cp3_rank_for_ratio, cp_rank_for_ratio, rank_for_ratio, svd_rank_for_ratio, tucker2_ranks_for_ratio,
+)
+from sigmadecomp.surgery._verify import LayerReport, Report, verify
+
+__all__ = [
+    "FILE_VERSION",
+    "FORMAT_NAMES",
+    "LayerReport",
+    "PLAN_VERSION",
+    "Plan",
+    "PlanEntry",
+    "Report",
+    "apply",
+    "cp3_rank_for_ratio",
+    "cp_rank_for_ratio",
+    "load",
+    "plan",
+    "rank_for_ratio",
+    "save",
+    "svd_rank_for_ratio",
+    "tucker2_ranks_for_ratio",
+    "verify",
+]

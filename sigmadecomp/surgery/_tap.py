@@ -1,0 +1,100 @@
+"""Watch chosen sub-modules of a model while it runs, without editing the model's code.
+
+:func:`intercept` temporarily wraps ``__call__`` of the classes of the watched modules; the wrapper
+calls ``callback(module, input, output)`` for the watched instances only (looked up by identity)
+and passes every other instance straight through. It is meant for use inside a function traced by
+``jax.eval_shape`` / ``jax.jit`` on a model merged from ``nnx.split`` state, so nothing the model
+mutates (batch statistics, RNG counters) leaks back to the caller. Not thread-safe: the patch is
+on the class for the duration of the ``with`` block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sigmadecomp._paths import path_to_str
+
+__all__ = ["count_macs", "input_spec", "intercept", "leaf_layers", "num_params"]
+
+_MISSING = object()
+
+
+def _wrap(original, callbacks: dict, active: set):
+    def wrapper(self, *args, **kwargs):
+        callback = callbacks.get(id(self))
+        if callback is None or id(self) in active:  # unwatched, or a super().__call__ of a watched one
+            return original(self, *args, **kwargs)
+        active.add(id(self))
+        try:
+            out = original(self, *args, **kwargs)
+        finally:
+            active.discard(id(self))
+        callback(self, args[0] if args else kwargs.get("inputs"), out)
+        return out
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def intercept(taps: Sequence[tuple[nnx.Module, Callable]]) -> Iterator[None]:
+    """Within the block, ``callback(module, x, y)`` runs after each call of each watched module."""
+    callbacks = {id(module): fn for module, fn in taps}
+    active: set = set()
+    saved = {}
+    try:
+        for cls in {type(module) for module, _ in taps}:
+            saved[cls] = cls.__dict__.get("__call__", _MISSING)
+            cls.__call__ = _wrap(cls.__call__, callbacks, active)
+        yield
+    finally:
+        for cls, original in saved.items():
+            if original is _MISSING:
+                delattr(cls, "__call__")
+            else:
+                cls.__call__ = original
+
+
+def leaf_layers(model: nnx.Module) -> Iterator[tuple[str, nnx.Module]]:
+    """Every ``nnx.Conv`` / ``nnx.Linear`` at any depth (inside factorized layers too)."""
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, (nnx.Conv, nnx.Linear)):
+            yield path_to_str(path), node
+
+
+def macs_of(layer, y) -> int:
+    """Multiply-accumulates per example of one conv/dense call: kernel size × output positions."""
+    return int(math.prod(layer.kernel.shape) * math.prod(y.shape[1:-1]))
+
+
+def count_macs(model: nnx.Module, record: dict) -> list:
+    """Taps that store ``record[path] = MACs per example`` for every leaf conv/dense layer."""
+
+    def tap(path):
+        return lambda layer, x, y: record.__setitem__(path, macs_of(layer, y))
+
+    return [(layer, tap(path)) for path, layer in leaf_layers(model)]
+
+
+def num_params(module: nnx.Module) -> int:
+    """Number of scalars in the module's ``nnx.Param`` variables."""
+    leaves = jax.tree_util.tree_leaves(nnx.state(module, nnx.Param))
+    return int(sum(math.prod(jnp.shape(x)) for x in leaves))
+
+
+def input_spec(model: nnx.Module, input_shape) -> jax.ShapeDtypeStruct:
+    """``input_shape`` (a shape, an array or a ShapeDtypeStruct) → a ShapeDtypeStruct whose dtype
+    is the model's parameter dtype (strict dtype promotion forbids mixing float widths)."""
+    if hasattr(input_shape, "shape") and hasattr(input_shape, "dtype"):
+        return jax.ShapeDtypeStruct(tuple(input_shape.shape), input_shape.dtype)
+    shape = tuple(input_shape)
+    if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise ValueError(f"input_shape must be a shape with a batch axis, e.g. (1, 32, 32, 3); got {input_shape!r}")
+    floats = [x.dtype for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jax.ShapeDtypeStruct(shape, floats[0] if floats else jnp.float32)
