@@ -80,11 +80,16 @@ def _random_state_dict(depth, seed=0):
     return {k: v.astype(np.float32) for k, v in sd.items()}
 
 
+def _abstract(depth, **kwargs):
+    """A shape-only model: skips random init, whose compilation dominates test time on CPU."""
+    return nnx.eval_shape(lambda: CifarResNet(depth, rngs=nnx.Rngs(0), **kwargs))
+
+
 @pytest.fixture(scope="module")
 def tiny():
     """ResNet-8 with random weights imported from a PyTorch-layout state_dict."""
     sd = _random_state_dict(8)
-    return load_state_dict(CifarResNet(8, rngs=nnx.Rngs(0)), sd), sd
+    return load_state_dict(_abstract(8), sd), sd
 
 
 # ------------------------------------------ tests ------------------------------------------------
@@ -122,7 +127,7 @@ def test_strided_conv_matches_pytorch_padding(tiny):
 
 
 def test_layer_paths_mirror_pytorch_names():
-    paths = [path for path, _ in find_layers(CifarResNet(20, rngs=nnx.Rngs(0)))]
+    paths = [path for path, _ in find_layers(_abstract(20))]
     assert len(paths) == 20 and paths[0] == "conv1" and paths[-1] == "linear"
     assert "layer2.0.conv1" in paths and "layer3.2.conv2" in paths
 
@@ -135,18 +140,18 @@ def test_depth_must_be_6n_plus_2(depth):
 
 def test_float32_under_x64_and_float64_on_request():
     assert jax.config.jax_enable_x64
-    model32 = CifarResNet(8, rngs=nnx.Rngs(0))
+    model32 = _abstract(8)
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(model32)))
     x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float64)
-    assert jax.eval_shape(model32, x).dtype == jnp.float32
-    model64 = load_state_dict(CifarResNet(8, dtype=jnp.float64, rngs=nnx.Rngs(0)), _random_state_dict(8))
+    assert nnx.eval_shape(lambda m, x: m(x), model32, x).dtype == jnp.float32
+    model64 = load_state_dict(_abstract(8, dtype=jnp.float64), _random_state_dict(8))
     assert model64.linear.kernel[...].dtype == jnp.float64
-    assert jax.eval_shape(model64, x).dtype == jnp.float64
+    assert nnx.eval_shape(lambda m, x: m(x), model64, x).dtype == jnp.float64
 
 
 def test_mismatched_state_dict_lists_every_problem_and_changes_nothing(tiny):
     _, sd = tiny
-    model = CifarResNet(8, rngs=nnx.Rngs(0))
+    model = load_state_dict(_abstract(8), sd)
     before = np.asarray(model.conv1.kernel[...]).copy()
     bad = dict(sd)
     del bad["layer1.0.bn2.running_var"]
@@ -167,14 +172,14 @@ def test_non_finite_tensor_is_rejected(tiny):
     bad = dict(tiny[1])
     bad["layer1.0.bn1.running_var"] = np.full(16, np.nan, np.float32)
     with pytest.raises(ValueError, match="non-finite values: layer1.0.bn1.running_var"):
-        load_state_dict(CifarResNet(8, rngs=nnx.Rngs(0)), bad)
+        load_state_dict(_abstract(8), bad)
 
 
 def test_dataparallel_prefix_and_batch_counters_are_accepted(tiny):
     model, sd = tiny
     wrapped = {f"module.{k}": v for k, v in sd.items()}
     wrapped["module.bn1.num_batches_tracked"] = np.array(100)
-    other = load_state_dict(CifarResNet(8, rngs=nnx.Rngs(1)), wrapped)
+    other = load_state_dict(_abstract(8), wrapped)
     x = jnp.ones((1, 32, 32, 3), jnp.float32)
     np.testing.assert_array_equal(np.asarray(other(x)), np.asarray(model(x)))
 
@@ -199,7 +204,7 @@ def test_pytorch_checkpoint_without_torch_says_how_to_fix(tmp_path):
         import torch  # noqa: F401
     except ImportError:
         with pytest.raises(ImportError, match="pip install torch.*load_safetensors"):
-            load_pytorch_checkpoint(CifarResNet(8, rngs=nnx.Rngs(0)), tmp_path / "w.pt")
+            load_pytorch_checkpoint(_abstract(8), tmp_path / "w.pt")
     else:
         pytest.skip("torch is installed; see test_pytorch_checkpoint_roundtrip")
 

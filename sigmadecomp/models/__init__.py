@@ -7,9 +7,9 @@
 * :func:`evaluate` — top-1 accuracy with one jitted forward pass.
 """
 
-from sigmadecomp.models._evaluate import Accuracy, evaluate, pretrained_resnet
+from sigmadecomp.models._evaluate import Accuracy, evaluate
 from sigmadecomp.models._pytorch_import import load_pytorch_checkpoint, load_safetensors, load_state_dict
-from sigmadecomp.models._resnet import BasicBlock, CifarResNet
+from sigmadecomp.models._resnet import BasicBlock, CifarResNet, pretrained_resnet
 
 __all__ = [
     "Accuracy",

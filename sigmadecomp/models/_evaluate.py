@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["Accuracy", "evaluate", "pretrained_resnet"]
+__all__ = ["Accuracy", "evaluate"]
 
 
 class Accuracy(NamedTuple):
@@ -50,6 +50,8 @@ def evaluate(model: nnx.Module, images, labels, *, batch_size: int = 256) -> Acc
     3
     """
     images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim == 0 or images.shape[0] == 0:
+        raise ValueError(f"images must hold at least one example, got shape {images.shape}")
     if labels.ndim != 1 or labels.shape[0] != images.shape[0] or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be integers of shape ({images.shape[0]},) to match images "
                          f"{images.shape}, got dtype {labels.dtype} shape {labels.shape}")
@@ -65,22 +67,3 @@ def evaluate(model: nnx.Module, images, labels, *, batch_size: int = 256) -> Acc
         correct += int(count)
     return Accuracy(correct, int(images.shape[0]))
 
-
-def pretrained_resnet(depth: int, weights_path, *, num_classes: int = 10) -> nnx.Module:
-    """A :class:`CifarResNet` of ``depth`` with weights from a ``.safetensors`` (or, with torch
-    installed, ``.pt`` / ``.pth``) PyTorch state_dict, in inference mode.
-
-    >>> model = pretrained_resnet(20, "../shared/data/weights/resnet20_cifar10.safetensors")  # doctest: +SKIP
-    """
-    import pathlib
-
-    from sigmadecomp.models._pytorch_import import load_pytorch_checkpoint, load_safetensors
-    from sigmadecomp.models._resnet import CifarResNet
-
-    model = CifarResNet(depth, num_classes=num_classes, rngs=nnx.Rngs(0))
-    suffix = pathlib.Path(weights_path).suffix
-    if suffix in (".pt", ".pth"):
-        return load_pytorch_checkpoint(model, weights_path)
-    if suffix != ".safetensors":
-        raise ValueError(f"weights_path must end in .safetensors, .pt or .pth, got {weights_path!r}")
-    return load_safetensors(model, weights_path)
