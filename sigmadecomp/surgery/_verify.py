@@ -168,7 +168,10 @@ def _comparer(original_layer, path: str, sums: dict):
 
     def compare(layer, x, y):
         y_ref = original_layer(x)
-        signal = y_ref if original_layer.bias is None else y_ref - original_layer.bias[...]
+        signal = y_ref
+        if original_layer.bias is not None:  # the bias cancels in y − y_ref; leave it out of the scale too
+            bias = original_layer.bias[...].astype(y_ref.dtype)
+            signal = y_ref - bias.reshape((1,) * (y_ref.ndim - 1) + bias.shape)
         err, ref = jnp.sum(jnp.square(y - y_ref)), jnp.sum(jnp.square(signal))
         old = sums.get(path, (0.0, 0.0))
         sums[path] = (old[0] + err, old[1] + ref)
