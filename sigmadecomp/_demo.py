@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from sigmadecomp import compress as _compress
 from sigmadecomp.data import batches, load_digits, sample
-from sigmadecomp.models._small_cnn import SmallCNN
+from sigmadecomp.models import SmallCNN
 
 __all__ = ["DemoConfig", "DemoResult", "format_table", "run_demo", "train_classifier"]
 
