@@ -73,6 +73,11 @@ def inputs(n=4, size=9, seed=0, dtype=jnp.float32):
     return jnp.asarray(np.random.default_rng(seed).standard_normal((n, size, size, 3)), dtype)
 
 
+def run(model, x):
+    """``model(x)`` under jit: much cheaper than eager convs, which compile op by op."""
+    return jax.jit(lambda x: model(x))(x)
+
+
 def state_arrays(model) -> dict:
     flat = nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.RngState)))
     return {path: np.asarray(var[...]) for path, var in flat}

@@ -7,7 +7,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _surgery_models import TinyNet, inputs, numpy_init, random_factors, state_arrays
+from _surgery_models import TinyNet, inputs, numpy_init, random_factors, run, state_arrays
 from flax import nnx
 
 from sigmadecomp import to_dense
@@ -121,8 +121,8 @@ def test_apply_replaces_layers_on_a_copy_and_matches_dense_twin(dtype, tol):
     assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
     assert isinstance(model.conv1, nnx.Conv) and isinstance(model.linear, nnx.Linear)
     x = inputs(dtype=dtype)
-    want = dense_twin(model, factors)(x)
-    np.testing.assert_allclose(compressed(x), want, rtol=tol, atol=tol * float(jnp.max(jnp.abs(want))))
+    want = run(dense_twin(model, factors), x)
+    np.testing.assert_allclose(run(compressed, x), want, rtol=tol, atol=tol * float(jnp.max(jnp.abs(want))))
 
 
 def test_apply_rejects_mismatched_factors():
@@ -167,8 +167,9 @@ def test_verify_measures_errors_and_counts():
     assert report.num_examples == 8 and [r.path for r in report.layers] == PATHS
     # the first layer sees the raw input in both models: its error is computable by hand
     conv, fact = model.conv1, compressed.conv1
-    num = sum(float(jnp.sum((fact(x) - conv(x)) ** 2)) for x in (inputs(seed=1), inputs(seed=2)))
-    den = sum(float(jnp.sum((conv(x) - conv.bias[...][None, None, None]) ** 2)) for x in (inputs(seed=1), inputs(seed=2)))
+    outs = [run(lambda x: (fact(x), conv(x)), x) for x in (inputs(seed=1), inputs(seed=2))]
+    num = sum(float(jnp.sum((y - y_ref) ** 2)) for y, y_ref in outs)
+    den = sum(float(jnp.sum((y_ref - conv.bias[...][None, None, None]) ** 2)) for _, y_ref in outs)
     np.testing.assert_allclose(report.layers[2].rel_error, num / den, rtol=1e-4)
     # measured MACs and params agree with the plan's predicted counts
     for row, entry in zip(report.layers, p.entries):
@@ -208,3 +209,11 @@ def test_verify_rejects_empty_batches_and_other_architectures():
     other.blocks[0] = nnx.BatchNorm(8, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="same architecture"):
         verify(other, compressed, [inputs()])
+
+
+def test_plan_on_a_compressed_model_sees_only_the_remaining_layers():
+    model = TinyNet()
+    p = plan(model, format="svd", ratio=0.5, skip=["linear"])
+    compressed = apply(model, p, random_factors(p))
+    q = plan(compressed, format="svd", ratio=0.5)
+    assert q.paths == ("linear",)

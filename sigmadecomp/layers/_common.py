@@ -56,7 +56,7 @@ def as_groups(factorized, cls) -> list:
     """One factorized kernel, or one per feature group (all the same shape and ranks) → list."""
     groups = list(factorized) if isinstance(factorized, (list, tuple)) else [factorized]
     if not groups or not all(isinstance(f, cls) for f in groups):
-        got = [type(f).__name__ for f in groups] if isinstance(factorized, (list, tuple)) else type(factorized).__name__
+        got = [type(f).__name__ for f in groups]
         raise ValueError(f"expected a {cls.__name__} or a list of them (one per feature group); got {got}")
     shapes = {(tuple(f.kernel_shape), tuple(jnp.shape(x) for x in _leaves(f))) for f in groups}
     if len(shapes) != 1:

@@ -80,11 +80,13 @@ class ConvConfig:
 
     def rows(self) -> dict:
         """Keyword arguments of the ``kh×1`` half of a separable conv (row stride/padding/dilation)."""
-        return dict(strides=(self.strides[0], 1), padding=self._half(0), kernel_dilation=(self.kernel_dilation[0], 1))
+        return dict(strides=(self.strides[0], 1), padding=self._half(0),
+                    kernel_dilation=(self.kernel_dilation[0], 1))
 
     def cols(self) -> dict:
         """Keyword arguments of the ``1×kw`` half of a separable conv."""
-        return dict(strides=(1, self.strides[1]), padding=self._half(1), kernel_dilation=(1, self.kernel_dilation[1]))
+        return dict(strides=(1, self.strides[1]), padding=self._half(1),
+                    kernel_dilation=(1, self.kernel_dilation[1]))
 
     def spatial(self) -> dict:
         """Keyword arguments of the full ``kh×kw`` conv (without groups)."""

@@ -69,7 +69,8 @@ def _counts(sizes, macs, bias_size: int, bias: bool):
     return Counts(int(params), None if macs is None else int(macs))
 
 
-def count_dense(kernel_shape, *, groups: int = 1, bias: bool = False, in_spatial=None, out_spatial=None) -> Counts:
+def count_dense(kernel_shape, *, groups: int = 1, bias: bool = False,
+                in_spatial=None, out_spatial=None) -> Counts:
     """The original (uncompressed) layer.
 
     >>> count_dense((3, 3, 16, 32), bias=True, in_spatial=(8, 8), out_spatial=(8, 8))

@@ -33,7 +33,8 @@ class CPConv(FactorizedLayer):
 
     >>> import jax.numpy as jnp
     >>> from sigmadecomp import CP
-    >>> f = CP(jnp.ones((5, 2)), jnp.ones((4, 2)), jnp.ones((3, 2)), jnp.ones((3, 2)), kernel_shape=(3, 3, 4, 5))
+    >>> f = CP(jnp.ones((5, 2)), jnp.ones((4, 2)), jnp.ones((3, 2)), jnp.ones((3, 2)),
+    ...        kernel_shape=(3, 3, 4, 5))
     >>> CPConv(f, strides=2, padding="VALID")(jnp.ones((1, 9, 9, 4))).shape
     (1, 4, 4, 5)
     """

@@ -98,4 +98,5 @@ def _check_factorized(entry: PlanEntry, factorized) -> None:
         if fmt == entry.format and ranks_of(part) != tuple(entry.ranks):
             problems.append(f"ranks {ranks_of(part)} instead of {tuple(entry.ranks)}")
         if problems:
-            raise ValueError(f"factorized kernel for {entry.path!r} does not match the plan: {'; '.join(problems)}")
+            raise ValueError(f"factorized kernel for {entry.path!r} does not match the plan: "
+                             f"{'; '.join(problems)}")

@@ -53,7 +53,8 @@ def save(path: Union[str, pathlib.Path], model: nnx.Module, plan: Plan) -> None:
     >>> from sigmadecomp.surgery import apply, plan as make_plan
     >>> net = nnx.Sequential(nnx.Linear(6, 4, rngs=nnx.Rngs(0)))
     >>> p = make_plan(net, format="svd", ranks={"layers.0": 2})
-    >>> small = apply(net, p, {"layers.0": LowRank(jnp.ones((1, 1, 6, 2)), jnp.ones((2, 4)), kernel_shape=(6, 4))})
+    >>> f = LowRank(jnp.ones((1, 1, 6, 2)), jnp.ones((2, 4)), kernel_shape=(6, 4))
+    >>> small = apply(net, p, {"layers.0": f})
     >>> folder = tempfile.mkdtemp()
     >>> save(folder, small, p)
     >>> bool(jnp.all(load(folder, net)(jnp.ones((1, 6))) == small(jnp.ones((1, 6)))))
@@ -166,9 +167,14 @@ def _write_values(model: nnx.Module, tensors: dict) -> None:
 def _check_tensors(variables: dict, tensors: dict) -> None:
     missing = sorted(set(variables) - set(tensors))
     extra = sorted(set(tensors) - set(variables))
-    wrong = {n: (f"{tensors[n].dtype}{list(tensors[n].shape)}", f"{variables[n][...].dtype}{list(jnp.shape(variables[n][...]))}")
-             for n in variables if n in tensors and (tuple(tensors[n].shape) != jnp.shape(variables[n][...])
-                                                     or tensors[n].dtype != variables[n][...].dtype)}
-    if missing or extra or wrong:
+    described = {n: _describe(var[...]) for n, var in variables.items()}
+    wrong = {n: (_describe(tensors[n]), described[n]) for n in variables
+             if n in tensors and _describe(tensors[n]) != described[n]}
+    if missing or extra or wrong:  # one message with every problem, so one fix suffices
         raise ValueError(f"params.safetensors does not fit the rebuilt model: missing {missing}, unexpected "
                          f"{extra}, mismatched (file, model) {wrong}")
+
+
+def _describe(array) -> str:
+    """``float32[3, 3, 16, 8]``: dtype and shape, what must agree between file and model."""
+    return f"{np.dtype(array.dtype).name}{list(np.shape(array))}"

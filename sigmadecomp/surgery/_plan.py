@@ -308,7 +308,8 @@ def _check_ranks_cover(ranks: Mapping, chosen: list, layers: dict) -> None:
     _check_paths(list(ranks), layers, "ranks")
     skipped = [p for p in ranks if p not in chosen]
     if skipped:
-        raise ValueError(f"ranks names layer(s) {skipped} that skip leaves out; remove them from one of the two")
+        raise ValueError(f"ranks names layer(s) {skipped} that skip leaves out; "
+                         "remove them from one of the two")
     missing = [p for p in chosen if p not in ranks]
     if missing:
         raise ValueError(f"ranks has no entry for layer(s) {missing}; give their ranks or leave them out "
@@ -331,7 +332,8 @@ def _finish_entry(spec: dict, io_shapes) -> PlanEntry:
     in_spatial = out_spatial = None
     if io_shapes is not None:
         in_spatial, out_spatial = (tuple(shape[1:-1]) for shape in io_shapes)
-    kw = dict(groups=spec.get("groups", 1), bias=spec["use_bias"], in_spatial=in_spatial, out_spatial=out_spatial)
+    kw = dict(groups=spec.get("groups", 1), bias=spec["use_bias"],
+              in_spatial=in_spatial, out_spatial=out_spatial)
     before = count_format("dense", spec["kernel_shape"], **kw)
     after = count_format(spec["format"], spec["kernel_shape"], spec["ranks"], **kw)
     if io_shapes is None:  # a dense layer's count would assume one vector per example: say unknown

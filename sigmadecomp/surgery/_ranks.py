@@ -31,7 +31,8 @@ def _dims(kernel_shape, ratio, groups):
 
 
 def svd_rank_for_ratio(kernel_shape, ratio: float, *, groups: int = 1) -> int:
-    """``r = ⌊ratio · kh·kw·cin·cout / (kh·kw·cin + cout)⌋``, clipped to ``[1, min(cout, kh·kw·cin)]``.
+    """``r = ⌊ratio · kh·kw·cin·cout / (kh·kw·cin + cout)⌋``, clipped to
+    ``[1, min(cout, kh·kw·cin)]`` (the full rank).
 
     >>> svd_rank_for_ratio((3, 3, 64, 64), 0.5)
     28

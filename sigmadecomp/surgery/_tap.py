@@ -94,7 +94,8 @@ def input_spec(model: nnx.Module, input_shape) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(tuple(input_shape.shape), input_shape.dtype)
     shape = tuple(input_shape)
     if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
-        raise ValueError(f"input_shape must be a shape with a batch axis, e.g. (1, 32, 32, 3); got {input_shape!r}")
+        raise ValueError(f"input_shape must be a shape with a batch axis, e.g. (1, 32, 32, 3); "
+                         f"got {input_shape!r}")
     floats = [x.dtype for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
               if jnp.issubdtype(x.dtype, jnp.floating)]
     return jax.ShapeDtypeStruct(shape, floats[0] if floats else jnp.float32)
