@@ -82,9 +82,11 @@ CONV_CASES = [
 
 
 def _conv(case, cin=4, cout=6):
+    """A conv with this geometry; its weights do not matter to the input covariance (zeros: no
+    random-init compilation)."""
     kernel_size, strides, padding, dilation, groups = case
-    return nnx.Conv(cin, cout, kernel_size, strides=strides, padding=padding,
-                    kernel_dilation=dilation, feature_group_count=groups, rngs=nnx.Rngs(0))
+    return nnx.Conv(cin, cout, kernel_size, strides=strides, padding=padding, kernel_dilation=dilation,
+                    feature_group_count=groups, kernel_init=nnx.initializers.zeros, rngs=nnx.Rngs(0))
 
 
 def _oracle_padding(padding):
@@ -121,7 +123,7 @@ def test_chunked_patches_are_the_package_patch_order(case):
 
 
 def test_dense_layer_uses_rows_of_flattened_leading_dims():
-    model = nnx.Sequential(nnx.Linear(5, 3, rngs=nnx.Rngs(0)))
+    model = nnx.Sequential(nnx.Linear(5, 3, kernel_init=nnx.initializers.zeros, rngs=nnx.Rngs(0)))
     xs = [np.asarray(jax.random.normal(jax.random.key(i), (2, 3, 5), jnp.float32)) for i in range(3)]
     got = covariance.collect_covariances(model, xs, progress=False)["layers.0"]
     rows = np.concatenate(xs).reshape(-1, 5).astype(np.float64)
@@ -198,12 +200,14 @@ def test_float32_compensated_accumulation_tracks_float64():
     d, batches = 6, 2000
     x = 30.0 + jax.random.normal(jax.random.key(3), (batches, 16, d), jnp.float64)
     x32 = x.astype(jnp.float32)
-    state32, state64 = covariance.init(d, dtype=jnp.float32), covariance.init(d, dtype=jnp.float64)
+    def stream(state, xs):
+        return jax.lax.scan(lambda st, xb: (covariance.update(st, xb), None), state, xs)[0]
+
+    state32 = jax.jit(stream)(covariance.init(d, dtype=jnp.float32), x32)
+    state64 = jax.jit(stream)(covariance.init(d, dtype=jnp.float64), x32.astype(jnp.float64))
     naive = np.zeros((d, d), np.float32)
-    for b in range(batches):
-        state32 = covariance.update(state32, x32[b])
-        state64 = covariance.update(state64, x32[b].astype(jnp.float64))
-        naive += np.asarray(jnp.matmul(x32[b].T, x32[b], precision="highest"))
+    for xb in np.asarray(x32):  # a plain float32 running sum of exact-ish batch grams
+        naive += np.asarray(xb.T.astype(np.float64) @ xb, np.float32)
     assert state32.dtype == jnp.float32 and state32.errs is not None
     ref = np.asarray(covariance.finalize(state64).cov)
     err32 = np.abs(np.asarray(covariance.finalize(state32).cov, np.float64) - ref).max() / np.abs(ref).max()
@@ -215,13 +219,20 @@ def test_float32_compensated_accumulation_tracks_float64():
 # --------------------------------------------------------------------------- the model tap
 
 
+def _numpy_init(key, shape, dtype):
+    """Normal(0, 0.5) weights drawn by numpy from ``key`` (jax.random init is slow to compile)."""
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
+    return jnp.asarray(0.5 * rng.standard_normal(shape), dtype)
+
+
 class _Net(nnx.Module):
     def __init__(self, rngs):
-        self.stem = nnx.Conv(3, 8, (3, 3), padding="SAME", rngs=rngs)
+        init = {"kernel_init": _numpy_init, "bias_init": _numpy_init, "rngs": rngs}
+        self.stem = nnx.Conv(3, 8, (3, 3), padding="SAME", **init)
         self.bn = nnx.BatchNorm(8, use_running_average=False, rngs=rngs)  # training mode on purpose
-        self.down = nnx.Conv(8, 8, (3, 3), strides=2, padding=((1, 1), (1, 1)), rngs=rngs)
-        self.grouped = nnx.Conv(8, 4, (2, 2), padding="VALID", feature_group_count=2, rngs=rngs)
-        self.head = nnx.Linear(4, 3, rngs=rngs)
+        self.down = nnx.Conv(8, 8, (3, 3), strides=2, padding=((1, 1), (1, 1)), **init)
+        self.grouped = nnx.Conv(8, 4, (2, 2), padding="VALID", feature_group_count=2, **init)
+        self.head = nnx.Linear(4, 3, **init)
 
     def features(self, x):
         h1 = nnx.relu(self.bn(self.stem(x)))
@@ -232,12 +243,19 @@ class _Net(nnx.Module):
         return self.head(self.features(x)[-1])
 
 
+@pytest.fixture(scope="module")
+def net():
+    """One model for the tap tests (random init is slow to compile); every test that checks the
+    model is unchanged takes its own snapshot first."""
+    return _Net(nnx.Rngs(0))
+
+
 def _batches(n=3):
     return [np.asarray(jax.random.normal(jax.random.key(10 + i), (2, 6, 6, 3), jnp.float32)) for i in range(n)]
 
 
-def test_tap_equals_running_the_layers_by_hand():
-    model = _Net(nnx.Rngs(0))
+def test_tap_equals_running_the_layers_by_hand(net):
+    model = net
     xs = _batches()
     covs = covariance.collect_covariances(model, xs, progress=False)
     assert list(covs) == [path for path, _ in find_layers(model)]
@@ -265,8 +283,8 @@ def _same_snapshot(a, b):
     jax.tree.map(np.testing.assert_array_equal, a[1], b[1])
 
 
-def test_model_is_unchanged_also_after_an_exception():
-    model = _Net(nnx.Rngs(0))
+def test_model_is_unchanged_also_after_an_exception(net):
+    model = net
     x = jnp.asarray(_batches(1)[0])
     out_before = np.asarray(model.features(x)[-1])  # (updates the BatchNorm statistics itself)
     before = _snapshot(model)
@@ -290,8 +308,8 @@ def test_model_is_unchanged_also_after_an_exception():
     np.testing.assert_array_equal(np.asarray(model.features(x)[-1]), out_before)
 
 
-def test_layer_selection_and_errors():
-    model = _Net(nnx.Rngs(0))
+def test_layer_selection_and_errors(net):
+    model = net
     covs = covariance.collect_covariances(model, _batches(1), layers=["head", "down"], progress=False)
     assert set(covs) == {"head", "down"}
     with pytest.raises(ValueError, match="down, grouped, head, stem"):
@@ -303,13 +321,13 @@ def test_layer_selection_and_errors():
                                        forward=lambda m, x: m.features(x))
 
 
-def test_eager_equals_jit_and_no_recompilation():
-    model = _Net(nnx.Rngs(0))
+def test_eager_equals_jit_and_no_recompilation(net):
+    model = net
     xs = _batches(3) + [(b, np.zeros(2)) for b in _batches(2)]  # (x, y) tuples: x is used
     first = covariance.collect_covariances(model, xs, progress=False, max_batches=4)
-    size = _collect._batch_update_jit._cache_size()
+    sizes = _collect._forward_jit._cache_size(), _collect._layer_update_jit._cache_size()
     again = covariance.collect_covariances(model, _batches(4), progress=False)
-    assert _collect._batch_update_jit._cache_size() == size
+    assert (_collect._forward_jit._cache_size(), _collect._layer_update_jit._cache_size()) == sizes
     eager = covariance.collect_covariances(model, xs[:4], progress=False, jit=False)
     for path in first:
         np.testing.assert_allclose(first[path].cov, eager[path].cov, rtol=1e-4, atol=1e-7)

@@ -1,12 +1,14 @@
 """Tap the inputs of a Flax NNX model's Conv / Linear layers and accumulate their patch statistics.
 
-How the tap works, and why the user's model is never modified: each batch runs inside one jitted
-function that rebuilds a throw-away copy of the model with ``nnx.merge(graphdef, state)`` and
-switches the selected layers *of that copy* to a recording subclass (same ``__call__``, plus one
-line that records the input). The recorded inputs are traced values of the same computation, so
-their patches and ``xᵀx`` are fused into the forward pass: one forward pass per batch feeds every
-layer, and no activation goes back to the host. State updates made by the forward pass (BatchNorm
-statistics in training mode, RNG counters) are discarded with the copy.
+How the tap works, and why the user's model is never modified: each batch runs one jitted forward
+pass that rebuilds a throw-away copy of the model with ``nnx.merge(graphdef, state)`` and switches
+the selected layers *of that copy* to a recording subclass (same ``__call__``, plus one line that
+records the input); it returns every tapped layer's input, which stays on the device. State
+updates made by the forward pass (BatchNorm statistics in training mode, RNG counters) are
+discarded with the copy, and an exception leaves nothing to restore. Each layer's statistics are
+then updated by a jitted function compiled once per layer geometry and input shape, so compile time
+does not grow with depth. Memory: the inputs of all tapped layers for one batch are alive at once;
+lower the batch size for large models.
 
 Patches are built chunk by chunk in a row-last ``(d, rows)`` layout — per channel, the ``kh·kw``
 shifted windows are contiguous copies — which is the package's channel-major patch order
@@ -34,6 +36,7 @@ from sigmadecomp._paths import find_layers, get_by_path
 from sigmadecomp.covariance._stats import (
     CHUNK_ROWS,
     LayerCovariance,
+    MomentState,
     _default_dtype,
     _row_chunks,
     accumulate_chunks,
@@ -223,21 +226,28 @@ def _layer_inputs(graphdef, paths: tuple, forward: Callable, state, x) -> dict[s
     return {path: calls[id(layer)] for path, layer in layers.items()}
 
 
-def _batch_update(graphdef, taps: tuple, forward: Callable, state, stats: dict, x) -> dict:
-    """One batch: forward pass, then every tapped layer's patch sums (one traced computation)."""
-    inputs = _layer_inputs(graphdef, tuple(t.path for t in taps), forward, state, x)
+def _layer_update(geometry: LayerTap, state: MomentState, value) -> MomentState:
+    """Add the patches of one recorded input of a layer with this geometry to its statistics."""
+    chunk, num, rows = layer_chunks(geometry, value, dtype=state.dtype)
+    return accumulate_chunks(state, chunk, num, rows)
+
+
+# One compiled forward pass per model and batch shape, and one compiled statistics update per
+# layer geometry and input shape (a ResNet-56 has 7), so compile time does not grow with depth.
+_forward_jit = jax.jit(_layer_inputs, static_argnums=(0, 1, 2))
+_layer_update_jit = jax.jit(_layer_update, static_argnums=(0,), donate_argnums=(1,))
+
+
+def _batch_update(taps: tuple, graphdef, forward: Callable, state, stats: dict, x, *, jit: bool):
+    """One batch: one forward pass records every tapped layer's inputs, then each layer's update."""
+    layer_inputs, layer_update = (_forward_jit, _layer_update_jit) if jit else (_layer_inputs, _layer_update)
+    inputs = layer_inputs(graphdef, tuple(t.path for t in taps), forward, state, x)
     stats = dict(stats)
     for tap in taps:
+        geometry = dataclasses.replace(tap, path="")  # layers of the same shape share a compilation
         for value in inputs[tap.path]:
-            st = stats[tap.path]
-            chunk, num, rows = layer_chunks(tap, value, dtype=st.dtype)
-            stats[tap.path] = accumulate_chunks(st, chunk, num, rows)
+            stats[tap.path] = layer_update(geometry, stats[tap.path], value)
     return stats
-
-
-_batch_update_jit = jax.jit(
-    _batch_update, static_argnums=(0, 1, 2), donate_argnums=(4,)
-)
 
 
 # ----------------------------------------------------------------------------- public entry point
@@ -322,7 +332,6 @@ def collect_covariances(
     dtype = _default_dtype() if dtype is None else jnp.dtype(dtype)
     graphdef, state = nnx.split(model)
     forward = forward or _call_model
-    step = _batch_update_jit if jit else _batch_update
     total = _length(batches)
     total = max_batches if total is None else min(total, max_batches or total)
     stats = None
@@ -332,7 +341,7 @@ def collect_covariances(
         if stats is None:
             taps = _check_calls(taps, graphdef, forward, state, x, explicit)
             stats = {t.path: init(t.dim, groups=t.groups, dtype=dtype) for t in taps}
-        stats = step(graphdef, taps, forward, state, stats, x)
+        stats = _batch_update(taps, graphdef, forward, state, stats, x, jit=jit)
     if stats is None:
         raise ValueError("batches was empty: give at least one batch of inputs.")
     return {path: finalize(s) for path, s in stats.items()}
