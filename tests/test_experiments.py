@@ -1,0 +1,68 @@
+"""The Σ-vs-Frobenius experiment's --smoke configuration runs end to end and records every field."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "sigma_vs_frobenius" / "main.py"
+FIELDS = {
+    "arch", "calibration", "format", "norm", "ratio", "accuracy", "baseline_accuracy", "agreement",
+    "params", "baseline_params", "params_ratio", "layer_params_ratio", "macs", "baseline_macs",
+    "macs_ratio", "mean_relative_error", "layer_errors", "statuses", "max_steps", "mean_steps",
+    "seconds", "compress_seconds", "calib_images", "test_images",
+}
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def smoke(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sigma_vs_frobenius")
+    proc = _run("--smoke", "--data", str(data_dir), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_smoke_records_every_field(smoke):
+    out, _ = smoke
+    results = json.loads((out / "results.json").read_text())
+    runs = results["runs"]
+    assert {(r["format"], r["norm"]) for r in runs} == {("svd", "frobenius"), ("svd", "sigma")}
+    for r in runs:
+        assert FIELDS <= set(r), FIELDS - set(r)
+        assert r["arch"] == 20 and r["ratio"] == 0.5 and r["calibration"] == "parallel"
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["agreement"] <= 1
+        assert r["baseline_accuracy"] > 0.8  # the pretrained ResNet-20 on the first 128 test images
+        assert 0.3 < r["params_ratio"] < 1 and 0.3 < r["macs_ratio"] < 1
+        assert r["params"] < r["baseline_params"] and r["macs"] < r["baseline_macs"]
+        assert 0 < r["mean_relative_error"] < 1 and len(r["layer_errors"]) == 18  # 19 convs − conv1
+        assert sum(r["statuses"].values()) == 18
+    frob, sigma = sorted(runs, key=lambda r: r["norm"])
+    # The closed-form SVD-Σ is the exact minimiser of the Σ-error at the same ranks, layer by layer.
+    assert all(s <= f * (1 + 1e-3) + 1e-6 for s, f in zip(sigma["layer_errors"], frob["layer_errors"]))
+    assert results["calibration_seconds"]["resnet20"] > 0 and results["sessions"][-1]["wall_seconds"] > 0
+    assert (out / "figure.png").stat().st_size > 0
+
+
+def test_smoke_prints_table_and_resumes(smoke):
+    out, proc = smoke
+    assert "| ResNet-20 | parallel | svd | sigma |" in proc.stdout
+    again = _run("--smoke", "--table", "--out", str(out))  # from results.json only, no data needed
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "| ResNet-20 | parallel | svd | frobenius |" in again.stdout
+    resumed = _run("--smoke", "--out", str(out), "--data", str(out / "missing"))  # nothing left to do
+    assert resumed.returncode == 0 and "0 run(s) to do" in resumed.stdout, resumed.stderr[-3000:]
+
+
+def test_bad_filter_is_rejected(tmp_path):
+    proc = _run("--smoke", "--formats", "tt", "--out", str(tmp_path))
+    assert proc.returncode != 0 and "--formats" in proc.stderr
