@@ -316,9 +316,15 @@ def test_layer_selection_and_errors(net):
         covariance.collect_covariances(model, _batches(1), layers=["stem", "nope"], progress=False)
     with pytest.raises(ValueError, match="empty"):
         covariance.collect_covariances(model, [], progress=False)
+    features_only = lambda m, x: m.features(x)  # noqa: E731
     with pytest.raises(ValueError, match="never called"):
         covariance.collect_covariances(model, _batches(1), layers=["head"], progress=False,
-                                       forward=lambda m, x: m.features(x))
+                                       forward=features_only)
+    with pytest.warns(UserWarning, match="head"):
+        covs = covariance.collect_covariances(model, _batches(1), progress=False, forward=features_only)
+    assert set(covs) == {"stem", "down", "grouped"}
+    with pytest.raises(ValueError, match="float32 or float64"):
+        covariance.collect_covariances(model, _batches(1), progress=False, dtype=jnp.int32)
 
 
 def test_eager_equals_jit_and_no_recompilation(net):

@@ -37,6 +37,7 @@ from sigmadecomp.covariance._stats import (
     CHUNK_ROWS,
     LayerCovariance,
     MomentState,
+    _check_dtype,
     _default_dtype,
     _row_chunks,
     accumulate_chunks,
@@ -238,10 +239,8 @@ _forward_jit = jax.jit(_layer_inputs, static_argnums=(0, 1, 2))
 _layer_update_jit = jax.jit(_layer_update, static_argnums=(0,), donate_argnums=(1,))
 
 
-def _batch_update(taps: tuple, graphdef, forward: Callable, state, stats: dict, x, *, jit: bool):
-    """One batch: one forward pass records every tapped layer's inputs, then each layer's update."""
-    layer_inputs, layer_update = (_forward_jit, _layer_update_jit) if jit else (_layer_inputs, _layer_update)
-    inputs = layer_inputs(graphdef, tuple(t.path for t in taps), forward, state, x)
+def _update_all(taps: tuple, stats: dict, inputs: dict, layer_update: Callable) -> dict:
+    """Add every recorded input of every tapped layer to that layer's statistics."""
     stats = dict(stats)
     for tap in taps:
         geometry = dataclasses.replace(tap, path="")  # layers of the same shape share a compilation
@@ -275,17 +274,14 @@ def _as_input(batch):
     return jnp.asarray(batch)
 
 
-def _check_calls(taps, graphdef, forward, state, x, explicit: bool):
-    """Trace one batch abstractly; drop (or reject, if requested by name) layers never called."""
-    calls = jax.eval_shape(
-        functools.partial(_layer_inputs, graphdef, tuple(t.path for t in taps), forward), state, x
-    )
-    unused = [t.path for t in taps if not calls[t.path]]
+def _called(taps: tuple, inputs: dict, explicit: bool) -> tuple:
+    """Drop layers the forward pass never called (an error if they were requested by name)."""
+    unused = [t.path for t in taps if not inputs[t.path]]
     if unused and explicit:
         raise ValueError(f"layer(s) {unused} were never called by the forward pass; leave them out.")
     if unused:
         warnings.warn(f"layers never called by the forward pass, left out: {unused}", stacklevel=3)
-    return tuple(t for t in taps if calls[t.path])
+    return tuple(t for t in taps if inputs[t.path])
 
 
 def collect_covariances(
@@ -312,13 +308,17 @@ def collect_covariances(
       forward: ``forward(model, x)`` runs the model (default ``model(x)``), e.g.
         ``lambda m, x: m(x, train=False)``.
       dtype: accumulation dtype; default float64 with x64 enabled, else compensated float32.
-      jit: compile one function per batch shape (default). ``False`` runs eagerly, for debugging.
+      jit: compile the forward pass once per batch shape and each layer's update once per layer
+        geometry (default; keep batches one size, a smaller last batch compiles once more, and
+        pass the same ``forward`` object across calls to reuse compilations). ``False`` runs
+        eagerly, for debugging.
 
     Returns:
-      ``{path: LayerCovariance}`` in the order of :func:`sigmadecomp._paths.find_layers`. Convs use their own kernel size, strides, padding,
-      dilation and groups (a grouped conv gives ``(groups, d, d)``); dense layers use the rows of
-      their input. A layer called several times per forward pass pools all its calls. Layers never
-      called are left out with a warning (an error when named in ``layers``).
+      ``{path: LayerCovariance}`` in the order of :func:`sigmadecomp._paths.find_layers`. Convs
+      use their own kernel size, strides, padding, dilation and groups (a grouped conv gives
+      ``(groups, d, d)``); dense layers use the rows of their input. A layer called several times
+      per forward pass pools all its calls. Layers never called are left out with a warning (an
+      error when named in ``layers``).
 
     >>> model = nnx.Sequential(nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0)))
     >>> covs = collect_covariances(model, [jnp.ones((2, 8, 8, 3))], progress=False)
@@ -329,19 +329,20 @@ def collect_covariances(
         raise ValueError(f"max_batches must be a positive int or None; got {max_batches!r}.")
     explicit = layers is not None
     taps = tuple(layer_tap(path, layer) for path, layer in _select(model, layers))
-    dtype = _default_dtype() if dtype is None else jnp.dtype(dtype)
+    dtype = _check_dtype(_default_dtype() if dtype is None else jnp.dtype(dtype))
     graphdef, state = nnx.split(model)
-    forward = forward or _call_model
+    forward, paths = forward or _call_model, tuple(t.path for t in taps)
+    layer_inputs, layer_update = (_forward_jit, _layer_update_jit) if jit else (_layer_inputs, _layer_update)
     total = _length(batches)
     total = max_batches if total is None else min(total, max_batches or total)
     stats = None
-    batches = itertools.islice(batches, max_batches)
-    for batch in tqdm(batches, total=total, disable=not progress, desc="covariance"):
-        x = _as_input(batch)
+    for batch in tqdm(itertools.islice(batches, max_batches), total=total, disable=not progress,
+                      desc="covariance"):
+        inputs = layer_inputs(graphdef, paths, forward, state, _as_input(batch))
         if stats is None:
-            taps = _check_calls(taps, graphdef, forward, state, x, explicit)
+            taps = _called(taps, inputs, explicit)
             stats = {t.path: init(t.dim, groups=t.groups, dtype=dtype) for t in taps}
-        stats = _batch_update(taps, graphdef, forward, state, stats, x, jit=jit)
+        stats = _update_all(taps, stats, inputs, layer_update)
     if stats is None:
         raise ValueError("batches was empty: give at least one batch of inputs.")
     return {path: finalize(s) for path, s in stats.items()}

@@ -78,7 +78,8 @@ class LayerCovariance:
     Shapes are ``(d, d)`` / ``(d,)`` for one group, ``(groups, d, d)`` / ``(groups, d)`` for a
     grouped conv (one block per group). All moments are uncentred expectations over patches:
 
-    * ``cov = E[x xᵀ]`` (symmetrised), ``mean = E[x]``, ``count`` = number of patches;
+    * ``cov = E[x xᵀ]`` (symmetrised), ``mean = E[x]``, ``count`` = number of patches (a float
+      scalar of the statistics' dtype, exact for any realistic count thanks to the compensation);
     * ``cross_cov = E[x yᵀ]`` — the target side of sequential calibration, ``E[x x̂ᵀ]``;
     * ``cov_hat = E[y yᵀ]`` — the metric of sequential calibration, ``E[x̂ x̂ᵀ]``; ``mean_hat = E[y]``.
 
@@ -191,8 +192,7 @@ def _as_grouped(x, state: MomentState, name: str):
     if x.ndim == 2 and g == 1:
         x = x[:, None, :]
     if x.ndim != 3 or x.shape[1:] != (g, d):
-        want = f"(n, {d})" + (f" or (n, 1, {d})" if g == 1 else "")
-        want = want if g == 1 else f"(n, {g}, {d})"
+        want = f"(n, {d}) or (n, 1, {d})" if g == 1 else f"(n, {g}, {d})"
         raise ValueError(f"{name} must have shape {want} for this state; got {tuple(x.shape)}.")
     if not jnp.issubdtype(x.dtype, jnp.floating) and not jnp.issubdtype(x.dtype, jnp.integer):
         raise ValueError(f"{name} must be a real array; got dtype {x.dtype}.")
@@ -239,7 +239,10 @@ def update(state: MomentState, x, y=None) -> MomentState:
 
 @jax.jit
 def merge(a: MomentState, b: MomentState) -> MomentState:
-    """Statistics of the union of the batches behind ``a`` and ``b`` (commutative, associative).
+    """Statistics of the union of the batches behind ``a`` and ``b``.
+
+    Exactly commutative, and associative up to rounding (compensated in float32), so batches or
+    devices can be reduced in any order or tree.
 
     >>> xs = jnp.arange(12.0).reshape(6, 2)
     >>> both = merge(update(init(2), xs[:2]), update(init(2), xs[2:]))
