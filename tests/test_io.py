@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
 from _surgery_models import TinyNet, inputs, random_factors, run, state_arrays
+from flax import nnx
 
+from sigmadecomp import Tucker2, extract_patches, kernel_to_matrix, to_dense
+from sigmadecomp._paths import get_by_path
+from sigmadecomp.data import cifar10_normalize, load_cifar10
 from sigmadecomp.layers import CPConv, LowRankDense
-from sigmadecomp.surgery import apply, load, plan, save
+from sigmadecomp.models import CifarResNet, pretrained_resnet
+from sigmadecomp.surgery import apply, load, plan, save, verify
 
 
 def compressed_tiny(dtype="float32", fmt="cp"):
@@ -89,3 +96,51 @@ def test_save_rejects_a_model_that_does_not_follow_the_plan(tmp_path):
     model, p, _ = compressed_tiny()
     with pytest.raises(ValueError, match="should be a cp layer"):
         save(tmp_path, model, p)
+
+
+# ------------------------------------------------------------------------- end to end (data kit)
+
+
+def hosvd_tucker2(kernel, ranks):
+    """Truncated HOSVD (numpy): an independent, deterministic Tucker-2 of a real kernel."""
+    k = np.asarray(kernel, np.float64)
+    kh, kw, cin, cout = k.shape
+    r_out, r_in = ranks
+    u_out = np.linalg.svd(k.reshape(-1, cout).T, full_matrices=False)[0][:, :r_out]
+    u_in = np.linalg.svd(np.moveaxis(k, 2, 0).reshape(cin, -1), full_matrices=False)[0][:, :r_in]
+    core = np.einsum("ijco,ca,ob->ijab", k, u_in, u_out)
+    return Tucker2(jnp.asarray(core, jnp.float32), jnp.asarray(u_in, jnp.float32),
+                   jnp.asarray(u_out, jnp.float32), kernel_shape=k.shape)
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_resnet20_tucker2_verify_and_round_trip(data_dir, tmp_path):
+    """Real ResNet-20 on 64 CIFAR-10 test images: plan → apply → verify → save → load."""
+    model = pretrained_resnet(20, data_dir / "weights" / "resnet20_cifar10.safetensors")
+    images = jnp.asarray(cifar10_normalize(load_cifar10(data_dir / "cifar10", "test", limit=64)[0]))
+    p = plan(model, format="tucker2", ratio=0.5, skip=["conv1", "linear"], input_shape=(1, 32, 32, 3))
+    assert len(p) == 18
+    factors = {e.path: hosvd_tucker2(get_by_path(model, e.path).kernel[...], e.ranks) for e in p.entries}
+    compressed = apply(model, p, factors)
+    report = verify(model, compressed, [images[:32], images[32:]], plan=p)
+    # the first replaced layer sees the same input in both models: its error is the Σ-error of
+    # DESIGN §1 with cov from that input's patches (explicit im2col in float64)
+    entry = p["layer1.0.conv1"]
+    x = jax.jit(lambda x: nnx.relu(model.bn1(model.conv1(x))))(images)
+    patches = np.asarray(extract_patches(x, (3, 3), strides=entry.strides, padding=entry.padding), np.float64)
+    cov = np.einsum("nhwd,nhwe->de", patches, patches)
+    w = np.asarray(kernel_to_matrix(get_by_path(model, entry.path).kernel[...]), np.float64)
+    dw = w - np.asarray(kernel_to_matrix(to_dense(factors[entry.path])), np.float64)
+    sigma_error = np.trace(dw @ cov @ dw.T) / np.trace(w @ cov @ w.T)
+    row = next(r for r in report.layers if r.path == entry.path)
+    np.testing.assert_allclose(row.rel_error, sigma_error, rtol=1e-3)
+    assert all(0 < r.rel_error < 1 for r in report.layers)
+    assert report.flops_before - report.flops_after == p.flops_before - p.flops_after
+    assert report.params_before - report.params_after == p.params_before - p.params_after
+    assert 0 <= report.top1_agreement <= 1 and report.num_examples == 64
+    save(tmp_path, compressed, p)
+    abstract = lambda: nnx.eval_shape(lambda: CifarResNet(20, rngs=nnx.Rngs(0)))  # noqa: E731
+    loaded = load(tmp_path, abstract)
+    got, want = jax.jit(lambda x: (loaded(x), compressed(x)))(images)  # one compile for both
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

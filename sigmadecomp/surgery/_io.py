@@ -24,6 +24,7 @@ import pathlib
 from collections.abc import Callable
 from typing import Union
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
@@ -73,17 +74,37 @@ def save(path: Union[str, pathlib.Path], model: nnx.Module, plan: Plan) -> None:
 def load(path: Union[str, pathlib.Path], template: Union[nnx.Module, Callable[[], nnx.Module]]) -> nnx.Module:
     """The compressed model saved in directory ``path``, rebuilt from ``template``: an
     uncompressed model of the same architecture (e.g. ``CifarResNet(20, rngs=nnx.Rngs(0))``) or a
-    function returning one. ``template`` is not modified. A file that does not fit the template
+    function returning one. ``template`` is not modified. Its values are never used, so an abstract
+    template skips random initialisation: ``nnx.eval_shape(lambda: CifarResNet(20, rngs=nnx.Rngs(0)))``
+    (its RNG streams, which are not saved, then restart from key 0). A file that does not fit the template
     (other architecture, missing / extra / mis-shaped tensors, unknown version) raises ValueError.
     """
     if not isinstance(template, nnx.Module):
         template = template()
+    template = _materialize(template)
     folder = pathlib.Path(path)
     plan = _read_header(folder, template)
     placeholders = {e.path: _placeholders(e, get_by_path(template, e.path)) for e in plan.entries}
     model = apply(template, plan, placeholders)
     _write_values(model, _read_tensors(folder / _PARAMS_FILE))
     return model
+
+
+def _materialize(template: nnx.Module) -> nnx.Module:
+    """An abstract (``nnx.eval_shape``) template with zeros in place of its shape-only leaves."""
+    graphdef, state = nnx.split(template)
+    leaves = jax.tree_util.tree_leaves(state)
+    if not any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+        return template
+
+    def concrete(x):
+        if not isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.split(jax.random.key(0), x.size).reshape(x.shape) if x.shape else jax.random.key(0)
+        return jnp.zeros(x.shape, x.dtype)
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map(concrete, state))
 
 
 def _read_header(folder: pathlib.Path, template: nnx.Module) -> Plan:
