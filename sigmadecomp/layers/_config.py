@@ -8,7 +8,6 @@ factorized layers, the counts and the surgery plan all see the same, JSON-friend
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Union
 
 from flax import nnx
@@ -108,10 +107,3 @@ class ConvConfig:
     def from_dict(cls, data: dict) -> ConvConfig:
         return cls(tuple(data["strides"]), data["padding"], tuple(data["kernel_dilation"]), data["groups"])
 
-
-def check_int_sequence(value: Sequence[int], name: str) -> tuple[int, ...]:
-    """A tuple of non-negative ints, or ``ValueError`` naming ``name``."""
-    value = tuple(value)
-    if not all(isinstance(v, int) and v >= 0 for v in value):
-        raise ValueError(f"{name} must be a sequence of non-negative ints; got {value!r}")
-    return value

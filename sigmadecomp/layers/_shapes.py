@@ -3,7 +3,6 @@ factorized kernels a layer receives and to build placeholders when loading a sav
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from sigmadecomp._factorized import CP, CP3, LowRank, Tucker2
@@ -67,6 +66,3 @@ def placeholder(format: str, kernel_shape, ranks, dtype=jnp.float32):
     arrays = {k: jnp.zeros(s, dtype) for k, s in shapes.items()}
     return FORMATS[format](**arrays, kernel_shape=tuple(kernel_shape))
 
-
-def tree_dtypes(factorized) -> set:
-    return {x.dtype for x in jax.tree_util.tree_leaves(factorized)}
