@@ -19,6 +19,7 @@ from sigmadecomp.covariance import *  # noqa: F403
 from sigmadecomp.layers import *  # noqa: F403
 from sigmadecomp.solvers import *  # noqa: F403
 from sigmadecomp.surgery import *  # noqa: F403
+from sigmadecomp import calibration  # last: it imports sigmadecomp.compress
 
 __version__ = "0.1.0"
 

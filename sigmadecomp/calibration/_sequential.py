@@ -1,0 +1,299 @@
+"""Sequential (error-correcting) calibration and bias correction of a whole model.
+
+Parallel calibration fits every layer to the original network's inputs ``x``; once earlier layers
+are compressed a layer sees ``x̂`` instead, and the errors compound with depth. Here the planned
+layers are compressed in forward execution order, each one fitted to
+
+    min_W̃ E‖W x − W̃ x̂‖²     (the cross-covariance form, DESIGN.md §1)
+
+with ``x`` its input in the original network and ``x̂`` its input in the partially compressed
+network, both on the same calibration images. The layer is replaced before the next one is fitted.
+Activations of both networks are cached at the current stage boundary and advanced stage by stage
+(see :mod:`sigmadecomp.calibration._activations`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+from tqdm.auto import tqdm
+
+import sigmadecomp as sd
+from sigmadecomp import covariance
+from sigmadecomp._factorized import to_dense
+from sigmadecomp._paths import get_by_path
+from sigmadecomp._patches import kernel_to_matrix
+from sigmadecomp.calibration._activations import (
+    advance, check_stages, cross_statistics, forward_stages, input_batches, stage_layers, whole_model,
+)
+from sigmadecomp.calibration._bias import apply_shift, bias_sites, output_shift
+from sigmadecomp.compress import Compressed, LayerReport, solver_for
+from sigmadecomp.covariance._collect import layer_tap
+from sigmadecomp.surgery._plan import Plan
+from sigmadecomp.surgery._tap import input_spec
+
+__all__ = ["compress_sequential", "correct_bias"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Schedule:
+    """The calibration batches, the stages of the forward pass and the layers each stage calls."""
+
+    batches: list
+    stages: tuple
+    per_stage: list
+
+    def sites(self, model, paths):
+        return bias_sites(model, self.stages, self.per_stage, self.batches[0], paths)
+
+
+def _schedule(model: nnx.Module, images, paths, *, batch_size: int, cache_activations: bool) -> _Schedule:
+    batches = input_batches(images, batch_size, input_spec(model, (1,)).dtype)
+    stages = forward_stages(model) if cache_activations else (whole_model,)
+    if not check_stages(model, stages, batches[0]):
+        warnings.warn(f"the forward stages of {type(model).__name__} do not compose to model(x); falling "
+                      "back to one full forward pass per layer", stacklevel=3)
+        stages = (whole_model,)
+    per_stage = stage_layers(model, stages, batches[0])
+    called = {p for paths_k in per_stage for p in paths_k}
+    missing = [p for p in paths if p not in called]
+    if missing:
+        raise ValueError(f"planned layer(s) {missing} are never called by a forward pass on the calibration "
+                         "images; skip them")
+    return _Schedule(batches, tuple(stages), per_stage)
+
+
+def _walk(schedule: _Schedule, original, compressed, planned, on_layer: Callable, *, progress, desc):
+    """Call ``compressed = on_layer(compressed, path, stats)`` for the planned layers in execution
+    order; ``stats`` are the cross statistics of the layer's inputs in both networks."""
+    cache = [(b, b) for b in schedule.batches]
+    remaining = [p for paths in schedule.per_stage for p in paths if p in planned]
+    bar = tqdm(total=len(remaining), desc=desc, disable=not progress, leave=False)
+    for stage, called in zip(schedule.stages, schedule.per_stage):
+        for path in (p for p in called if p in planned):
+            tap = layer_tap(path, get_by_path(original, path))
+            state = covariance.init(tap.dim, groups=tap.groups, cross=True)
+            stats = covariance.finalize(cross_statistics(stage, tap, original, compressed, state, cache))
+            compressed = on_layer(compressed, path, stats)
+            remaining.remove(path)
+            bar.update()
+        if not remaining:
+            break
+        cache = _advance_cache(stage, original, compressed, cache)
+    bar.close()
+    return compressed
+
+
+def _advance_cache(stage, original, compressed, cache) -> list:
+    graph_orig, state_orig = nnx.split(original)
+    graph_comp, state_comp = nnx.split(compressed)
+    return [(advance(graph_orig, stage, state_orig, h), advance(graph_comp, stage, state_comp, h_hat))
+            for h, h_hat in cache]
+
+
+# ----------------------------------------------------------------------------- one layer
+
+
+def _same_inputs(stats) -> bool:
+    """Whether both networks fed the layer bitwise the same patches (nothing upstream changed)."""
+    sym = 0.5 * (stats.cross_cov + stats.cross_cov.T)
+    return bool(jnp.array_equal(sym, stats.cov) and jnp.array_equal(stats.cov_hat, stats.cov)
+                and jnp.array_equal(stats.mean_hat, stats.mean))
+
+
+@jax.jit
+def _output_error(w, w_approx, cov, cross_cov, cov_hat, shift):
+    """``E‖W x − W̃ x̂ − δ‖² / E‖W x‖²`` from the unridged moments (``δ = 0``: no correction)."""
+    hi = lax.Precision.HIGHEST
+    energy = jnp.sum(jnp.dot(w, cov, precision=hi) * w)
+    if cross_cov is None:  # same inputs: the direct form has no cancellation
+        delta = w - w_approx
+        f = jnp.sum(jnp.dot(delta, cov, precision=hi) * delta)
+    else:
+        f = (energy - 2.0 * jnp.sum(jnp.dot(w, cross_cov, precision=hi) * w_approx)
+             + jnp.sum(jnp.dot(w_approx, cov_hat, precision=hi) * w_approx))
+    # E[e] = δ, so removing the mean lowers the error by exactly ‖δ‖².
+    return jnp.maximum(f - jnp.sum(shift * shift), 0.0) / energy
+
+
+def relative_output_error(kernel, approx_kernel, stats, *, same: bool, shift=None) -> float:
+    """The relative error reported per layer: of the corrected output when ``shift`` is given."""
+    dtype = stats.cov.dtype
+    w = kernel_to_matrix(jnp.asarray(kernel)).astype(dtype)
+    w_approx = kernel_to_matrix(jnp.asarray(approx_kernel)).astype(dtype)
+    shift = jnp.zeros(w.shape[0], dtype) if shift is None else shift.astype(dtype)
+    cross = (None, None) if same else (stats.cross_cov, stats.cov_hat)
+    return float(_output_error(w, w_approx, stats.cov, cross[0], cross[1], shift))
+
+
+def _fit(kernel, entry, stats, *, same, key, max_steps):
+    moments = {"cov": stats.cov} if same else {
+        "cov": stats.cov_hat, "cross_cov": stats.cross_cov, "target_cov": stats.cov}
+    return sd.decompose(kernel, solver_for(entry, max_steps=max_steps), key=key, **moments)
+
+
+def _report(entry, solution, error: float) -> LayerReport:
+    return LayerReport(
+        path=entry.path, format=entry.format,
+        rank=entry.ranks[0] if len(entry.ranks) == 1 else tuple(entry.ranks),
+        params=entry.params_after, baseline_params=entry.params_before, relative_error=error,
+        status=sd.Status(int(solution.status)).name, num_steps=int(solution.num_steps),
+    )
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def _check_groups(layer_plan: Plan) -> None:
+    grouped = [e.path for e in layer_plan.entries if e.groups != 1]
+    if grouped:
+        raise ValueError(f"layer(s) {grouped} are grouped convs; sequential calibration decomposes "
+                         "ungrouped layers only: skip them")
+
+
+def compress_sequential(
+    model: nnx.Module,
+    calib_images,
+    *,
+    format: str,
+    key: jax.Array,
+    ratio: float | None = None,
+    ranks: Mapping | None = None,
+    skip=(),
+    max_steps: int | None = None,
+    bias_correction: bool = False,
+    batch_size: int = 256,
+    progress: bool = True,
+    cache_activations: bool = True,
+) -> Compressed:
+    """Compress ``model`` layer by layer in forward execution order, each layer fitted (Σ-norm) to
+    the inputs it sees in the partially compressed network: ``min E‖W x − W̃ x̂‖²``.
+
+    Args:
+        model: the trained NNX model in inference mode (not modified).
+        calib_images: preprocessed calibration inputs ``(N, ...)``; both networks see them all.
+        format, ratio, ranks, skip: as in :func:`sigmadecomp.plan`.
+        key: PRNG key; layer ``i`` of the plan gets ``jax.random.split(key, n)[i]``, as in
+            :func:`sigmadecomp.compress.compress_model`.
+        max_steps: ALS sweeps per layer (default: each solver's own).
+        bias_correction: after each layer, shift its output by ``W·E[x] − W̃·E[x̂]`` so its mean
+            on the calibration data equals the original's (see :func:`correct_bias` for where
+            the shift is stored).
+        batch_size: images per cached activation batch.
+        cache_activations: advance cached activations of both networks stage by stage (default;
+            :func:`forward_stages` — CifarResNet and models with ``forward_stages()``; other models
+            get one stage). ``False`` runs both networks from the input for every layer.
+
+    Returns:
+        A :class:`sigmadecomp.compress.Compressed` (reports in plan order). Each report's
+        ``relative_error`` is ``E‖W x − W̃ x̂ (− δ)‖² / E‖W x‖²`` on the calibration data, with
+        unridged statistics, after bias correction when it is on. A layer that nothing
+        upstream changed (bitwise the same inputs) is solved in the plain Σ form, exactly as
+        ``compress_model(..., norm="sigma")`` would.
+
+    >>> from flax import nnx
+    >>> net = nnx.Sequential(nnx.Conv(3, 8, (3, 3), rngs=nnx.Rngs(0)), nnx.relu,
+    ...                      nnx.Conv(8, 8, (3, 3), rngs=nnx.Rngs(1)))
+    >>> images = jax.random.normal(jax.random.key(0), (16, 8, 8, 3))
+    >>> out = compress_sequential(net, images, format="svd", ranks={"layers.0": 2, "layers.2": 2},
+    ...                           key=jax.random.key(0), progress=False)
+    >>> [layer.path for layer in out.layers]
+    ['layers.0', 'layers.2']
+    """
+    start = time.perf_counter()
+    layer_plan = sd.plan(model, format=format, ratio=ratio, ranks=ranks, skip=skip,
+                         input_shape=(1, *np.shape(calib_images)[1:]))
+    if len(layer_plan) == 0:
+        raise ValueError("the plan is empty: every eligible layer is skipped; skip fewer layers")
+    _check_groups(layer_plan)
+    schedule = _schedule(model, calib_images, layer_plan.paths, batch_size=batch_size,
+                         cache_activations=cache_activations)
+    sites = schedule.sites(model, layer_plan.paths) if bias_correction else {}
+    keys = dict(zip(layer_plan.paths, jax.random.split(key, len(layer_plan))))
+    reports, replaced = {}, []
+
+    def on_layer(compressed, path, stats):
+        entry, kernel = layer_plan[path], get_by_path(model, path).kernel[...]
+        same = not replaced or _same_inputs(stats)
+        solution = _fit(kernel, entry, stats, same=same, key=keys[path], max_steps=max_steps)
+        compressed = sd.apply(compressed, Plan((entry,), layer_plan.input_shape), {path: solution.value})
+        approx, shift = to_dense(solution.value), None
+        if path in sites:
+            shift = output_shift(kernel, approx, stats)
+            apply_shift(compressed, sites[path], shift)
+        error = relative_output_error(kernel, approx, stats, same=same, shift=shift)
+        reports[path] = _report(entry, solution, error)
+        replaced.append(path)
+        return compressed
+
+    compressed = _walk(schedule, model, nnx.clone(model), set(layer_plan.paths), on_layer,
+                       progress=progress, desc=f"{format}/sequential")
+    layers = tuple(reports[p] for p in layer_plan.paths)
+    return Compressed(compressed, layer_plan, layers, time.perf_counter() - start)
+
+
+def correct_bias(
+    original: nnx.Module,
+    compressed: nnx.Module,
+    calib_images,
+    *,
+    plan: Plan,
+    batch_size: int = 256,
+    progress: bool = True,
+    cache_activations: bool = True,
+) -> nnx.Module:
+    """A copy of ``compressed`` whose planned layers have the original's mean output on
+    ``calib_images``: for use after parallel calibration (``compress_model``).
+
+    The layers are visited in forward execution order and each shift ``δ = W·E[x] − W̃·E[x̂]``
+    (per output channel, from patch means, which count zero padding as the conv does) is measured
+    with the earlier corrections already in place, so every layer's mean matches, not only the
+    first. ``δ`` is added to the factorized layer's bias when the original layer has one;
+    a bias-free layer feeding straight into a ``BatchNorm`` gets ``δ`` subtracted from that
+    BatchNorm's running mean (exact in inference mode, and the model keeps the structure of its
+    plan, so :func:`sigmadecomp.save` / ``load`` work). Any other bias-free layer raises
+    ``ValueError``.
+
+    Args:
+        original: the uncompressed model; compressed: ``apply(original, plan, ...)``'s result
+            (neither is modified); calib_images: calibration inputs ``(N, ...)``.
+        plan: the plan that made ``compressed``; batch_size, cache_activations: as in
+            :func:`compress_sequential`.
+
+    >>> from flax import nnx
+    >>> from sigmadecomp.compress import compress_model
+    >>> net = nnx.Sequential(nnx.Conv(3, 8, (3, 3), rngs=nnx.Rngs(0)), nnx.relu,
+    ...                      nnx.Conv(8, 8, (3, 3), rngs=nnx.Rngs(1)))
+    >>> images = jax.random.normal(jax.random.key(0), (16, 8, 8, 3))
+    >>> out = compress_model(net, images, format="svd", norm="sigma", ratio=0.3,
+    ...                      key=jax.random.key(0), progress=False)
+    >>> fixed = correct_bias(net, out.model, images, plan=out.plan, progress=False)
+    >>> bool(jnp.allclose(fixed(images).mean((0, 1, 2)), net(images).mean((0, 1, 2)), atol=1e-4))
+    True
+    """
+    if not isinstance(plan, Plan):
+        raise ValueError(f"plan must be the sigmadecomp.Plan that made `compressed`; got {type(plan).__name__}")
+    _check_groups(plan)
+    schedule = _schedule(original, calib_images, plan.paths, batch_size=batch_size,
+                         cache_activations=cache_activations)
+    sites = schedule.sites(original, plan.paths)
+
+    def on_layer(model, path, stats):
+        kernel = get_by_path(original, path).kernel[...]
+        layer = get_by_path(model, path)
+        if not hasattr(layer, "dense_kernel"):
+            raise ValueError(f"{path!r} in `compressed` is a {type(layer).__name__}, not a factorized layer: "
+                             "pass the model that apply(original, plan, ...) returned")
+        apply_shift(model, sites[path], output_shift(kernel, layer.dense_kernel(), stats))
+        return model
+
+    return _walk(schedule, original, nnx.clone(compressed), set(plan.paths), on_layer,
+                 progress=progress, desc="bias correction")
