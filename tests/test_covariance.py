@@ -122,6 +122,24 @@ def test_chunked_patches_are_the_package_patch_order(case):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
 
 
+def test_many_chunks_with_zero_padding(monkeypatch):
+    """Batches larger than one chunk (scan over chunks, last chunk zero-padded) stay exact."""
+    monkeypatch.setattr(_stats, "CHUNK_ELEMENTS", 1)  # → the minimum, 512 rows per chunk
+    x = _random_rows(jax.random.key(4), n=1500, groups=1, d=3)
+    got = covariance.finalize(covariance.update(covariance.init(3), x))
+    cov, mean = moments(np.asarray(x))
+    np.testing.assert_allclose(got.cov, cov[0], rtol=1e-12)
+    np.testing.assert_allclose(got.mean, mean[0], rtol=1e-12)
+    assert float(got.count) == 1500
+
+    case = ((3, 3), (1, 1), "SAME", (1, 1), 2)  # 56 positions per image → 9 images per chunk
+    images = np.asarray(jax.random.normal(jax.random.key(5), (20, 7, 8, 4), jnp.float32))
+    got = covariance.collect_covariances(nnx.Sequential(_conv(case)), [images], progress=False)["layers.0"]
+    cov, mean = moments(im2col(images, (3, 3), padding="SAME", groups=2))
+    np.testing.assert_allclose(got.cov, cov, rtol=1e-10, atol=1e-12)
+    assert float(got.count) == 20 * 56
+
+
 def test_dense_layer_uses_rows_of_flattened_leading_dims():
     model = nnx.Sequential(nnx.Linear(5, 3, kernel_init=nnx.initializers.zeros, rngs=nnx.Rngs(0)))
     xs = [np.asarray(jax.random.normal(jax.random.key(i), (2, 3, 5), jnp.float32)) for i in range(3)]

@@ -34,13 +34,13 @@ from tqdm.auto import tqdm
 
 from sigmadecomp._paths import find_layers, get_by_path
 from sigmadecomp.covariance._stats import (
-    CHUNK_ROWS,
     LayerCovariance,
     MomentState,
     _check_dtype,
     _default_dtype,
     _row_chunks,
     accumulate_chunks,
+    chunk_rows,
     finalize,
     init,
 )
@@ -150,7 +150,7 @@ def _conv_chunks(tap: LayerTap, x):
     """Row-last conv patches by chunks of images: ``(chunk(k) -> (g, d, m·H'·W'), num, rows)``."""
     x = _pad_input(tap, x.reshape((-1,) + x.shape[-3:]))
     n, out_hw = x.shape[0], _out_size(tap, x.shape[1:3])
-    per = max(1, min(n, CHUNK_ROWS // (out_hw[0] * out_hw[1])))
+    per = max(1, min(n, chunk_rows(tap.groups * tap.dim) // (out_hw[0] * out_hw[1])))
     num = -(-n // per)
     xt = jnp.pad(jnp.transpose(x, (3, 0, 1, 2)), ((0, 0), (0, num * per - n), (0, 0), (0, 0)))
     kh, kw = tap.kernel_size
@@ -165,7 +165,7 @@ def _conv_chunks(tap: LayerTap, x):
 
 def _dense_chunks(tap: LayerTap, x):
     rows = x.reshape(-1, 1, tap.in_features)
-    xs = _row_chunks(rows, CHUNK_ROWS)
+    xs = _row_chunks(rows, chunk_rows(tap.in_features))
     return (lambda k: xs[k]), xs.shape[0], rows.shape[0]
 
 
