@@ -136,6 +136,14 @@ class CPALS(AbstractSolver):
                 f"more numbers than the kernel. Use rank <= {bound}."
             )
 
+    def init_shapes(self, kernel_shape):
+        """The warm-start format with shape tuples: ``CP`` (or ``CP3``) for ``kernel_shape``."""
+        kh, kw, cin, cout = _conv_shape(kernel_shape)
+        R, shape = self.rank, tuple(kernel_shape)
+        if self.merge_spatial:
+            return CP3((cout, R), (cin, R), (kh, kw, R), kernel_shape=shape)
+        return CP((cout, R), (cin, R), (kh, R), (kw, R), kernel_shape=shape)
+
     def needs_key(self, kernel_shape) -> bool:
         """Whether the start uses randomness (``init="random"``, or ``R`` above an input mode)."""
         return self.init == "random" or self.rank > min(self.modes(kernel_shape)[1:])
@@ -151,8 +159,7 @@ class CPALS(AbstractSolver):
                 )
             key = jax.random.key(0)  # never used for randomness on this path
         dtype = problem.matrix.dtype
-        if init is not None:
-            init = _check_init(self, init, problem.kernel_shape, dtype)
+        init = self.check_init(init, problem.kernel_shape, dtype)
         knobs = {n: jnp.asarray(getattr(self, n), dtype) for n in ("rtol", "tikhonov", "cg_tol")}
         return _solve(self._static(), problem, key, init, knobs)
 
@@ -164,29 +171,6 @@ class CPALS(AbstractSolver):
 def _conv_shape(kernel_shape) -> tuple[int, int, int, int]:
     s = tuple(int(n) for n in kernel_shape)
     return (1, 1, *s) if len(s) == 2 else s
-
-
-def _check_init(solver, init, kernel_shape, dtype):
-    kh, kw, cin, cout = _conv_shape(kernel_shape)
-    R = solver.rank
-    if solver.merge_spatial:
-        want = {"out_factor": (cout, R), "in_factor": (cin, R), "spatial_factor": (kh, kw, R)}
-        cls = CP3
-    else:
-        want = {"out_factor": (cout, R), "in_factor": (cin, R), "kh_factor": (kh, R), "kw_factor": (kw, R)}
-        cls = CP
-    if not isinstance(init, cls):
-        raise ValueError(
-            f"init must be a {cls.__name__} for CPALS(merge_spatial={solver.merge_spatial}); "
-            f"got {type(init).__name__}."
-        )
-    cast = {}
-    for name, shape in want.items():
-        leaf = jnp.asarray(getattr(init, name))
-        if leaf.shape != shape:
-            raise ValueError(f"init.{name} must have shape {shape} (rank {R}); got {leaf.shape}.")
-        cast[name] = leaf.astype(dtype)
-    return dataclasses.replace(init, **cast)
 
 
 # ----------------------------------------------------------------------------------- the geometry
@@ -590,17 +574,20 @@ def _solve(solver: CPALS, problem: Problem, key, init, knobs) -> Solution:
 # ------------------------------------------------------------------------- single block updates
 
 
-def block_update(solver: CPALS, problem: Problem, factors, block: str, *, tikhonov=None):
+def block_update(solver: CPALS, problem: Problem, factors, block: str):
     """Apply ONE exact block update (``block`` in ``"out", "in", "kh", "kw"``) to a ``CP``/``CP3``
     and return ``(factors, inner_converged)``; the building block of a sweep, exposed for tests
-    that check the objective after every single update."""
-    knobs = {
-        "tikhonov": jnp.asarray(solver.tikhonov if tikhonov is None else tikhonov, problem.matrix.dtype),
-        "cg_tol": jnp.asarray(solver.cg_tol, problem.matrix.dtype),
-    }
+    that check the objective after every single update. Scales are left where they are."""
     blocks = ("out", "in", "kh") if solver.merge_spatial else ("out", "in", "kh", "kw")
     if block not in blocks:
         raise ValueError(f"block must be one of {blocks} for this solver; got {block!r}.")
+    dtype = problem.matrix.dtype
+    knobs = {n: jnp.asarray(getattr(solver, n), dtype) for n in ("tikhonov", "cg_tol")}
+    return _block_update(solver._static(), problem, factors, block, knobs)
+
+
+@partial(jax.jit, static_argnums=(0, 3))
+def _block_update(solver: CPALS, problem: Problem, factors, block: str, knobs):
     engine = _engine(solver, problem, knobs)
     f = _from_format(factors, engine.dims)
     ok = jnp.bool_(True)
