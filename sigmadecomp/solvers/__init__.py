@@ -1,8 +1,9 @@
 """Pure-JAX solvers for low-rank kernel decompositions, Frobenius and Σ-norm.
 
 Entry point: :func:`decompose` ``(kernel, solver, *, cov=None, ...)`` → :class:`Solution`.
-Solvers are frozen configurations: :class:`SVD` (closed form → ``LowRank``) and
-:class:`Tucker2ALS` (block ALS → ``Tucker2``) and :class:`CPALS` (block ALS → ``CP``/``CP3``). They minimise
+Solvers are frozen configurations: :class:`SVD` (closed form → ``LowRank``),
+:class:`Tucker2ALS` (block ALS → ``Tucker2``) and :class:`CPALS` (block ALS → ``CP``/``CP3``).
+They minimise
 ``f(W̃) = tr((W − W̃) cov (W − W̃)ᵀ)`` (Frobenius when ``cov`` is None); :func:`relative_error`
 scores any approximation. :class:`AbstractSolver` and :class:`Problem` are for writing new solvers.
 """
