@@ -12,6 +12,15 @@ input patches. The pieces, in the order data flows:
   CIFAR-10 / MNIST / digits loaders.
 """
 
+import os as _os
+
+# The solvers' LAPACK calls (Cholesky, eigh, triangular solves on matrices of at most d×d) go
+# through OpenBLAS, whose spinning worker threads fight XLA's own CPU thread pool: measured on a
+# 2-core machine, a Σ Tucker-2 solve of a 64×64×3×3 kernel took 12 s with OpenBLAS threads and
+# 0.2 s without. One OpenBLAS thread is the default unless the user chose otherwise; it only
+# takes effect when sigmadecomp is imported before NumPy/SciPy load OpenBLAS.
+_os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 from sigmadecomp import covariance, data, layers, models, solvers, surgery
 from sigmadecomp._factorized import CP, CP3, Factorized, LowRank, Tucker2, num_params, to_dense
 from sigmadecomp._patches import extract_patches, kernel_to_matrix, matrix_to_kernel
