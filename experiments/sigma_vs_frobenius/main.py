@@ -197,6 +197,9 @@ def run_all(config: Config, args, results: dict, out: pathlib.Path) -> None:
 # ---------------------------------------------------------------- table and figure
 
 
+_FORMAT_ORDER = {name: i for i, name in enumerate(FORMAT_NAMES)}
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
@@ -205,7 +208,7 @@ def accuracy_table(runs: list[dict]) -> str:
     """Accuracy (%) per architecture × format × norm (rows) and parameter ratio (columns)."""
     ratios = sorted({r["ratio"] for r in runs}, reverse=True)
     cells = {(r["arch"], r["calibration"], r["format"], r["norm"], r["ratio"]): r for r in runs}
-    rows = sorted({k[:4] for k in cells}, key=lambda k: (k[0], k[1], k[2], k[3]))
+    rows = sorted({k[:4] for k in cells}, key=lambda k: (k[0], k[1], _FORMAT_ORDER[k[2]], k[3]))
     head = "| model | calibration | format | norm | baseline | " + " | ".join(f"ratio {x:g}" for x in ratios) + " |"
     lines = [head, "|" + "---|" * (5 + len(ratios))]
     for row in rows:
@@ -220,7 +223,8 @@ def detail_table(runs: list[dict]) -> str:
     head = ("| model | format | norm | ratio | acc % | agree % | params/base | MACs/base | mean rel Σ-err "
             "| steps (mean/max) | statuses | s |")
     lines = [head, "|" + "---|" * 12]
-    for r in sorted(runs, key=lambda r: (r["arch"], r["calibration"], r["format"], -r["ratio"], r["norm"])):
+    for r in sorted(runs, key=lambda r: (r["arch"], r["calibration"], _FORMAT_ORDER[r["format"]], -r["ratio"],
+                                         r["norm"])):
         steps = "—" if r["max_steps"] is None else f"{r['mean_steps']:.1f}/{r['max_steps']}"
         statuses = ", ".join(f"{k} {v}" for k, v in sorted(r["statuses"].items()))
         lines.append(f"| ResNet-{r['arch']} | {r['format']} | {r['norm']} | {r['ratio']:g} | {_pct(r['accuracy'])} "
