@@ -32,13 +32,13 @@ from sigmadecomp._paths import get_by_path
 from sigmadecomp.data import batches
 
 __all__ = [
+    "ARCHS",
+    "NORMS",
     "Compressed",
     "LayerReport",
-    "NORMS",
-    "ARCHS",
     "calibrate",
-    "compress_pretrained",
     "compress_model",
+    "compress_pretrained",
     "count_params",
     "evaluate_agreement",
     "predict_labels",
@@ -79,7 +79,12 @@ class Compressed:
 
 
 def count_params(model: nnx.Module) -> int:
-    """Number of trainable parameters (``nnx.Param`` leaves) of ``model``."""
+    """Number of trainable parameters (``nnx.Param`` leaves) of ``model``.
+
+    >>> from flax import nnx
+    >>> count_params(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
+    8
+    """
     leaves = jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
     return int(sum(math.prod(leaf.shape) for leaf in leaves))
 
@@ -157,11 +162,11 @@ def _decompose_layer(model, entry, cov, *, norm, key, max_steps) -> tuple[object
             f"layer {entry.path!r} is a grouped conv (groups={entry.groups}); the pipeline "
             "decomposes ungrouped layers only: skip it"
         )
-    kernel = get_by_path(model, entry.path).kernel.value
+    kernel = get_by_path(model, entry.path).kernel[...]
     solution = sd.decompose(
         kernel, solver_for(entry, max_steps=max_steps), cov=cov if norm == "sigma" else None, key=key
     )
-    report = LayerReport(
+    layer_result = LayerReport(
         path=entry.path,
         format=entry.format,
         rank=entry.ranks[0] if len(entry.ranks) == 1 else tuple(entry.ranks),
@@ -171,7 +176,7 @@ def _decompose_layer(model, entry, cov, *, norm, key, max_steps) -> tuple[object
         status=sd.Status(int(solution.status)).name,
         num_steps=int(solution.num_steps),
     )
-    return solution.value, report
+    return solution.value, layer_result
 
 
 def compress_model(
@@ -208,6 +213,18 @@ def compress_model(
 
     Returns:
         A :class:`Compressed`: the new model, the plan and one :class:`LayerReport` per layer.
+
+    >>> import jax, numpy as np
+    >>> from flax import nnx
+    >>> from sigmadecomp.models import SmallCNN
+    >>> model = SmallCNN(widths=(4, 8, 8), rngs=nnx.Rngs(0))
+    >>> images = np.random.default_rng(0).random((16, 8, 8, 1), np.float32)
+    >>> result = compress_model(model, images, format="tucker2", norm="sigma", ratio=0.5,
+    ...                         skip=("conv1", "linear"), key=jax.random.key(0), progress=False)
+    >>> [(layer.path, layer.rank) for layer in result.layers]
+    [('conv2', (4, 2)), ('conv3', (4, 4))]
+    >>> count_params(result.model) < count_params(model)
+    True
     """
     start = time.perf_counter()
     _check_norm(norm)
@@ -246,9 +263,10 @@ def _covariances_for(model, layer_plan, calib_images, covariances, batch_size, p
 ARCHS = {"resnet20": 20, "resnet32": 32, "resnet56": 56}
 
 
-def _whole_model_counts(model, compressed, layer_plan, images) -> dict:
+def _whole_model_counts(model, compressed, layer_plan, images) -> tuple[dict, dict]:
     """Parameters and MACs per example of the whole model before/after, measured by
-    :func:`sigmadecomp.verify` on a few images (MACs of every conv/dense call, not predicted)."""
+    :func:`sigmadecomp.verify` on a few images (MACs of every conv/dense call, not predicted), and
+    each layer's relative output error inside the compressed model (earlier layers compressed)."""
     report = sd.verify(model, compressed, [images], plan=layer_plan)
     in_model = {layer.path: layer.rel_error for layer in report.layers}
     return dict(params=report.params_after, baseline_params=report.params_before,
