@@ -149,12 +149,13 @@ def _plot(result_rows, test_accuracy: float, path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for fmt in dict.fromkeys(r.format for r in result_rows):
+    for color, fmt in enumerate(dict.fromkeys(r.format for r in result_rows)):
         for norm, style in (("frobenius", "--o"), ("sigma", "-s")):
             rows = sorted((r for r in result_rows if (r.format, r.norm) == (fmt, norm)),
                           key=lambda r: r.ratio)
             label = f"{fmt}, {'Σ' if norm == 'sigma' else 'Frobenius'}"
-            ax.plot([r.ratio for r in rows], [100 * r.accuracy for r in rows], style, label=label)
+            ax.plot([r.ratio for r in rows], [100 * r.accuracy for r in rows], style,
+                    color=f"C{color}", label=label)  # one colour per format, dashed = Frobenius
     ax.axhline(100 * test_accuracy, color="grey", lw=1, ls=":", label="uncompressed")
     ax.set(xlabel="parameter ratio of the compressed convs", ylabel="test accuracy (%)",
            title="digits CNN: Frobenius vs Σ decomposition, no fine-tuning")
