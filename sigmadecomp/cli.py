@@ -115,6 +115,16 @@ def _add_compress(commands) -> None:
                           help="leave the first (3-input-channel) conv dense (default: skip it)")
     compress.add_argument("--batch-size", type=_positive_int, default=256,
                           help="images per batch for calibration and evaluation (default: 256)")
+    compress.add_argument("--calibration", default=None, choices=("parallel", "sequential"),
+                          help="parallel: every layer's cov from the original network; sequential: "
+                               "layers in execution order, each fitted to the inputs it sees in the "
+                               "partially compressed network (Σ norm only). Default: sequential for "
+                               "--norm sigma (better: see experiments/sequential), parallel for "
+                               "frobenius")
+    compress.add_argument("--bias-correction", action="store_true",
+                          help="shift each compressed layer's mean output on the calibration images "
+                               "back to the original's (recommended with sequential only: it hurt "
+                               "parallel calibration in experiments/sequential)")
     compress.add_argument("--json", type=pathlib.Path, default=None,
                           help="write the results and the configuration to this JSON file")
     compress.add_argument("--save", type=pathlib.Path, default=None,
@@ -164,6 +174,7 @@ def _run_compress(args) -> int:
         eval_dir=args.eval_data or args.data, format=args.format, norm=args.norm,
         ratio=args.ratio, calib=args.calib, key=args.key, max_steps=args.max_steps,
         skip_first=args.skip_first, batch_size=args.batch_size, save_dir=args.save,
+        calibration=args.calibration, bias_correction=args.bias_correction,
         progress=args.progress,
     )
     if args.json is not None:

@@ -109,3 +109,20 @@ def test_python_dash_m_reports_one_line(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("sigmadecomp compress: error:")
+
+
+def test_sequential_with_frobenius_is_one_line(tmp_path, capsys):
+    argv = _compress_argv(tmp_path, **{"--norm": "frobenius", "--calibration": "sequential"})
+    assert main(argv) == 1
+    lines = _error_lines(capsys)
+    assert len(lines) == 1 and "sequential calibration fits the Σ norm" in lines[0]
+
+
+def test_calibration_default_follows_the_norm():
+    from sigmadecomp.compress import _check_calibration
+
+    assert _check_calibration(None, "sigma") == "sequential"
+    assert _check_calibration(None, "frobenius") == "parallel"
+    assert _check_calibration("parallel", "sigma") == "parallel"
+    with pytest.raises(ValueError, match="calibration must be one of"):
+        _check_calibration("greedy", "sigma")
