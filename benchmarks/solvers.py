@@ -60,7 +60,8 @@ def _ours(name, make_solver, kernel, cov, args):
     per_sweep = _per_sweep(lambda k: make_solver(max_steps=k, rtol=1e-30), kernel, cov,
                            args.k1, args.k2, args.repeats)
     solver = make_solver()
-    total = _seconds(lambda: sd.decompose(kernel, solver, cov=cov), args.repeats)
+    # A run to convergence can take minutes at 512: timed once (after its compile), not best-of.
+    total = _seconds(lambda: sd.decompose(kernel, solver, cov=cov), 1)
     sol = sd.decompose(kernel, solver, cov=cov)
     return {"method": name, "norm": "Σ" if cov is not None else "F", "s_per_sweep": per_sweep,
             "s_to_converge": total, "steps": int(sol.num_steps), "error": sol.final_error,
@@ -130,15 +131,35 @@ def _ratios(rows):
     return out
 
 
+def _machine() -> str:
+    import os
+    import platform
+
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="64,256,512", help="comma-separated channel counts")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, few sweeps")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--repeats", type=int, default=3, help="best-of repeats of sweep timings")
+    parser.add_argument("--max-steps", type=int, default=50,
+                        help="sweep limit of the to-convergence runs (rtol 1e-6)")
     args = parser.parse_args()
     sizes = [16, 32] if args.quick else [int(s) for s in args.sizes.split(",")]
-    args.k1, args.k2, args.repeats, args.max_steps = (1, 2, 1, 5) if args.quick else (1, 3, 3, 50)
-    print(f"jax {jax.__version__}, devices {jax.devices()}, sizes {sizes}")
+    args.k1, args.k2 = 1, (2 if args.quick else 3)
+    if args.quick:
+        args.repeats, args.max_steps = 1, 5
+    print(f"{time.strftime('%Y-%m-%d %H:%M')} | {_machine()} | jax {jax.__version__}, "
+          f"devices {jax.devices()} | sizes {sizes}, repeats {args.repeats}, "
+          f"max_steps {args.max_steps}")
     rows = [row for c in sizes for row in bench_size(c, args)]
     fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
     cols = ["size", "method", "norm", "ranks", "s_per_sweep", "s_to_converge", "steps", "error",
