@@ -36,17 +36,24 @@ def test_smoke_records_every_field(smoke):
     out, _ = smoke
     results = json.loads((out / "results.json").read_text())
     runs = results["runs"]
-    assert {(r["format"], r["norm"]) for r in runs} == {("svd", "frobenius"), ("svd", "sigma")}
+    assert {(r["calibration"], r["format"], r["norm"]) for r in runs} == {
+        ("parallel", "svd", "frobenius"), ("parallel", "svd", "sigma"),
+        ("sequential", "svd", "sigma"), ("sequential+bias", "svd", "sigma")}
     for r in runs:
         assert FIELDS <= set(r), FIELDS - set(r)
-        assert r["arch"] == 20 and r["ratio"] == 0.5 and r["calibration"] == "parallel"
+        assert r["arch"] == 20 and r["ratio"] == 0.5
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["agreement"] <= 1
         assert r["baseline_accuracy"] > 0.8  # the pretrained ResNet-20 on the first 128 test images
         assert 0.3 < r["params_ratio"] < 1 and 0.3 < r["macs_ratio"] < 1
         assert r["params"] < r["baseline_params"] and r["macs"] < r["baseline_macs"]
         assert 0 < r["mean_relative_error"] < 1 and len(r["layer_errors"]) == 18  # 19 convs − conv1
         assert sum(r["statuses"].values()) == 18
-    frob, sigma = sorted(runs, key=lambda r: r["norm"])
+    by = {(r["calibration"], r["norm"]): r for r in runs}
+    frob, sigma = by["parallel", "frobenius"], by["parallel", "sigma"]
+    # conv1 stays dense, so the first compressed layer sees the same input in both networks:
+    # sequential calibration must then give exactly the parallel Σ fit of that layer.
+    first_seq, first_par = by["sequential", "sigma"]["layer_errors"][0], sigma["layer_errors"][0]
+    assert abs(first_seq - first_par) <= 1e-4 * first_par
     # The closed-form SVD-Σ is the exact minimiser of the Σ-error at the same ranks, layer by layer.
     assert all(s <= f * (1 + 1e-3) + 1e-6 for s, f in zip(sigma["layer_errors"], frob["layer_errors"]))
     assert results["calibration_seconds"]["resnet20"] > 0 and results["sessions"][-1]["wall_seconds"] > 0

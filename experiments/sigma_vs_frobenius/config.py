@@ -17,7 +17,9 @@ class Config:
     formats: tuple[str, ...] = ("svd", "tucker2", "cp")
     norms: tuple[str, ...] = ("frobenius", "sigma")
     ratios: tuple[float, ...] = (0.7, 0.5, 0.33, 0.25)
-    calibrations: tuple[str, ...] = ("parallel",)
+    calibrations: tuple[str, ...] = ("parallel", "sequential", "sequential+bias")
+    # Sequential calibration (issue 6) is Σ-only and, for cost, run at these ratios only.
+    sequential_ratios: tuple[float, ...] = (0.5, 0.33)
     calib_images: int = 512  # sampled from the training batches with calib_seed
     test_images: int = 512  # the first images of cifar10/test_batch (the dev kit has 512)
     calib_seed: int = 0
@@ -38,7 +40,10 @@ class Config:
                 for format in self.formats:
                     for ratio in self.ratios:
                         for norm in self.norms:
-                            yield (arch, calibration, format, norm, ratio)
+                            if calibration == "parallel" or (
+                                norm == "sigma" and ratio in self.sequential_ratios
+                            ):
+                                yield (arch, calibration, format, norm, ratio)
 
 
 FULL = Config()

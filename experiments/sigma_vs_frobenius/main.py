@@ -33,6 +33,7 @@ jax.config.update("jax_enable_x64", True)  # covariances accumulate in float64; 
 
 import numpy as np  # noqa: E402
 
+from sigmadecomp import calibration as seqcal  # noqa: E402
 from sigmadecomp import compress  # noqa: E402
 from sigmadecomp.data import cifar10_normalize, load_cifar10, sample  # noqa: E402
 from sigmadecomp.models import pretrained_resnet  # noqa: E402
@@ -42,7 +43,7 @@ from config import FULL, SMOKE, Config  # noqa: E402
 
 INPUT_SHAPE = (1, 32, 32, 3)
 ARCHS = (20, 32, 56)  # the pretrained weights of the data kit
-CALIBRATIONS = ("parallel",)  # issue 6 adds "sequential"
+CALIBRATIONS = ("parallel", "sequential", "sequential+bias")
 KEY_FIELDS = ("arch", "calibration", "format", "norm", "ratio")
 
 
@@ -121,6 +122,7 @@ class Arch:
     depth: int
     model: object
     covariances: dict | None
+    calib: object  # the calibration images (sequential runs gather their own statistics)
     params: int
     macs: int  # conv + dense multiply-accumulates per image of the uncompressed model
 
@@ -145,18 +147,13 @@ def prepare_arch(depth: int, data: pathlib.Path, calib, config: Config, results:
     covariances = compress.calibrate(model, calib, layers=paths, batch_size=config.batch_size, progress=False)
     jax.block_until_ready([c.cov for c in covariances.values()])
     results["calibration_seconds"][f"resnet{depth}"] = round(time.perf_counter() - start, 2)
-    return Arch(depth, model, covariances, compress.count_params(model), whole_model_macs(model))
+    return Arch(depth, model, covariances, calib, compress.count_params(model), whole_model_macs(model))
 
 
 def measure(arch: Arch, key: tuple, test, config: Config) -> dict:
     depth, calibration, format, norm, ratio = key
-    if calibration != "parallel":
-        raise ValueError(f"calibration {calibration!r} is not implemented by this runner (only 'parallel')")
     start = time.perf_counter()
-    result = compress.compress_model(
-        arch.model, format=format, norm=norm, ratio=ratio, key=jax.random.key(config.compress_seed),
-        skip=config.skip, max_steps=config.sweeps(format), covariances=arch.covariances,
-        input_shape=INPUT_SHAPE, batch_size=config.batch_size, progress=False)
+    result = compress_one(arch, key, config)
     scores = compress.evaluate_agreement(arch.model, result.model, *test, batch_size=config.batch_size)
     p = result.plan
     macs = arch.macs - p.flops_before + p.flops_after
@@ -173,6 +170,22 @@ def measure(arch: Arch, key: tuple, test, config: Config) -> dict:
         compress_seconds=round(result.seconds, 2), seconds=round(time.perf_counter() - start, 2),
         calib_images=config.calib_images, test_images=len(test[1]),
     )
+
+
+def compress_one(arch: Arch, key: tuple, config: Config):
+    """Parallel: every layer from the original network's cov (measured once per architecture).
+    Sequential: layers in execution order, each fitted to the inputs it sees in the partially
+    compressed network (Σ only), optionally with bias correction."""
+    depth, calibration, format, norm, ratio = key
+    common = dict(format=format, ratio=ratio, key=jax.random.key(config.compress_seed), skip=config.skip,
+                  max_steps=config.sweeps(format), batch_size=config.batch_size, progress=False)
+    if calibration == "parallel":
+        return compress.compress_model(arch.model, norm=norm, covariances=arch.covariances,
+                                       input_shape=INPUT_SHAPE, **common)
+    if norm != "sigma":
+        raise ValueError(f"{calibration} calibration fits the Σ norm only; got norm {norm!r}")
+    return seqcal.compress_sequential(arch.model, arch.calib,
+                                      bias_correction=calibration == "sequential+bias", **common)
 
 
 def run_all(config: Config, args, results: dict, out: pathlib.Path) -> None:
