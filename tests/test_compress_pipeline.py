@@ -1,8 +1,9 @@
 """One real end-to-end ``sigmadecomp compress`` on the data kit (ResNet-20, Tucker-2, ratio 0.5).
 
-Measured with these settings (64 calibration images, 5 sweeps per layer, key 0): Σ keeps 79.7%
-accuracy and 81.6% top-1 agreement with the uncompressed model (91.2%); Frobenius Tucker-2 at the
-same ranks falls to 26.0% / 28.3%. The assertions leave a wide margin around that gap.
+Measured with these settings (64 calibration images, 5 sweeps per layer, key 0) on 2026-11-22:
+Σ with sequential calibration (the CLI's default for the Σ norm) keeps 85.7% accuracy and 86.9%
+top-1 agreement with the uncompressed model (91.2%); Frobenius Tucker-2 at the same ranks falls
+to 26.0% / 28.3%. The assertions leave a wide margin around that gap.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def test_compress_resnet20_sigma_beats_frobenius(data_dir, tmp_path, capsys):
                   "flops", "baseline_flops", "mean_relative_error", "seconds", "config", "layers"):
         assert field in sigma, field
     assert sigma["config"]["norm"] == "sigma" and sigma["config"]["ratio"] == 0.5
+    assert sigma["config"]["calibration"] == "sequential"  # the Σ default (experiments/sequential)
     assert sigma["baseline_accuracy"] == pytest.approx(467 / 512, abs=2 / 512)  # data README
     assert 0.4 < sigma["params"] / sigma["baseline_params"] < 0.6
     assert 0.4 < sigma["flops"] / sigma["baseline_flops"] < 0.6
@@ -46,6 +48,8 @@ def test_compress_resnet20_sigma_beats_frobenius(data_dir, tmp_path, capsys):
     frobenius = compress_pretrained(weights=weights, data_dir=cifar, norm="frobenius",
                                     progress=False, **SETTINGS)
     assert frobenius["params"] == sigma["params"]
-    assert sigma["mean_relative_error"] < 0.5 * frobenius["mean_relative_error"]
+    # (mean_relative_error is not compared: with sequential calibration it is the cross error
+    # E‖W x − W̃ x̂‖² / E‖W x‖², which includes the input drift, while the Frobenius run reports the
+    # Σ-error against the original inputs; tests/test_experiments.py compares those for parallel fits.)
     assert sigma["agreement"] > frobenius["agreement"] + 0.2
     assert sigma["accuracy"] > frobenius["accuracy"] + 0.2
