@@ -233,14 +233,14 @@ def accuracy_table(runs: list[dict]) -> str:
 
 def detail_table(runs: list[dict]) -> str:
     """One line per run with every recorded quantity."""
-    head = ("| model | format | norm | ratio | acc % | agree % | params/base | MACs/base | mean rel Σ-err "
-            "| steps (mean/max) | statuses | s |")
-    lines = [head, "|" + "---|" * 12]
+    head = ("| model | calibration | format | norm | ratio | acc % | agree % | params/base | MACs/base "
+            "| mean rel err | steps (mean/max) | statuses | s |")
+    lines = [head, "|" + "---|" * 13]
     for r in sorted(runs, key=lambda r: (r["arch"], r["calibration"], _FORMAT_ORDER[r["format"]], -r["ratio"],
                                          r["norm"])):
         steps = "—" if r["max_steps"] is None else f"{r['mean_steps']:.1f}/{r['max_steps']}"
         statuses = ", ".join(f"{k} {v}" for k, v in sorted(r["statuses"].items()))
-        lines.append(f"| ResNet-{r['arch']} | {r['format']} | {r['norm']} | {r['ratio']:g} | {_pct(r['accuracy'])} "
+        lines.append(f"| ResNet-{r['arch']} | {r['calibration']} | {r['format']} | {r['norm']} | {r['ratio']:g} | {_pct(r['accuracy'])} "
                      f"| {_pct(r['agreement'])} | {r['params_ratio']:.3f} | {r['macs_ratio']:.3f} "
                      f"| {r['mean_relative_error']:.4f} | {steps} | {statuses} | {r['seconds']:.0f} |")
     return "\n".join(lines)
