@@ -246,6 +246,11 @@ def detail_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# (marker, line style) per (calibration, norm): Frobenius dotted, Σ solid, sequential dashed.
+_STYLES = {("parallel", "frobenius"): ("x", ":"), ("parallel", "sigma"): ("o", "-"),
+           ("sequential", "sigma"): ("s", "--"), ("sequential+bias", "sigma"): ("^", "-.")}
+
+
 def figure(runs: list[dict], path: pathlib.Path) -> None:
     import matplotlib
 
@@ -262,17 +267,18 @@ def figure(runs: list[dict], path: pathlib.Path) -> None:
                           if (r["calibration"], r["format"], r["norm"]) == (calibration, format, norm))
             label = f"{format} {'Σ' if norm == 'sigma' else 'Frobenius'}" + (
                 "" if calibration == "parallel" else f" ({calibration})")
-            ax.plot(*zip(*line), marker="o" if norm == "sigma" else "x", color=colors.get(format),
-                    linestyle="-" if norm == "sigma" else ":", label=label)
+            marker, style = _STYLES[(calibration, norm)]
+            ax.plot(*zip(*line), marker=marker, color=colors.get(format), linestyle=style, label=label)
         ax.axhline(mine[0]["baseline_accuracy"], color="gray", linestyle="--", label="baseline (dense)")
         ax.set(title=f"ResNet-{arch}", xlabel="parameter ratio per layer (target)", xlim=(0.2, 0.75))
         ax.invert_xaxis()
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("top-1 accuracy (512 test images)")
-    axes[0][-1].legend(fontsize=8, loc="lower left")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=8, loc="center left",
+               bbox_to_anchor=(1.0, 0.5))
     fig.suptitle("Σ-ALS vs Frobenius ALS, no fine-tuning")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
