@@ -86,8 +86,10 @@ def _add_compress(commands) -> None:
             "3 input channels, is skipped unless --no-skip-first; the linear classifier is never "
             "compressed), rebuild the model and evaluate it on test_batch of --eval-data. "
             "mean_relative_error is the mean over compressed layers of the relative Σ-error "
-            "tr(ΔW cov ΔWᵀ)/tr(W cov Wᵀ) with each layer's calibration cov, computed for both "
-            "norms so that they are comparable."
+            "tr(ΔW cov ΔWᵀ)/tr(W cov Wᵀ) with each layer's calibration cov for parallel "
+            "calibration (both norms, so they are comparable); with sequential calibration it is "
+            "the cross error E‖W x − W̃ x̂‖²/E‖W x‖², which also contains the drift of each layer's "
+            "input caused by the earlier compressed layers."
         ),
     )
     compress.add_argument("--arch", required=True, choices=("resnet20", "resnet32", "resnet56"))

@@ -301,7 +301,8 @@ def compress_pretrained(
     and evaluates on ``test_batch`` of ``eval_dir`` (default ``data_dir``). Returns a JSON-ready dict:
     ``accuracy``, ``baseline_accuracy``, ``agreement`` (top-1 agreement with the uncompressed model),
     ``params``/``baseline_params`` (whole model), ``flops``/``baseline_flops`` (MACs per image of
-    all conv/dense layers), ``mean_relative_error`` (see :class:`LayerReport`), ``seconds``, the
+    all conv/dense layers), ``mean_relative_error`` (see :class:`LayerReport`; with sequential
+    calibration the cross error ``E‖W x − W̃ x̂‖² / E‖W x‖²`` instead), ``seconds``, the
     ``config`` and one entry per compressed layer. ``save_dir`` receives the model via
     :func:`sigmadecomp.save`.
 
@@ -371,7 +372,8 @@ def summary(report: dict) -> str:
     """A few human-readable lines of a :func:`compress_pretrained` report."""
     c = report["config"]
     return "\n".join([
-        f"{c['arch']} {c['format']}/{c['norm']} ratio {c['ratio']} ({len(report['layers'])} layers, "
+        f"{c['arch']} {c['format']}/{c['norm']} ({c.get('calibration', 'parallel')} calibration) "
+        f"ratio {c['ratio']} ({len(report['layers'])} layers, "
         f"{c['calib']} calibration images, key {c['key']})",
         f"  accuracy  {report['accuracy']:.2%}  (uncompressed {report['baseline_accuracy']:.2%}, "
         f"top-1 agreement {report['agreement']:.2%}, {report['num_eval_images']} test images)",
@@ -379,6 +381,7 @@ def summary(report: dict) -> str:
         f"({report['params'] / report['baseline_params']:.2f}x)",
         f"  MACs      {report['flops']:,} / {report['baseline_flops']:,} "
         f"({report['flops'] / report['baseline_flops']:.2f}x)",
-        f"  mean relative Σ-error {report['mean_relative_error']:.4f}   "
+        f"  mean relative {'cross' if c.get('calibration') == 'sequential' else 'Σ'}-error "
+        f"{report['mean_relative_error']:.4f}   "
         f"time {report['seconds']:.1f} s",
     ])
