@@ -41,7 +41,14 @@ import jax.numpy as jnp
 from sigmadecomp._factorized import CP, CP3
 from sigmadecomp.solvers._base import AbstractSolver, Problem, problem_error
 from sigmadecomp.solvers._driver import iterate
-from sigmadecomp.solvers._numerics import HIGHEST, cholesky_solve, mm, pcg, safe_cholesky
+from sigmadecomp.solvers._numerics import (
+    HIGHEST,
+    cholesky_solve,
+    kronecker_factors,
+    mm,
+    pcg,
+    safe_cholesky,
+)
 from sigmadecomp.solvers._solution import Solution
 
 __all__ = ["CPALS"]
@@ -310,9 +317,7 @@ class _Sigma:
 
     @classmethod
     def build(cls, problem, dims, tau, cg_tol, cg_max_steps, dense_threshold):
-        m4 = problem.metric.reshape(dims.cin, dims.p, dims.cin, dims.p)
-        chan = jnp.einsum("apbp->ab", m4)  # partial traces: tr(M_chan)·tr(M_spat) = tr(M)
-        spat = jnp.einsum("apaq->pq", m4) / jnp.trace(problem.metric)
+        chan, spat = kronecker_factors(problem.metric, dims.cin)
         return cls(problem, dims, tau, cg_tol, cg_max_steps, dense_threshold, jnp.linalg.eigh(chan), spat)
 
     # -- shared products ---------------------------------------------------------------------

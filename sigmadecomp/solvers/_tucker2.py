@@ -28,7 +28,14 @@ from jax.scipy.linalg import solve_triangular
 from sigmadecomp._factorized import Tucker2
 from sigmadecomp.solvers._base import AbstractSolver, Problem
 from sigmadecomp.solvers._driver import iterate
-from sigmadecomp.solvers._numerics import HIGHEST, cholesky_solve, mm, pcg, safe_cholesky
+from sigmadecomp.solvers._numerics import (
+    HIGHEST,
+    cholesky_solve,
+    kronecker_factors,
+    mm,
+    pcg,
+    safe_cholesky,
+)
 from sigmadecomp.solvers._solution import Solution
 from sigmadecomp.solvers._validation import (
     check_positive,
@@ -233,22 +240,13 @@ def _matvec(problem: Problem, gh, x):
     return jnp.einsum("cpo,obp->cb", y, g3, precision=HIGHEST)
 
 
-def _kron_factors(metric, cin: int):
-    """Nearest-Kronecker factors ``M ≈ M_chan ⊗ M_space`` by partial traces (exact if ``M`` is a
-    Kronecker product); both SPD when ``M`` is."""
-    m4 = metric.reshape(cin, metric.shape[0] // cin, cin, -1)
-    chan = jnp.einsum("cpdp->cd", m4)
-    space = jnp.einsum("cpcq->pq", m4) / jnp.trace(chan)
-    return chan, space
-
-
 def _preconditioner(problem: Problem, gh, cin: int, r_in: int):
     """``R ↦ M_chan⁻¹ R K̃⁻¹`` with ``K̃[b,b'] = Σ_{pq} M_space[p,q] (ĜᵀĜ)[(b,p),(b',q)]``: the
     exact inverse of ``H`` when ``M`` is a Kronecker product (e.g. ``M = I``)."""
     if problem.metric is None:
         chan, space = None, jnp.eye(gh.shape[1] // r_in, dtype=gh.dtype)
     else:
-        chan, space = _kron_factors(problem.metric, cin)
+        chan, space = kronecker_factors(problem.metric, cin)
     g3 = gh.reshape(gh.shape[0], r_in, -1)
     k = jnp.einsum("obp,pq,oeq->be", g3, space, g3, precision=HIGHEST)
     k = k + (jnp.finfo(k.dtype).eps * jnp.trace(k) / r_in) * jnp.eye(r_in, dtype=k.dtype)
