@@ -314,3 +314,38 @@ def test_bad_inputs():
         compress_sequential(net, np.zeros((0, 8, 8, 3)), format="svd", ratio=0.5, key=jax.random.key(0))
     with pytest.raises(ValueError, match="plan must be"):
         correct_bias(net, net, images(), plan={"conv1": 2})
+
+
+# ----------------------------------------------------------------------------- (6) compile once per shape
+
+
+def _count_compiles(fn):
+    """(result, number of XLA backend compilations while running ``fn``)."""
+    count = [0]
+
+    def listener(event, duration, **_):
+        count[0] += event == "/jax/core/compile/backend_compile_duration"
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        out = fn()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return out, count[0]
+
+
+def test_identical_blocks_compile_once():
+    """Stage and cross-statistics functions are keyed on the block's own structure and the layer's
+    path inside it: once the first two blocks of a stage are done, a third identical block (and the
+    advance through the second) triggers no XLA compilation at all."""
+    model, x = CifarResNet(20, dtype=F64, rngs=nnx.Rngs(0)), images(n=4, size=8)
+    ranks = {f"layer1.{b}.conv{c}": (4, 4) for b in range(3) for c in (1, 2)}
+    common = dict(format="tucker2", key=jax.random.key(0), max_steps=2, progress=False, batch_size=4)
+    first_two = {p: r for p, r in ranks.items() if not p.startswith("layer1.2")}
+    two, _ = _count_compiles(lambda: compress_sequential(model, x, ranks=first_two, **common))
+    three, compiles = _count_compiles(lambda: compress_sequential(model, x, ranks=ranks, **common))
+    assert compiles == 0
+    # the third block is really fitted, and the cached block-wise stages equal the full forward pass
+    full = compress_sequential(model, x, ranks=ranks, cache_activations=False, **common)
+    np.testing.assert_allclose(three.model(x), full.model(x), rtol=1e-10, atol=1e-12)
+    assert [r.path for r in three.layers][:4] == [r.path for r in two.layers]

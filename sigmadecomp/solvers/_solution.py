@@ -30,7 +30,7 @@ _MESSAGES = {
         "stopped at max_steps before the error settled: raise max_steps, or loosen rtol."
     ),
     Status.INNER_NOT_CONVERGED: (
-        "an inner conjugate-gradient solve stopped at cg_max_steps above cg_tol in the last sweep: "
+        "an inner conjugate-gradient solve stopped at cg_max_steps above its tolerance in the last sweep: "
         "raise cg_max_steps, loosen cg_tol, or raise ridge (cov may be badly conditioned)."
     ),
     Status.NONFINITE: (
@@ -50,12 +50,16 @@ class Solution:
         errors: relative Σ-error (Frobenius when ``cov=None``) of the initial point (index 0) and
             after every sweep (index k); fixed length ``max_steps + 1``, NaN after ``num_steps``.
         num_steps: number of sweeps run (int32 scalar array).
+        stats: what a user needs to judge the run, as arrays. Solvers with inner
+            conjugate-gradient solves add ``"inner_iterations"`` (int32, length ``max_steps``:
+            CG iterations of each sweep, 0 where none).
     """
 
     value: object
     status: jax.Array
     errors: jax.Array
     num_steps: jax.Array
+    stats: dict = dataclasses.field(default_factory=dict)
 
     @property
     def message(self) -> str:
@@ -73,5 +77,5 @@ class Solution:
 
 
 jax.tree_util.register_dataclass(
-    Solution, data_fields=["value", "status", "errors", "num_steps"], meta_fields=[]
+    Solution, data_fields=["value", "status", "errors", "num_steps", "stats"], meta_fields=[]
 )
