@@ -9,7 +9,9 @@ it) that runs ``sigmadecomp.cli.main([...compress...])`` with a ``jax.monitoring
 backend compilations and their seconds, and tracing/lowering seconds. The parent records the wall
 time of the whole child process (interpreter start, imports, data loading, calibration, solves,
 evaluation), the child's own timings, accuracy, the date and ``os.getloadavg()`` before and after:
-the 2-core machine is shared, so read the load next to every number. ``--src`` runs the code of
+the 2-core machine is shared, so read the load next to every number. The child's CPU seconds
+(user + system, all threads) are recorded too: on a loaded machine they move far less than wall
+time, and on an idle 2-core machine wall time is at least half of them. ``--src`` runs the code of
 another source tree (e.g. ``git archive`` of an older commit) through ``PYTHONPATH``, so
 before/after rows can be interleaved in one run (``--repeats``). Rows are appended to ``--out``,
 keyed by label, settings and repeat index; an existing key is skipped (resumable).
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import pathlib
+import resource
 import subprocess
 import sys
 import tempfile
@@ -79,15 +82,18 @@ def measure(settings: dict, data: pathlib.Path, src: str | None) -> dict:
         code = ("import sys; sys.argv = sys.argv[:1]; import runpy; "
                 f"ns = runpy.run_path({__file__!r}); ns['_child']({_cli_argv(settings, data, report)!r}, {stats!r})")
         load_before = os.getloadavg()
+        cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         subprocess.run([sys.executable, "-c", code], env=env, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - start
+        cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
         child = json.load(open(stats))
         rep = json.load(open(report))
     statuses: dict = {}
     for layer in rep["layers"]:
         statuses[layer["status"]] = statuses.get(layer["status"], 0) + 1
-    return dict(wall_s=wall, **child, accuracy=rep["accuracy"], baseline_accuracy=rep["baseline_accuracy"],
+    return dict(wall_s=wall, cpu_s=cpu, **child, accuracy=rep["accuracy"], baseline_accuracy=rep["baseline_accuracy"],
                 decompose_s=rep["decompose_seconds"], mean_relative_error=rep["mean_relative_error"],
                 mean_steps=sum(la["num_steps"] for la in rep["layers"]) / len(rep["layers"]),
                 statuses=statuses, load_before=load_before, load_after=os.getloadavg(),
@@ -125,7 +131,7 @@ def main() -> None:
                 continue
             row = dict(label=label, src=src, settings=settings, repeat=repeat,
                        **measure(settings, args.data, src))
-            print(json.dumps({k: row[k] for k in ("label", "repeat", "wall_s", "backend_compile_s",
+            print(json.dumps({k: row[k] for k in ("label", "repeat", "wall_s", "cpu_s", "backend_compile_s",
                                                   "compiles", "accuracy", "load_before")}), flush=True)
             rows.append(row)
             if args.out:
