@@ -77,17 +77,17 @@ def test_truncated_step_b_never_increases_per_block(dtype, tol):
         x, g = t2.orthonormalise(x, g)
 
 
-@pytest.mark.parametrize("name", ["tucker2", "cp"])
-def test_converged_with_truncated_inner_solves_is_honest(name):
+@pytest.mark.parametrize("name, rtol", [("tucker2", 1e-7), ("cp", 1e-5)])
+def test_converged_with_truncated_inner_solves_is_honest(name, rtol):
     """A run whose inner solves are truncated stops CONVERGED (the forcing term tightens as the
     sweeps settle), at an error no worse than the exact-solve run's, to within rtol-level slack."""
     kernel, cov = _kernel("float64", seed=5), _cov("float64", "diagonal")
-    solver = _replace(_solvers()[name], max_steps=300, rtol=1e-7)
+    solver = _replace(_solvers()[name], max_steps=300, rtol=rtol)
     sol = sd.decompose(kernel, solver, cov=cov, key=jax.random.key(0))
     exact = sd.decompose(kernel, _replace(solver, cg_forcing=0.0, cg_tol=1e-10), cov=cov,
                          key=jax.random.key(0))
-    assert int(sol.status) == sd.Status.CONVERGED, sol.message
-    assert sol.final_error <= exact.final_error * (1 + 1e-4)
+    assert int(sol.status) == int(exact.status) == sd.Status.CONVERGED, sol.message
+    assert sol.final_error <= exact.final_error * (1 + 1e3 * rtol)
     inner = np.asarray(sol.stats["inner_iterations"])[: int(sol.num_steps)]
     assert np.sum(inner) < np.sum(np.asarray(exact.stats["inner_iterations"]))
 
@@ -109,7 +109,7 @@ def test_hooi_subspace_iteration_is_monotone_and_matches_dense_error(dtype, tol)
     kernel = _kernel(dtype, seed=6)
     sol = sd.decompose(kernel, sd.Tucker2ALS(RANKS, max_steps=STEPS, rtol=1e-30, init="random"),
                        key=jax.random.key(2))
-    errors = np.asarray(sol.errors, np.float64)
+    errors = np.asarray(sol.errors, np.float64)[: int(sol.num_steps) + 1]
     assert np.all(np.diff(errors) <= 20 * tol * errors[:-1]), np.diff(errors)
     w = np.asarray(sd.kernel_to_matrix(kernel), np.float64)
     approx = np.asarray(sd.kernel_to_matrix(sd.to_dense(sol.value)), np.float64)
