@@ -29,6 +29,10 @@ from sigmadecomp.layers._lowrank import LowRankConv, LowRankDense
 from sigmadecomp.layers._registry import FACTORIZED_LAYERS, factorize_layer
 from sigmadecomp.layers._shapes import factor_shapes, placeholder
 from sigmadecomp.layers._tucker2 import Tucker2Conv
+from sigmadecomp.layers._tt import (
+    GRU, TTEmbed, TTGRU, TTLinear, count_tt_embed, count_tt_matrix, kept_ranks, prune_ranks, rank_penalty,
+    tt_init_cores, tt_matmul,
+)
 
 __all__ = [
     "CP3Conv",
@@ -40,6 +44,17 @@ __all__ = [
     "LowRankConv",
     "LowRankDense",
     "Tucker2Conv",
+    "GRU",
+    "TTEmbed",
+    "TTGRU",
+    "TTLinear",
+    "count_tt_embed",
+    "count_tt_matrix",
+    "kept_ranks",
+    "prune_ranks",
+    "rank_penalty",
+    "tt_init_cores",
+    "tt_matmul",
     "count_cp",
     "count_cp3",
     "count_dense",

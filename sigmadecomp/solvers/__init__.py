@@ -14,11 +14,14 @@ from sigmadecomp.solvers._decompose import decompose, relative_error
 from sigmadecomp.solvers._solution import Solution, Status
 from sigmadecomp.solvers._svd import SVD
 from sigmadecomp.solvers._tucker2 import Tucker2ALS
+from sigmadecomp.solvers._ttmatrix import TTMatrixALS, solve_tt_diagonal
 
 __all__ = [
     "CPALS",
     "SVD",
     "Tucker2ALS",
+    "TTMatrixALS",
+    "solve_tt_diagonal",
     "AbstractSolver",
     "Problem",
     "Solution",
