@@ -195,7 +195,7 @@ def test_orthogonal_parametrisation_and_init_rules():
               for s in range(4)]
         var[init] = float(jnp.mean(jnp.stack([jnp.mean(w**2) for w in ws])))
     assert 0.5 / 64 < var["tt"] < 1.5 / 64
-    assert var["naive"] < 1e-2 * var["tt"]
+    assert var["naive"] < 0.05 * var["tt"]  # 1/(in·out) against 1/in
 
 
 def test_tt_embed_equals_table_lookup(dtype, tol):
@@ -245,7 +245,8 @@ def test_group_lasso_training_drops_ranks():
     target = sd.TTLinear.from_tt(_random_tt(jax.random.key(22), IN_MODES, OUT_MODES, (2, 2), "float32"))
     layer = sd.TTLinear(24, 24, ranks=(6, 6), in_modes=IN_MODES, out_modes=OUT_MODES, use_bias=False,
                         rngs=nnx.Rngs(1))
-    opt = nnx.Optimizer(layer, optax.adam(3e-2), wrt=nnx.Param)
+    with jax.numpy_dtype_promotion("standard"):
+        opt = nnx.Optimizer(layer, optax.adam(3e-2), wrt=nnx.Param)
     x = jax.random.normal(jax.random.key(23), (256, 24), jnp.float32)
     y = target(x)
 
@@ -255,8 +256,9 @@ def test_group_lasso_training_drops_ranks():
             return jnp.mean((m(x) - y) ** 2) + 3e-3 * sd.rank_penalty(m)
         opt.update(layer, nnx.grad(loss)(layer))
 
-    for _ in range(600):
-        step(layer, opt)
+    with jax.numpy_dtype_promotion("standard"):  # optax's bias correction mixes int and float
+        for _ in range(500):
+            step(layer, opt)
     kept = sd.kept_ranks(layer, rtol=0.05)
     assert all(k <= 3 for k in kept), kept
     assert float(jnp.mean((sd.prune_ranks(layer, rtol=0.05)(x) - y) ** 2)) < 0.05 * float(jnp.mean(y**2))
