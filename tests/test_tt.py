@@ -13,7 +13,7 @@ from flax import nnx
 
 import sigmadecomp as sd
 from sigmadecomp.covariance import collect_token_counts
-from sigmadecomp.layers._tt import _flops_one_way, _reverse_is_cheaper
+from sigmadecomp.layers._ttmatrix import _flops_one_way, _reverse_is_cheaper
 from sigmadecomp.solvers._ttmatrix import _block_update, _right_canonical, _shift_right
 
 IN_MODES, OUT_MODES = (3, 4, 2), (2, 3, 4)  # 24 × 24

@@ -15,7 +15,7 @@ from flax import nnx
 
 from sigmadecomp._paths import get_by_path
 from sigmadecomp._ttmatrix import TTMatrix, balanced_modes, padded_modes
-from sigmadecomp.layers._tt import TTEmbed, TTLinear
+from sigmadecomp.layers._ttmatrix import TTEmbed, TTLinear
 from sigmadecomp.solvers._decompose import decompose
 from sigmadecomp.solvers._solution import Solution
 from sigmadecomp.solvers._ttmatrix import TTMatrixALS, solve_tt_diagonal
