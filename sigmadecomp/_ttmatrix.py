@@ -70,6 +70,14 @@ class TTMatrix:
     def dtype(self):
         return self.cores[0].dtype
 
+    def __getattr__(self, name: str):
+        """``core_k`` is ``cores[k]`` (the registry checks factors by field name)."""
+        if name.startswith("core_") and name[5:].isdigit():
+            cores = object.__getattribute__(self, "cores")
+            if int(name[5:]) < len(cores):
+                return cores[int(name[5:])]
+        raise AttributeError(name)
+
 
 def tt_to_dense(tt: TTMatrix) -> jax.Array:
     """The dense ``(in, out)`` kernel (for tests and error evaluation; layers never form it)."""

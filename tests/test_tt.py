@@ -295,3 +295,28 @@ def test_to_tt_surgery_with_covariances_and_token_counts():
     seen = lambda sol: float(jnp.sum((sd.tt_to_dense(sol.value)[:20] - table[:20]) ** 2))
     assert seen(sols["embed"]) < seen(frob)
     assert tt_net(ids).shape == (64, 24)
+
+
+def test_tt_matrix_format_registered_plan_apply_save_load(tmp_path):
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+            self.fc = nnx.Linear(64, 48, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc(self.conv(x).reshape(x.shape[0], -1))
+
+    net = Net(nnx.Rngs(0))
+    assert "tt-matrix" in sd.formats.format_names()
+    p = sd.plan(net, format="tt-matrix", ratio=0.2, skip=["conv"])
+    (entry,) = p.entries
+    assert entry.format == "tt-matrix" and entry.params_after <= 0.2 * entry.params_before + 48
+    sol = sd.decompose(net.fc.kernel[...], sd.formats.get("tt-matrix").solver(entry.ranks, max_steps=4))
+    comp = sd.apply(net, p, {"fc": sol.value})
+    assert isinstance(comp.fc, sd.TTLinear)
+    sd.save(tmp_path / "m", comp, p)
+    back = sd.load(tmp_path / "m", Net(nnx.Rngs(1)))
+    x = jnp.ones((2, 4, 4, 1), jnp.float32)
+    np.testing.assert_array_equal(back(x), comp(x))
+    with pytest.raises(ValueError, match="dense layers"):
+        sd.plan(net, format="tt-matrix", ratio=0.5, skip=["fc"])

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sigmadecomp._ttmatrix import TTMatrix, balanced_modes, check_tt_config, padded_modes, tt_num_params
+from sigmadecomp.layers._common import FactorizedLayer
 from sigmadecomp.layers._counts import Counts
 
 __all__ = [
@@ -191,7 +192,7 @@ def _resolve_modes(in_features, out_features, in_modes, out_modes, num_cores):
     return tuple(in_modes or balanced_modes(in_features, k)), tuple(out_modes or balanced_modes(out_features, k))
 
 
-class TTLinear(_TTCores):
+class TTLinear(_TTCores, FactorizedLayer):
     """Dense layer ``y = x W + b`` with a TT-matrix ``W`` (equal to ``nnx.Linear`` holding
     ``tt_to_dense(layer.tt)``), for training from scratch or built from a fit by :meth:`from_tt`.
 
@@ -237,7 +238,29 @@ class TTLinear(_TTCores):
         bias = None if layer.bias is None else layer.bias[...]
         return cls.from_tt(tt, bias=bias, precision=layer.precision, **kwargs)
 
-    def counts(self, tokens: int = 1) -> Counts:
+    format = "tt-matrix"  # the registry's name (surgery plans, save / load)
+    groups = 1
+
+    @property
+    def kernel_shape(self) -> tuple:
+        return self.tt.kernel_shape
+
+    @property
+    def use_bias(self) -> bool:
+        return self.bias is not None
+
+    def to_factorized(self) -> TTMatrix:
+        return self.tt
+
+    def dense_kernel(self):
+        from sigmadecomp._ttmatrix import tt_to_dense
+
+        return tt_to_dense(self.tt)
+
+    def counts(self, in_spatial=None, out_spatial=None, *, tokens: int = 1) -> Counts:
+        """Parameters and MACs for ``tokens`` inputs (or ``prod(out_spatial)``)."""
+        del in_spatial
+        tokens = math.prod(out_spatial) if out_spatial else tokens
         return count_tt_matrix(self.in_modes, self.out_modes, self.ranks, bias=self.bias is not None, tokens=tokens)
 
     def __call__(self, x):
