@@ -96,6 +96,15 @@ def test_identity_cov_is_the_frobenius_twin():
     np.testing.assert_allclose(sd.tt_to_dense(a.value), sd.tt_to_dense(b.value), atol=1e-7)
 
 
+def test_cross_covariance_form_with_unchanged_inputs_equals_plain_sigma():
+    w = jax.random.normal(jax.random.key(30), (24, 24), jnp.float64)
+    cov = _ill_cov(jax.random.key(31), 24, jnp.float64, cond=1e2)
+    solver = sd.TTMatrixALS(ranks=(3, 4), in_modes=IN_MODES, out_modes=OUT_MODES, max_steps=4)
+    plain = sd.decompose(w, solver, cov=cov)
+    cross = sd.decompose(w, solver, cov=cov, cross_cov=cov, target_cov=cov)
+    np.testing.assert_allclose(cross.errors, plain.errors, rtol=1e-5, atol=1e-9)
+
+
 def test_planted_tt_recovered_under_ill_conditioned_cov():
     planted = sd.tt_to_dense(_random_tt(jax.random.key(4), IN_MODES, OUT_MODES, (2, 3)))
     cov = _ill_cov(jax.random.key(5), 24, jnp.float64, cond=1e6)
@@ -239,29 +248,29 @@ def test_rank_penalty_prunes_zero_slices():
 
 
 def test_group_lasso_training_drops_ranks():
-    """A planted rank-(2, 2) target learned with ranks (6, 6) and the group lasso keeps ≤ 3 per bond."""
+    """A planted rank-(2, 2) target learned at ranks (6, 6) with the group lasso keeps ≤ 3 per bond."""
     import optax
 
     target = sd.TTLinear.from_tt(_random_tt(jax.random.key(22), IN_MODES, OUT_MODES, (2, 2), "float32"))
     layer = sd.TTLinear(24, 24, ranks=(6, 6), in_modes=IN_MODES, out_modes=OUT_MODES, use_bias=False,
                         rngs=nnx.Rngs(1))
-    with jax.numpy_dtype_promotion("standard"):
-        opt = nnx.Optimizer(layer, optax.adam(3e-2), wrt=nnx.Param)
     x = jax.random.normal(jax.random.key(23), (256, 24), jnp.float32)
     y = target(x)
-
-    @nnx.jit
-    def step(layer, opt):
-        def loss(m):
-            return jnp.mean((m(x) - y) ** 2) + 3e-3 * sd.rank_penalty(m)
-        opt.update(layer, nnx.grad(loss)(layer))
-
+    y = y / jnp.sqrt(jnp.mean(y**2))
     with jax.numpy_dtype_promotion("standard"):  # optax's bias correction mixes int and float
-        for _ in range(500):
+        opt = nnx.Optimizer(layer, optax.adam(optax.cosine_decay_schedule(3e-2, 400)), wrt=nnx.Param)
+
+        @nnx.jit
+        def step(layer, opt):
+            def loss(m):
+                return jnp.mean((m(x) - y) ** 2) + 1e-2 * sd.rank_penalty(m)
+            opt.update(layer, nnx.grad(loss)(layer))
+
+        for _ in range(400):
             step(layer, opt)
     kept = sd.kept_ranks(layer, rtol=0.05)
     assert all(k <= 3 for k in kept), kept
-    assert float(jnp.mean((sd.prune_ranks(layer, rtol=0.05)(x) - y) ** 2)) < 0.05 * float(jnp.mean(y**2))
+    assert float(jnp.mean((sd.prune_ranks(layer, rtol=0.05)(x) - y) ** 2)) < 0.01
 
 
 def test_to_tt_surgery_with_covariances_and_token_counts():

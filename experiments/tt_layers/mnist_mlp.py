@@ -10,7 +10,8 @@ Rows of ``results_mnist.json`` (one key per setting):
 * ``fit/{norm}/r{rank}`` — fc1 (784→1024) and fc2 (1024→1024) replaced by ``TTLinear`` fitted with
   ``TTMatrixALS`` (4 cores, modes 784 = 4·4·7·7, 1024 = 4·4·8·8, uniform rank) in the Frobenius norm
   or under Σ (each layer's input ``cov`` from ``calib`` training images of the dense model,
-  parallel calibration); accuracy with no training, then after ``distill_steps`` Adam steps of
+  parallel calibration; ``sigma-seq``: fc2 then fitted in the cross-covariance form to the
+  inputs the TT fc1 produces); accuracy with no training, then after ``distill_steps`` Adam steps of
   distillation from the dense model (training images, no labels);
 * ``scratch/{init}/r{rank}`` — the same TT-MLP trained from scratch like the dense one, with the
   seed's variance rule (``tt``) or the framework initializer on each core (``naive``);
@@ -93,6 +94,21 @@ def hidden_counts(model: MLP) -> dict:
     return {"hidden_kernel_params": int(kernels), "hidden_bias_params": int(model.fc1.bias.size + model.fc2.bias.size)}
 
 
+def sequential_fit(dense, solvers, covs, calib):
+    """fc1 under its Σ; then fc2 in the cross-covariance form (DESIGN §1): it sees the compressed
+    fc1's output ``x̂`` and is fitted to ``min E‖W x − W̃ x̂‖²`` on the calibration images."""
+    student, sols = sd.to_tt(dense, {"fc1": solvers["fc1"]}, covs=covs, dtype=jnp.float64)
+    x = np.asarray(jax.nn.relu(dense.fc1(jnp.asarray(calib))), np.float64)
+    xh = np.asarray(jax.nn.relu(student.fc1(jnp.asarray(calib))), np.float64)
+    n = len(calib)
+    kernel = dense.fc2.kernel[...].astype(jnp.float64)
+    sol = sd.decompose(kernel, solvers["fc2"], cov=jnp.asarray(xh.T @ xh / n), cross_cov=jnp.asarray(x.T @ xh / n),
+                       target_cov=jnp.asarray(x.T @ x / n))
+    student.fc2 = sd.TTLinear.from_layer(dense.fc2, sd.TTMatrix(tuple(c.astype(jnp.float32) for c in sol.value.cores),
+                                                                sol.value.in_modes, sol.value.out_modes))
+    return student, {**sols, "fc2": sol}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(HERE.parents[2] / "shared" / "data"))
@@ -133,7 +149,7 @@ def main():
                                   layers=["fc1", "fc2"], progress=False)
 
     for rank in cfg.ranks:
-        for norm in ("frobenius", "sigma"):
+        for norm in ("frobenius", "sigma", "sigma-seq"):
             name = f"fit/{norm}/r{rank}"
             if name in res:
                 continue
@@ -143,7 +159,10 @@ def main():
                 "fc2": sd.TTMatrixALS(ranks=(rank,) * (k - 1), in_modes=cfg.hidden_modes, out_modes=cfg.hidden_modes, max_steps=cfg.max_steps),
             }
             t0 = time.time()
-            student, sols = sd.to_tt(dense, solvers, covs=covs if norm == "sigma" else None, dtype=jnp.float64)
+            if norm == "sigma-seq":
+                student, sols = sequential_fit(dense, solvers, covs, calib)
+            else:
+                student, sols = sd.to_tt(dense, solvers, covs=covs if norm == "sigma" else None, dtype=jnp.float64)
             fit_seconds = time.time() - t0
             errors = {p: float(sd.relative_error(getattr(dense, p).kernel[...].astype(jnp.float64), sd.tt_to_dense(s.value), covs[p].cov)) for p, s in sols.items()}
             acc0 = accuracy(student, x_te, y_te)
