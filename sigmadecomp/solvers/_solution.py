@@ -50,9 +50,9 @@ class Solution:
         errors: relative Σ-error (Frobenius when ``cov=None``) of the initial point (index 0) and
             after every sweep (index k); fixed length ``max_steps + 1``, NaN after ``num_steps``.
         num_steps: number of sweeps run (int32 scalar array).
-        stats: what a user needs to judge the run, as arrays. Solvers with inner
-            conjugate-gradient solves add ``"inner_iterations"`` (int32, length ``max_steps``:
-            CG iterations of each sweep, 0 where none).
+        stats: solver statistics a user needs to judge a run, e.g. ``"ridge"``, ``"jitter"``,
+            ``"tikhonov"`` and ``"inner_iterations"`` (int32, length ``max_steps``: CG iterations
+            per sweep, 0 where none); empty when a solver reports none.
     """
 
     value: object
