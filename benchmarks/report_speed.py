@@ -1,0 +1,90 @@
+"""Print the issue-10 tables of benchmarks/RESULTS.md from the result files (numbers in prose are
+generated here, not typed).
+
+    python benchmarks/report_speed.py
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+HERE = pathlib.Path(__file__).parent
+
+
+def _load(name):
+    path = HERE / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _f(v, digits=3):
+    if v is None:
+        return "—"
+    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+
+def end_to_end():
+    data = _load("end_to_end_results.json")
+    if not data:
+        print("(no end_to_end_results.json)")
+        return
+    print("| label | date (UTC) | load before (1/5/15 min) | wall s | CPU s | XLA compiles | "
+          "backend compile s | trace+lower s | accuracy | statuses |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in data["rows"]:
+        load = "/".join(f"{x:.1f}" for x in r["load_before"])
+        print(f"| {r['label']} | {r['date']} | {load} | {r['wall_s']:.1f} | {r.get('cpu_s', 0):.1f} | "
+              f"{r['compiles']} | {r['backend_compile_s']:.1f} | {r['trace_s'] + r['lower_s']:.1f} | "
+              f"{100 * r['accuracy']:.2f}% | {r['statuses']} |")
+    by = {r["label"]: r for r in data["rows"]}
+    if "before" in by and "after" in by:
+        b, a = by["before"], by["after"]
+        print(f"\nafter/before: wall {a['wall_s'] / b['wall_s']:.2f}, CPU {a['cpu_s'] / b['cpu_s']:.2f}, "
+              f"compiles {a['compiles']}/{b['compiles']}, backend compile time "
+              f"{a['backend_compile_s'] / b['backend_compile_s']:.2f}; compile share of wall: before "
+              f"{b['backend_compile_s'] / b['wall_s']:.0%}, after {a['backend_compile_s'] / a['wall_s']:.0%}")
+
+
+def solvers(name):
+    data = _load(name)
+    if not data:
+        print(f"(no {name})")
+        return
+    meta = data.get("meta", {})
+    print(f"{name}: {meta.get('date')}, load before {meta.get('load_before')}, after {meta.get('load_after')}")
+    print("| size | method | norm | s / sweep | s to converge | sweeps | error | CG steps / sweep |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in data["rows"]:
+        print(f"| {r['size']} | {r['method']} | {r['norm']} | {_f(r.get('s_per_sweep'))} | "
+              f"{_f(r.get('s_to_converge'))} | {_f(r.get('steps'))} | {_f(r.get('error'), 4)} | "
+              f"{_f(r.get('cg_per_sweep'))} |")
+    for r in data["ratios"]:
+        print(f"\n{r['size']} {r['method']}: F sweep speed-up over TensorLy {_f(r['speedup_vs_tensorly'])}×; "
+              f"Σ sweep / F sweep {_f(r['sigma_over_frob'])}× (exact Σ: {_f(r.get('sigma_exact_over_frob'))}×)")
+    for r in data.get("same_time", []):
+        print(f"same wall time ({_f(r['same_time_budget_s'])} s, the exact solver's run): exact error "
+              f"{_f(r['exact_error'], 4)}, truncated-CG error {_f(r['error_within_budget'], 4)} after "
+              f"{r['sweeps_within_budget']} sweeps")
+
+
+def preconditioner():
+    data = _load("preconditioner_results.json")
+    if not data:
+        print("(no preconditioner_results.json)")
+        return
+    print(f"preconditioner ({data['date']}): CG steps to 1e-6, exact step B")
+    print("| size | ranks | partial traces | nearest Kronecker product |\n|---|---|---|---|")
+    rows = {}
+    for r in data["rows"]:
+        rows.setdefault((r["size"], tuple(r["ranks"])), {})[r["preconditioner"]] = r["cg_steps"]
+    for (size, ranks), v in rows.items():
+        print(f"| {size} | {ranks} | {v.get('partial_trace')} | {v.get('nearest_kronecker')} |")
+
+
+if __name__ == "__main__":
+    end_to_end()
+    print()
+    for name in ("solvers_tucker2_512.json", "solvers_cp_512.json"):
+        solvers(name)
+        print()
+    preconditioner()
