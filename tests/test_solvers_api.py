@@ -122,12 +122,12 @@ def _counting_sweep(nan_at):
 def test_driver_statuses():
     error = lambda s: s[0] ** 2  # noqa: E731
     state0 = (jnp.float64(1.0), jnp.int32(0))
-    state, status, errors, k = iterate(_counting_sweep(3), error, state0, max_steps=10, rtol=1e-3)
+    state, status, errors, k, _ = iterate(_counting_sweep(3), error, state0, max_steps=10, rtol=1e-3)
     assert int(status) == sd.Status.NONFINITE and int(k) == 2
     assert float(state[0]) == 0.25  # the last finite iterate
     assert np.isnan(np.asarray(errors)[3])
-    _, status, errors, k = iterate(_counting_sweep(-1), error, state0, max_steps=4, rtol=1e-3)
+    _, status, errors, k, _ = iterate(_counting_sweep(-1), error, state0, max_steps=4, rtol=1e-3)
     assert int(status) == sd.Status.MAX_STEPS and int(k) == 4
     np.testing.assert_allclose(np.asarray(errors), 0.25 ** np.arange(5))
-    _, status, _, k = iterate(_counting_sweep(-1), error, state0, max_steps=50, rtol=0.8)
+    _, status, _, k, _ = iterate(_counting_sweep(-1), error, state0, max_steps=50, rtol=0.8)
     assert int(status) == sd.Status.CONVERGED and int(k) < 50
