@@ -79,12 +79,15 @@ def measure(settings: dict, data: pathlib.Path, src: str | None) -> dict:
         env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
         if src:
             env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        script = os.path.abspath(__file__)
         code = ("import sys; sys.argv = sys.argv[:1]; import runpy; "
-                f"ns = runpy.run_path({__file__!r}); ns['_child']({_cli_argv(settings, data, report)!r}, {stats!r})")
+                f"ns = runpy.run_path({script!r}); ns['_child']({_cli_argv(settings, data.resolve(), report)!r}, {stats!r})")
         load_before = os.getloadavg()
         cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], env=env, check=True, stdout=subprocess.DEVNULL)
+        # cwd=tmp: `python -c` puts the working directory first on sys.path, ahead of PYTHONPATH,
+        # so run from the repository root it would import the working tree whatever --src says.
+        subprocess.run([sys.executable, "-c", code], env=env, check=True, stdout=subprocess.DEVNULL, cwd=tmp)
         wall = time.perf_counter() - start
         cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
