@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from functools import partial
 
@@ -30,6 +32,7 @@ from tqdm.auto import tqdm
 import sigmadecomp as sd
 from sigmadecomp._paths import get_by_path
 from sigmadecomp.data import batches
+from sigmadecomp.layers._config import canonical_convs
 
 __all__ = [
     "ARCHS",
@@ -42,7 +45,11 @@ __all__ = [
     "compress_pretrained",
     "count_params",
     "evaluate_agreement",
+    "checked_fit",
+    "keep_dense",
     "predict_labels",
+    "resnet_depth",
+    "rejection",
     "solver_for",
     "summary",
 ]
@@ -70,9 +77,10 @@ class Compressed:
     """The compressed model (a new module; the input model is untouched) and per-layer reports."""
 
     model: nnx.Module
-    plan: object
+    plan: object  # the layers actually replaced (kept-dense layers are left out)
     layers: tuple[LayerReport, ...]
     seconds: float
+    kept_dense: tuple = ()  # {"path", "status", "reason"} of planned layers left dense
 
     @property
     def mean_relative_error(self) -> float:
@@ -99,7 +107,7 @@ def _argmax_logits(graphdef, state, images):
 def predict_labels(model: nnx.Module, images, *, batch_size: int = 256) -> np.ndarray:
     """Top-1 predicted class of every image, in batches (the last one padded: one compilation)."""
     images = np.asarray(images)
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(canonical_convs(model))
     size = min(batch_size, images.shape[0])
     out = []
     for start in range(0, images.shape[0], size):
@@ -158,6 +166,41 @@ def _check_norm(norm: str) -> None:
         raise ValueError(f"norm must be one of {NORMS}; got {norm!r}")
 
 
+def rejection(solution) -> str | None:
+    """Why ``solution`` must not be inserted into a model, or ``None`` when it may be.
+
+    A non-finite solve (status ``NONFINITE``), an invalid metric (``NOT_PSD``) or any non-finite
+    factor entry disqualifies it; ``MAX_STEPS`` and ``INNER_NOT_CONVERGED`` do not (the error
+    never increased, the factors are usable). Host function (call outside ``jit``).
+    """
+    status = sd.Status(int(solution.status))
+    if status in (sd.Status.NONFINITE, sd.Status.NOT_PSD):
+        return f"status {status.name}: {status.message}"
+    leaves = jax.tree_util.tree_leaves(solution.value)
+    if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in leaves):
+        return f"status {status.name} but the factors have non-finite entries"
+    return None
+
+
+def keep_dense(path: str, status: str, reason: str) -> dict:
+    """Warn once that layer ``path`` stays dense, and return its ``kept_dense`` record."""
+    warnings.warn(f"layer {path!r} kept dense: {reason}", RuntimeWarning, stacklevel=3)
+    return {"path": path, "status": status, "reason": reason}
+
+
+def checked_fit(path: str, fit):
+    """``(solution, None)`` from ``fit()``, or ``(None, kept_dense record)`` when the solve is
+    unusable (:func:`rejection`) or its ``cov`` is not PSD (:class:`sigmadecomp.NotPSDError`)."""
+    try:
+        solution = fit()
+    except sd.NotPSDError as error:
+        return None, keep_dense(path, sd.Status.NOT_PSD.name, " ".join(str(error).split()))
+    reason = rejection(solution)
+    if reason is not None:
+        return None, keep_dense(path, sd.Status(int(solution.status)).name, reason)
+    return solution, None
+
+
 def _decompose_layer(model, entry, cov, *, norm, key, max_steps) -> tuple[object, LayerReport]:
     if entry.groups != 1:
         raise ValueError(
@@ -165,9 +208,17 @@ def _decompose_layer(model, entry, cov, *, norm, key, max_steps) -> tuple[object
             "decomposes ungrouped layers only: skip it"
         )
     kernel = get_by_path(model, entry.path).kernel[...]
-    solution = sd.decompose(
-        kernel, solver_for(entry, max_steps=max_steps), cov=cov if norm == "sigma" else None, key=key
-    )
+
+    def fit():
+        solution = sd.decompose(kernel, solver_for(entry, max_steps=max_steps),
+                                cov=cov if norm == "sigma" else None, key=key)
+        if cov is not None:  # also validates cov for the Frobenius fit's Σ-error report
+            sd.solvers._validation.check_second_moments(kernel, cov, None, None)
+        return solution
+
+    solution, kept = checked_fit(entry.path, fit)
+    if kept is not None:
+        return kept, None
     layer_result = LayerReport(
         path=entry.path,
         format=entry.format,
@@ -178,7 +229,7 @@ def _decompose_layer(model, entry, cov, *, norm, key, max_steps) -> tuple[object
         status=sd.Status(int(solution.status)).name,
         num_steps=int(solution.num_steps),
     )
-    return solution.value, layer_result
+    return solution, layer_result
 
 
 def compress_model(
@@ -215,6 +266,9 @@ def compress_model(
 
     Returns:
         A :class:`Compressed`: the new model, the plan and one :class:`LayerReport` per layer.
+        A layer whose solve is unusable (:func:`rejection`: non-finite, or ``cov`` not PSD) is
+        not inserted: it stays dense, a ``RuntimeWarning`` names it and the reason, and it is
+        listed in ``kept_dense`` instead of ``layers`` (and left out of the returned ``plan``).
 
     >>> import jax, numpy as np
     >>> from flax import nnx
@@ -230,6 +284,7 @@ def compress_model(
     """
     start = time.perf_counter()
     _check_norm(norm)
+    model = canonical_convs(model)
     if input_shape is None and calib_images is not None:
         input_shape = (1, *np.shape(calib_images)[1:])
     layer_plan = sd.plan(model, format=format, ratio=ratio, ranks=ranks, skip=skip,
@@ -237,16 +292,21 @@ def compress_model(
     if len(layer_plan) == 0:
         raise ValueError("the plan is empty: every eligible layer is skipped; skip fewer layers")
     covariances = _covariances_for(model, layer_plan, calib_images, covariances, batch_size, progress)
-    factorized, reports = {}, []
+    factorized, reports, kept = {}, [], []
     keys = jax.random.split(key, len(layer_plan))
     entries = tqdm(layer_plan.entries, desc=f"{format}/{norm}", disable=not progress, leave=False)
     for entry, layer_key in zip(entries, keys):
-        factorized[entry.path], report = _decompose_layer(
+        solution, report = _decompose_layer(
             model, entry, covariances[entry.path].cov, norm=norm, key=layer_key, max_steps=max_steps
         )
+        if report is None:  # `solution` is the kept_dense record
+            kept.append(solution)
+            continue
+        factorized[entry.path] = solution.value
         reports.append(report)
-    compressed = sd.apply(model, layer_plan, factorized)
-    return Compressed(compressed, layer_plan, tuple(reports), time.perf_counter() - start)
+    used = sd.Plan(tuple(e for e in layer_plan.entries if e.path in factorized), layer_plan.input_shape)
+    compressed = sd.apply(model, used, factorized)
+    return Compressed(compressed, used, tuple(reports), time.perf_counter() - start, tuple(kept))
 
 
 def _covariances_for(model, layer_plan, calib_images, covariances, batch_size, progress) -> Mapping:
@@ -262,7 +322,21 @@ def _covariances_for(model, layer_plan, calib_images, covariances, batch_size, p
     return covariances
 
 
-ARCHS = {"resnet20": 20, "resnet32": 32, "resnet56": 56}
+ARCHS = {"resnet20": 20, "resnet32": 32, "resnet56": 56}  # the data kit's pretrained ones
+
+
+def resnet_depth(arch: str) -> int:
+    """The depth ``N`` of ``"resnetN"`` for any CIFAR ResNet depth ``N = 6n + 2`` (``n >= 1``).
+
+    >>> resnet_depth("resnet44")
+    44
+    """
+    match = re.fullmatch(r"resnet(\d+)", str(arch))
+    depth = int(match.group(1)) if match else None
+    if depth is None or depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"arch must be resnetN with N = 6n+2 (resnet8, resnet14, resnet20, ..., "
+                         f"resnet56, resnet110, ...); got {arch!r}")
+    return depth
 
 
 def _whole_model_counts(model, compressed, layer_plan, images) -> tuple[dict, dict]:
@@ -316,11 +390,12 @@ def compress_pretrained(
     """
     start = time.perf_counter()
     calibration = _check_calibration(calibration, norm)
-    if arch not in ARCHS:
-        raise ValueError(f"arch must be one of {tuple(ARCHS)}; got {arch!r}")
-    model = sd.models.pretrained_resnet(ARCHS[arch], weights)
+    model = sd.models.pretrained_resnet(resnet_depth(arch), weights)
     calib_key, solve_key = jax.random.split(jax.random.key(key))
     train_images, _ = sd.data.load_cifar10(data_dir, "train")
+    if calib > len(train_images):
+        raise ValueError(f"calib = {calib} is more than the {len(train_images)} training images in "
+                         f"{data_dir}; use --calib {len(train_images)} or fewer")
     test_images, test_labels = sd.data.load_cifar10(eval_dir or data_dir, "test")
     calib_images = sd.data.cifar10_normalize(sd.data.sample(train_images, None, calib, key=calib_key))
     skip = ("conv1", "linear") if skip_first else ("linear",)
@@ -351,6 +426,7 @@ def compress_pretrained(
     layers = [dict(dataclasses.asdict(layer), in_model_relative_error=in_model.get(layer.path))
               for layer in result.layers]
     return dict(scores, **counts, mean_relative_error=result.mean_relative_error,
+                kept_dense=list(result.kept_dense),
                 num_eval_images=int(len(test_labels)), decompose_seconds=result.seconds,
                 seconds=time.perf_counter() - start, config=config, layers=layers)
 

@@ -20,7 +20,7 @@ Counts come from one function per format: :func:`count_dense`, :func:`count_lowr
 """
 
 from sigmadecomp.layers._common import FactorizedLayer
-from sigmadecomp.layers._config import ConvConfig
+from sigmadecomp.layers._config import ConvConfig, canonical_convs
 from sigmadecomp.layers._counts import (
     Counts, count_cp, count_cp3, count_dense, count_format, count_lowrank, count_tucker2,
 )
@@ -40,6 +40,7 @@ __all__ = [
     "LowRankConv",
     "LowRankDense",
     "Tucker2Conv",
+    "canonical_convs",
     "count_cp",
     "count_cp3",
     "count_dense",

@@ -14,12 +14,14 @@ from sigmadecomp.solvers._decompose import decompose, relative_error
 from sigmadecomp.solvers._solution import Solution, Status
 from sigmadecomp.solvers._svd import SVD
 from sigmadecomp.solvers._tucker2 import Tucker2ALS
+from sigmadecomp.solvers._validation import NotPSDError
 
 __all__ = [
     "CPALS",
     "SVD",
     "Tucker2ALS",
     "AbstractSolver",
+    "NotPSDError",
     "Problem",
     "Solution",
     "Status",

@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sigmadecomp.solvers._numerics import logged_jitter, record_jitter
 from sigmadecomp.solvers._solution import Status
 
-__all__ = ["iterate"]
+__all__ = ["closed_form_status", "iterate"]
 
 
 def _all_finite(tree) -> jax.Array:
@@ -32,25 +33,32 @@ def iterate(
     max_steps: int,
     rtol,
 ):
-    """Run ``sweep`` until converged; returns ``(state, status, errors, num_steps)``.
+    """Run ``sweep`` until converged; returns ``(state, status, errors, num_steps, jitter)``.
 
     ``errors`` has length ``max_steps + 1`` (index 0 = initial state), NaN-padded.
     ``status`` is CONVERGED / MAX_STEPS / INNER_NOT_CONVERGED (the last sweep's inner solve did
-    not reach its tolerance) / NONFINITE (the returned state is the last finite one).
+    not reach its tolerance) / NONFINITE (the returned state is the last finite one; also when
+    the initial state is not finite). ``jitter`` is the largest Cholesky jitter any sweep needed
+    (see :func:`~sigmadecomp.solvers._numerics.safe_cholesky`).
     """
     e0 = error(state)
     dtype = e0.dtype
     errors = jnp.full((max_steps + 1,), jnp.nan, dtype).at[0].set(e0)
     rtol = jnp.asarray(rtol, dtype)
-    init = (state, jnp.int32(0), errors, jnp.bool_(False), jnp.int32(Status.MAX_STEPS))
+    start_ok = jnp.isfinite(e0) & _all_finite(state)
+    init = (state, jnp.int32(0), errors, ~start_ok,
+            jnp.where(start_ok, Status.MAX_STEPS, Status.NONFINITE).astype(jnp.int32),
+            jnp.zeros((), dtype))
 
     def cond(carry):
-        _, k, _, done, _ = carry
+        _, k, _, done, _, _ = carry
         return (k < max_steps) & ~done
 
     def body(carry):
-        state, k, errors, _, _ = carry
-        new_state, inner_ok = sweep(state)
+        state, k, errors, _, _, jitter = carry
+        with record_jitter() as log:
+            new_state, inner_ok = sweep(state)
+        jitter = jnp.maximum(jitter, logged_jitter(log, dtype))
         e_new = error(new_state)
         finite = jnp.isfinite(e_new) & _all_finite(new_state)
         e_prev = errors[k]
@@ -67,7 +75,14 @@ def iterate(
         state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new_state, state)
         errors = errors.at[k + 1].set(jnp.where(finite, e_new, jnp.nan))
         done = ~finite | (settled & inner_ok)
-        return state, k + 1 + jnp.where(finite, 0, -1).astype(jnp.int32), errors, done, status
+        return state, k + 1 + jnp.where(finite, 0, -1).astype(jnp.int32), errors, done, status, jitter
 
-    state, k, errors, _, status = lax.while_loop(cond, body, init)
-    return state, status, errors, k
+    state, k, errors, _, status, jitter = lax.while_loop(cond, body, init)
+    return state, status, errors, k, jitter
+
+
+def closed_form_status(value, error) -> jax.Array:
+    """The status of a solver without iterations: CONVERGED when ``value`` and ``error`` are
+    finite, else NONFINITE (same finiteness rule as :func:`iterate`)."""
+    finite = jnp.all(jnp.isfinite(error)) & _all_finite(value)
+    return jnp.where(finite, Status.CONVERGED, Status.NONFINITE).astype(jnp.int32)

@@ -214,6 +214,10 @@ def _check_rank_bounds(fmt: str, ranks: tuple, kernel_shape: tuple, groups: int,
     if fmt == "tucker2" and (ranks[0] > cout or ranks[1] > cin):
         raise ValueError(f"Tucker-2 ranks (r_out, r_in) = {ranks} for {path!r} exceed the mode sizes "
                          f"(cout, cin) = {(cout, cin)} of its kernel {kernel_shape} (per group)")
+    if fmt == "tucker2" and (ranks[0] > ranks[1] * kh * kw or ranks[1] > ranks[0] * kh * kw):
+        raise ValueError(f"Tucker-2 ranks (r_out, r_in) = {ranks} for {path!r}: neither may exceed the "
+                         f"other times kh·kw = {kh * kw} (the core unfolding; the excess is wasted "
+                         f"and makes the fit singular); lower the larger one")
 
 
 def _layer_info(path: str, layer) -> dict:
