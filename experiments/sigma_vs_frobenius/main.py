@@ -288,12 +288,46 @@ def figure(runs: list[dict], path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+ENGINE_FORMATS = ("tucker3", "tt", "tr")
+
+
+def engine_targets(runs: list[dict]) -> str:
+    """Issue 14's targets, from the recorded runs: per layer, is the Σ fit's Σ-error <= the
+    Frobenius fit's (parallel calibration, same ranks)? Did any error history rise? How far is
+    sequential Σ at ratio 0.5 from the dense accuracy?"""
+    cells = {(r["arch"], r["calibration"], r["format"], r["norm"], r["ratio"]): r for r in runs}
+    lines = ["| model | format | ratio | layers Σ-err(Σ fit) <= Σ-err(F fit) | worst Σ/F layer ratio "
+             "| max history rise (Σ, F) |", "|---|---|---|---|---|---|"]
+    for (arch, cal, fmt, norm, ratio), r in sorted(cells.items()):
+        if fmt not in ENGINE_FORMATS or cal != "parallel" or norm != "sigma":
+            continue
+        f = cells.get((arch, cal, fmt, "frobenius", ratio))
+        if f is None:
+            continue
+        pairs = list(zip(r["layer_errors"], f["layer_errors"]))
+        wins = sum(s <= fr for s, fr in pairs)
+        worst = max(s / fr for s, fr in pairs if fr > 0)
+        rises = (r.get("max_history_increase"), f.get("max_history_increase"))
+        lines.append(f"| ResNet-{arch} | {fmt} | {ratio:g} | {wins}/{len(pairs)} | {worst:.3f} | "
+                     f"{rises[0]:.2g}, {rises[1]:.2g} |")
+    lines += ["", "| model | format | calibration | ratio | accuracy % | dense % | gap (points) |",
+              "|---|---|---|---|---|---|---|"]
+    for (arch, cal, fmt, norm, ratio), r in sorted(cells.items()):
+        if fmt in ENGINE_FORMATS and cal == "sequential":
+            gap = 100 * (r["baseline_accuracy"] - r["accuracy"])
+            lines.append(f"| ResNet-{arch} | {fmt} | {cal} | {ratio:g} | {_pct(r['accuracy'])} | "
+                         f"{_pct(r['baseline_accuracy'])} | {gap:.1f} |")
+    return "\n".join(lines)
+
+
 def report(results: dict, out_dir: pathlib.Path) -> None:
     runs = results["runs"]
     if not runs:
         print("no runs in results.json yet")
         return
     print(accuracy_table(runs), "\n", detail_table(runs), sep="\n")
+    if any(r["format"] in ENGINE_FORMATS for r in runs):
+        print("\n" + engine_targets(runs))
     figure(runs, out_dir / "figure.png")
 
 

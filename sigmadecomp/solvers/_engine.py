@@ -61,7 +61,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.scipy.linalg import solve_triangular
 
-from sigmadecomp.solvers._base import AbstractSolver, Problem
+from sigmadecomp.solvers._base import AbstractSolver, Problem, problem_error
 from sigmadecomp.solvers._driver import iterate
 from sigmadecomp.solvers._numerics import HIGHEST, cholesky_solve, mm, safe_cholesky
 from sigmadecomp.solvers._solution import Solution
@@ -352,10 +352,20 @@ def _settle_output(solver, problem, cores, skip=None):
     return update_output(solver, problem, canonicalise(cores, solver.output[0], solver.bonds, skip))
 
 
+def _direct_error(solver, problem: Problem, cores, error):
+    """Frobenius: the direct ``‖W − W̃‖²/‖W‖²`` (a ``cout·d`` pass) instead of the expanded form,
+    whose cancellation shows as float32 rounding noise in the history; Σ keeps the expanded form
+    (the direct one would cost a ``cout·d²`` product per sweep)."""
+    if problem.metric is not None:
+        return error
+    return problem_error(problem, solver.contract(cores, problem.kernel_shape))
+
+
 def _sweep(solver: MultilinearALS, problem: Problem, tols, state: _State):
     """Input core (full problem), then the other cores and the output core (on the projected
     problem when an input core is declared)."""
     cores, iterations, ok = state.cores, jnp.int32(0), jnp.bool_(True)
+    state_problem = problem
     order = [k for k in range(len(cores)) if k != solver.output[0]]
     skip, full = None, cores
     if solver.input is not None:
@@ -372,6 +382,7 @@ def _sweep(solver: MultilinearALS, problem: Problem, tols, state: _State):
     cores, error = _settle_output(solver, problem, cores, skip)
     if skip is not None:  # put the real input core back: W̃ = U Ẑ Vᵀ
         cores = cores[:skip] + (full[skip],) + cores[skip + 1:]
+    error = _direct_error(solver, state_problem, cores, error)
     inner = state.inner.at[state.step].set(iterations)
     return _State(cores, error, inner, state.step + 1), ok
 
@@ -385,6 +396,7 @@ def _engine_solve(problem, key, cores, tols, *, solver: MultilinearALS) -> Solut
         else:
             cores = tuple(solver.initialise(problem.matrix, shape, key))
     cores, error = _settle_output(solver, problem, tuple(cores))
+    error = _direct_error(solver, problem, cores, error)
     state = _State(cores, error, jnp.zeros((solver.max_steps,), jnp.int32), jnp.int32(0))
     state, status, errors, num_steps, _ = iterate(
         functools.partial(_sweep, solver, problem, tols), lambda s: s.error, state,
