@@ -31,7 +31,7 @@ _MESSAGES = {
         "stopped at max_steps before the error settled: raise max_steps, or loosen rtol."
     ),
     Status.INNER_NOT_CONVERGED: (
-        "an inner conjugate-gradient solve stopped at cg_max_steps above cg_tol in the last sweep: "
+        "an inner conjugate-gradient solve stopped at cg_max_steps above its tolerance in the last sweep: "
         "raise cg_max_steps, loosen cg_tol, or raise ridge (cov may be badly conditioned)."
     ),
     Status.NONFINITE: (
@@ -64,7 +64,8 @@ class Solution:
             relative to the mean diagonal of the matrix it factored; 0 when none was needed; see
             :func:`sigmadecomp.solvers._numerics.safe_cholesky`), ``"tikhonov"`` (the absolute
             Tikhonov weight ``τ`` used; 0 unless a CP solver was asked for one); solvers with inner
-            conjugate-gradient solves may add ``"inner_iterations"``.
+            conjugate-gradient solves add ``"inner_iterations"`` (int32, length ``max_steps``: CG
+            iterations per sweep, 0 where none).
     """
 
     value: object
