@@ -21,7 +21,7 @@ import os as _os
 # takes effect when sigmadecomp is imported before NumPy/SciPy load OpenBLAS.
 _os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from sigmadecomp import covariance, data, layers, models, solvers, surgery
+from sigmadecomp import covariance, data, latency, layers, models, solvers, surgery
 from sigmadecomp._factorized import CP, CP3, Factorized, LowRank, Tucker2, num_params, to_dense
 from sigmadecomp._patches import extract_patches, kernel_to_matrix, matrix_to_kernel
 from sigmadecomp.covariance import *  # noqa: F403

@@ -16,9 +16,10 @@ CONV_LAYERS = {"svd": LowRankConv, "tucker2": Tucker2Conv, "cp": CPConv, "cp3": 
 FACTORIZED_LAYERS = (LowRankConv, LowRankDense, Tucker2Conv, CPConv, CP3Conv)
 
 
-def factorize_layer(layer: nnx.Module, factorized) -> FactorizedLayer:
+def factorize_layer(layer: nnx.Module, factorized, *, implementation: str = "factorized") -> FactorizedLayer:
     """The factorized layer that replaces ``layer`` (``nnx.Conv`` or ``nnx.Linear``), built from
-    ``factorized`` (one kernel, or a list with one per feature group) with ``from_layer``.
+    ``factorized`` (one kernel, or a list with one per feature group) with ``from_layer``;
+    ``implementation`` as in :class:`FactorizedLayer` (``"factorized"`` or ``"dense"``).
 
     >>> import jax.numpy as jnp
     >>> from flax import nnx
@@ -30,10 +31,12 @@ def factorize_layer(layer: nnx.Module, factorized) -> FactorizedLayer:
     """
     first = factorized[0] if isinstance(factorized, (list, tuple)) and factorized else factorized
     fmt = format_of(first)
+    # Only passed when not the default, so layers without the option still build.
+    options = {} if implementation == "factorized" else {"implementation": implementation}
     if isinstance(layer, nnx.Linear):
         if fmt != "svd":
             raise ValueError(f"a dense layer (nnx.Linear) can only use the 'svd' format (LowRank); got {fmt!r}")
-        return LowRankDense.from_layer(layer, factorized)
+        return LowRankDense.from_layer(layer, factorized, **options)
     if isinstance(layer, nnx.Conv):
-        return CONV_LAYERS[fmt].from_layer(layer, factorized)
+        return CONV_LAYERS[fmt].from_layer(layer, factorized, **options)
     raise ValueError(f"only nnx.Conv and nnx.Linear layers can be factorized; got {type(layer).__name__}")
