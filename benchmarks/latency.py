@@ -10,8 +10,9 @@ For each format × parameter ratio, these models are timed in interleaved rounds
                       convs for CP): what the package did before the fast lowerings;
 * ``factorized``      every planned conv factorized with the backend's fast lowerings
                       (``sigmadecomp.layers._ops``: shift-and-add depthwise, dot_general 1×1);
-* ``auto``            the latency-aware plan (``sigmadecomp.latency.choose_implementations`` at
-                      batch 128): per layer the faster of factorized / rebuilt dense kernel.
+* ``auto``            the latency-aware plan (``sigmadecomp.latency.choose_implementations``,
+                      layers timed at the same batch size): per layer the faster of factorized /
+                      rebuilt dense kernel.
 
 Every planned layer is also timed alone on its real input shape (layers with the same shapes
 and configuration once): the original conv, the factorized layer with each lowering, and the
@@ -132,23 +133,26 @@ def lowered(model, lowering: str):
     return run
 
 
-def model_rows(model, plan, factors, batches, repeats) -> list:
-    auto_plan = choose_implementations(model, plan, batch_size=max(batches), repeats=3)
+def model_rows(model, plan, factors, batches, repeats) -> tuple:
+    """Whole-model timings; ``auto`` at batch ``b`` is the plan chosen by timing layers at ``b``
+    (the deployment batch size decides which implementation is faster)."""
     compressed = sd.apply(model, plan, factors)
-    auto = sd.apply(model, auto_plan, {e.path: factors[e.path] for e in auto_plan.entries})
-    auto = set_implementations(auto, auto_plan)
-    variants = {"dense": forward_fn(model), "factorized_conv": lowered(compressed, "conv"),
-                "factorized": forward_fn(compressed), "auto": forward_fn(auto)}
-    rows = []
+    fixed = {"dense": forward_fn(model), "factorized_conv": lowered(compressed, "conv"),
+             "factorized": forward_fn(compressed)}
+    rows, implementations, left = [], {}, {}
     for batch in batches:
+        auto_plan = choose_implementations(model, plan, batch_size=batch, repeats=3)
+        auto = sd.apply(model, auto_plan, {e.path: factors[e.path] for e in auto_plan.entries})
+        variants = dict(fixed, auto=forward_fn(set_implementations(auto, auto_plan)))
         x = jax.device_put(np.random.default_rng(0).standard_normal((batch, *INPUT_SHAPE[1:])).astype(np.float32))
         load_before = machine_load()
         timings = time_interleaved({n: (lambda f=f: f(x)) for n, f in variants.items()}, repeats=repeats)
         for name, timing in timings.items():
             rows.append(dict(section="model", batch=batch, variant=name, load_before=load_before,
                              load_after=machine_load(), **timing.to_dict()))
-    implementations = {e.path: [e.implementation, e.reason] for e in auto_plan.entries}
-    return rows, implementations, [list(p) for p in auto_plan.left_dense]
+        implementations[str(batch)] = {e.path: [e.implementation, e.reason] for e in auto_plan.entries}
+        left[str(batch)] = [list(p) for p in auto_plan.left_dense]
+    return rows, implementations, left
 
 
 def layer_rows(model, plan, factors, batches, repeats) -> list:
@@ -263,10 +267,40 @@ def tables(results) -> str:
     return "\n".join(lines)
 
 
+TARGETS = [("svd", 0.5, 1.3), ("tucker2", 0.5, 1.3), ("cp", 0.5, 1.0), ("svd", 0.33, 1.6), ("tucker2", 0.33, 1.6)]
+
+
+def targets(results, arch: str = "resnet56", batch: int = 128) -> str:
+    """The issue's targets (speed-up of the latency-aware model at batch 128), met or missed, and
+    whether any measured compressed model (auto) is slower than dense at any batch size."""
+    runs = {(r["format"], r["ratio"]): r for r in results["runs"] if r["arch"] == arch}
+    lines = [f"| target ({arch}, batch {batch}) | auto | factorized | met? |", "|---|---|---|---|"]
+    for fmt, ratio, goal in TARGETS:
+        run = runs.get((fmt, ratio))
+        if run is None:
+            lines.append(f"| {fmt} {ratio} ≥ {goal}× | not measured | | |")
+            continue
+        dense = _median(run, batch, "dense")
+        auto, fact = dense / _median(run, batch, "auto"), dense / _median(run, batch, "factorized")
+        verdict = "met" if auto >= goal else f"missed by {goal - auto:.2f}×"
+        lines.append(f"| {fmt} {ratio} ≥ {goal}× | {auto:.2f}× | {fact:.2f}× | {verdict} |")
+    slower = [f"{r['format']} {r['ratio']} batch {b} ({_median(r, b, 'dense') / _median(r, b, 'auto'):.2f}×)"
+              for r in runs.values() for b in sorted({row["batch"] for row in r["rows"]})
+              if _median(r, b, "auto") > _median(r, b, "dense")]
+    lines += ["", "Latency-aware (auto) models slower than dense: " + (", ".join(slower) or "none")]
+    loads = [row["load_before"][0] for r in runs.values() for row in r["rows"]]
+    if loads:
+        lines.append(f"1-minute load average during the model timings: {min(loads):.1f} to {max(loads):.1f} "
+                     f"(machine with {next(iter(runs.values()))['machine']['cpu_count']} CPUs); runs started "
+                     f"{min(r['started'] for r in runs.values())} to {max(r['started'] for r in runs.values())}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.table:
-        print(tables(json.loads(args.out.read_text())))
+        results = json.loads(args.out.read_text())
+        print(targets(results, args.arch) + "\n\n" + tables(results))
         return
     run(args)
 

@@ -8,6 +8,7 @@ input patches. The pieces, in the order data flows:
 * :mod:`sigmadecomp.solvers`    — pure-JAX SVD / Tucker-2 / CP solvers, Frobenius and Σ;
 * :mod:`sigmadecomp.layers`     — factorized NNX layers built from the solvers' pytrees;
 * :mod:`sigmadecomp.surgery`    — plan / apply / verify / save compressed models;
+* :mod:`sigmadecomp.latency`    — measured latency and latency-aware implementation choices;
 * :mod:`sigmadecomp.models`, :mod:`sigmadecomp.data` — CIFAR ResNets with PyTorch weight import,
   CIFAR-10 / MNIST / digits loaders.
 """

@@ -138,10 +138,12 @@ def _add_compress(commands) -> None:
                                "back to the original's (recommended with sequential only: it hurt "
                                "parallel calibration in experiments/sequential)")
     compress.add_argument("--implementation", default="auto", choices=("auto", "factorized", "dense"),
-                          help="auto: time every planned layer here (batch 128) and run each the faster "
+                          help="auto: time every planned layer here (at --deploy-batch) and run each the faster "
                                "way, factorized or with the kernel rebuilt from the factors; a layer "
                                "neither faster nor smaller when factorized stays dense. factorized/dense: "
                                "force one (default: auto)")
+    compress.add_argument("--deploy-batch", type=_positive_int, default=128,
+                          help="batch size at which --implementation auto times the layers (default: 128)")
     compress.add_argument("--latency-repeats", type=_nonnegative_int, default=5,
                           help="interleaved rounds timing both models at batch 1 and 128 for latency_ms, "
                                "baseline_latency_ms and speedup in the JSON; 0 skips it (default: 5)")
@@ -196,7 +198,7 @@ def _run_compress(args) -> int:
         skip_first=args.skip_first, batch_size=args.batch_size, save_dir=args.save,
         calibration=args.calibration, bias_correction=args.bias_correction,
         progress=args.progress, implementation=args.implementation,
-        latency_repeats=args.latency_repeats,
+        latency_repeats=args.latency_repeats, deploy_batch=args.deploy_batch,
     )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

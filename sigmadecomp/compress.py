@@ -295,6 +295,7 @@ def compress_pretrained(
     progress: bool = True,
     implementation: str = "auto",
     latency_repeats: int = 5,
+    deploy_batch: int = 128,
 ) -> dict:
     """Compress a pretrained CIFAR-10 ResNet and evaluate it: what ``sigmadecomp compress`` runs.
 
@@ -316,7 +317,7 @@ def compress_pretrained(
     ``bias_correction`` shifts each compressed layer's mean output on the calibration images back
     to the original's (:func:`sigmadecomp.calibration.correct_bias`).
 
-    ``implementation``: ``"auto"`` times every planned layer on this machine (batch 128) and runs
+    ``implementation``: ``"auto"`` times every planned layer on this machine (at ``deploy_batch``) and runs
     each the faster way, factorized or with the kernel rebuilt from the factors; a layer whose
     factorized form is neither faster nor smaller stays dense (``left_dense`` in the report, with
     the reason). ``"factorized"`` / ``"dense"`` force one implementation. With
@@ -338,7 +339,7 @@ def compress_pretrained(
     skip = ("conv1", "linear") if skip_first else ("linear",)
     chosen = sd.latency.choose_implementations(
         model, sd.plan(model, format=format, ratio=ratio, skip=skip, input_shape=_INPUT_SHAPE),
-        mode=implementation)
+        mode=implementation, batch_size=deploy_batch)
     skip = skip + tuple(path for path, _ in chosen.left_dense)
     if calibration == "sequential":
         result = sd.calibration.compress_sequential(
@@ -364,7 +365,8 @@ def compress_pretrained(
                   eval_data=str(eval_dir or data_dir), format=format, norm=norm, ratio=ratio,
                   calib=calib, key=key, max_steps=max_steps, skip_first=skip_first,
                   calibration=calibration, bias_correction=bias_correction,
-                  save=None if save_dir is None else str(save_dir), implementation=implementation)
+                  save=None if save_dir is None else str(save_dir), implementation=implementation,
+                  deploy_batch=deploy_batch)
     how = {e.path: dict(implementation=e.implementation, implementation_reason=e.reason)
            for e in result.plan.entries}
     layers = [dict(dataclasses.asdict(layer), in_model_relative_error=in_model.get(layer.path),
