@@ -288,11 +288,35 @@ def targets(results, arch: str = "resnet56", batch: int = 128) -> str:
               for r in runs.values() for b in sorted({row["batch"] for row in r["rows"]})
               if _median(r, b, "auto") > _median(r, b, "dense")]
     lines += ["", "Latency-aware (auto) models slower than dense: " + (", ".join(slower) or "none")]
+    lines += ["", where_time_goes(runs, batch)]
     loads = [row["load_before"][0] for r in runs.values() for row in r["rows"]]
     if loads:
         lines.append(f"1-minute load average during the model timings: {min(loads):.1f} to {max(loads):.1f} "
                      f"(machine with {next(iter(runs.values()))['machine']['cpu_count']} CPUs); runs started "
                      f"{min(r['started'] for r in runs.values())} to {max(r['started'] for r in runs.values())}")
+    return "\n".join(lines)
+
+
+def where_time_goes(runs: dict, batch: int) -> str:
+    """Per input resolution: share of the planned layers' dense time and the best per-layer speed-up
+    (factorized or rebuilt), and the whole-model bound those layer timings imply (Amdahl)."""
+    lines = [f"| format | ratio | per input size (batch {batch}): share of planned dense time → best layer "
+             "speed-up | bound from layer timings |", "|---|---|---|---|"]
+    for (fmt, ratio), run in runs.items():
+        rows = [r for r in run["layers"] if r["batch"] == batch]
+        if not rows:
+            continue
+        dense = {}
+        best = {}
+        for r in rows:
+            size = r["in_spatial"][0]
+            t = r["count"] * r["ms"]["dense"]
+            dense[size] = dense.get(size, 0.0) + t
+            best[size] = best.get(size, 0.0) + r["count"] * min(r["ms"]["factorized"], r["ms"]["rebuilt"],
+                                                                 r["ms"]["dense"])
+        total = sum(dense.values())
+        parts = ", ".join(f"{s}²: {dense[s] / total:.0%} → {dense[s] / best[s]:.2f}×" for s in sorted(dense, reverse=True))
+        lines.append(f"| {fmt} | {ratio} | {parts} | {total / sum(best.values()):.2f}× |")
     return "\n".join(lines)
 
 
