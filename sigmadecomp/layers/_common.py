@@ -140,6 +140,10 @@ class FactorizedLayer(nnx.Module):
             return self.dense_call(x)
         return self.factorized_call(x)
 
+    def reference(self, x):
+        """The literal chain of sub-layers; layers with fast lowerings override it."""
+        return self.factorized_call(x)
+
     def dense_call(self, x):
         """The layer as one conv with :meth:`dense_kernel`, the original configuration and bias."""
         bias = None if self.out_conv.bias is None else self.out_conv.bias[...]
