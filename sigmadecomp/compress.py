@@ -64,6 +64,17 @@ class LayerReport:
     relative_error: float  # relative Σ-error w.r.t. the layer's calibration cov (both norms)
     status: str  # the solver's Status name
     num_steps: int
+    max_increase: float = 0.0  # largest rise of the solver's error history in one sweep, relative
+    # to its first value (0 when the history never increases)
+
+
+def history_increase(solution) -> float:
+    """Largest rise of ``solution.errors`` from one sweep to the next, relative to the first
+    value (0.0 when non-increasing, as every exact block-ALS solver must be)."""
+    errors = np.asarray(solution.errors)[: int(solution.num_steps) + 1]
+    if len(errors) < 2 or not errors[0] > 0:
+        return 0.0
+    return float(max(0.0, np.max(np.diff(errors)) / errors[0]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +182,7 @@ def _decompose_layer(model, entry, cov, *, norm, key, max_steps) -> tuple[object
         relative_error=float(sd.relative_error(kernel, solution.value, cov)),
         status=sd.Status(int(solution.status)).name,
         num_steps=int(solution.num_steps),
+        max_increase=history_increase(solution),
     )
     return solution.value, layer_result
 

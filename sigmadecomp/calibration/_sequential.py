@@ -32,10 +32,10 @@ from sigmadecomp._factorized import to_dense
 from sigmadecomp._paths import get_by_path
 from sigmadecomp._patches import kernel_to_matrix
 from sigmadecomp.calibration._activations import (
-    advance, check_stages, cross_statistics, forward_stages, input_batches, stage_layers, whole_model,
+    advance_stage, check_stages, cross_statistics, forward_stages, input_batches, stage_layers, whole_model,
 )
 from sigmadecomp.calibration._bias import apply_shift, bias_sites, output_shift
-from sigmadecomp.compress import Compressed, LayerReport, solver_for
+from sigmadecomp.compress import Compressed, LayerReport, history_increase, solver_for
 from sigmadecomp.covariance._collect import layer_tap
 from sigmadecomp.surgery._plan import Plan
 from sigmadecomp.surgery._tap import input_spec
@@ -93,10 +93,7 @@ def _walk(schedule: _Schedule, original, compressed, planned, on_layer: Callable
 
 
 def _advance_cache(stage, original, compressed, cache) -> list:
-    graph_orig, state_orig = nnx.split(original)
-    graph_comp, state_comp = nnx.split(compressed)
-    return [(advance(graph_orig, stage, state_orig, h), advance(graph_comp, stage, state_comp, h_hat))
-            for h, h_hat in cache]
+    return [(advance_stage(stage, original, h), advance_stage(stage, compressed, h_hat)) for h, h_hat in cache]
 
 
 # ----------------------------------------------------------------------------- one layer
@@ -146,6 +143,7 @@ def _report(entry, solution, error: float) -> LayerReport:
         rank=entry.ranks[0] if len(entry.ranks) == 1 else tuple(entry.ranks),
         params=entry.params_after, baseline_params=entry.params_before, relative_error=error,
         status=sd.Status(int(solution.status)).name, num_steps=int(solution.num_steps),
+        max_increase=history_increase(solution),
     )
 
 

@@ -112,3 +112,4 @@ register(FormatSpec(
     solver=lambda ranks, **options: TRALS(tuple(ranks), **options), check_ranks=_solver_check(TRALS),
     description="tensor ring (closing rank r0): 1×1 to r0·r1, kh×1, 1×kw shared over r0, 1×1",
 ))
+from sigmadecomp.formats import _ttmatrix  # noqa: E402,F401  (tt-matrix: dense layers, issue 16)

@@ -41,6 +41,10 @@ from sigmadecomp.layers._tr import TRConv, count_tr
 from sigmadecomp.layers._tt import TTConv, count_tt
 from sigmadecomp.layers._tucker2 import Tucker2Conv
 from sigmadecomp.layers._tucker3 import Tucker3Conv, count_tucker3
+from sigmadecomp.layers._ttmatrix import (
+    GRU, TTEmbed, TTGRU, TTLinear, count_tt_embed, count_tt_matrix, kept_ranks, prune_ranks, rank_penalty,
+    tt_init_cores, tt_matmul,
+)
 
 __all__ = [
     "CP3Conv",
@@ -55,6 +59,17 @@ __all__ = [
     "TTConv",
     "Tucker2Conv",
     "Tucker3Conv",
+    "GRU",
+    "TTEmbed",
+    "TTGRU",
+    "TTLinear",
+    "count_tt_embed",
+    "count_tt_matrix",
+    "kept_ranks",
+    "prune_ranks",
+    "rank_penalty",
+    "tt_init_cores",
+    "tt_matmul",
     "count_cp",
     "count_cp3",
     "count_dense",

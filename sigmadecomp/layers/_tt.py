@@ -69,7 +69,7 @@ def count_tt(kernel_shape, ranks, *, groups: int = 1, bias: bool = False,
     """Tensor-train layer, ``ranks = (r1, r2, r3)``.
 
     >>> count_tt((3, 3, 16, 32), (4, 6, 8), in_spatial=(8, 8), out_spatial=(8, 8))
-    Counts(params=544, flops=34816)
+    Counts(params=536, flops=34304)
     """
     kh, kw, cin_g, cout, _ = _split(kernel_shape, groups)
     r1, r2, r3 = ranks

@@ -98,7 +98,7 @@ def count_tucker3(kernel_shape, ranks, *, groups: int = 1, bias: bool = False,
     """Tucker-3 layer, ``ranks = (r_out, r_in, r_space)``.
 
     >>> count_tucker3((3, 3, 16, 32), (8, 4, 3), in_spatial=(8, 8), out_spatial=(8, 8))
-    Counts(params=443, flops=22528)
+    Counts(params=443, flops=33536)
     """
     kh, kw, cin_g, cout, _ = _split(kernel_shape, groups)
     r_out, r_in, r_space = ranks

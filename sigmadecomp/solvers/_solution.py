@@ -30,7 +30,7 @@ _MESSAGES = {
         "stopped at max_steps before the error settled: raise max_steps, or loosen rtol."
     ),
     Status.INNER_NOT_CONVERGED: (
-        "an inner conjugate-gradient solve stopped at cg_max_steps above cg_tol in the last sweep: "
+        "an inner conjugate-gradient solve stopped at cg_max_steps above its tolerance in the last sweep: "
         "raise cg_max_steps, loosen cg_tol, or raise ridge (cov may be badly conditioned)."
     ),
     Status.NONFINITE: (
