@@ -71,6 +71,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {value}")
+    return value
+
+
 def _add_demo(commands) -> None:
     demo = commands.add_parser(
         "demo",
@@ -147,6 +157,16 @@ def _add_compress(commands) -> None:
                           help="shift each compressed layer's mean output on the calibration images "
                                "back to the original's (recommended with sequential only: it hurt "
                                "parallel calibration in experiments/sequential)")
+    compress.add_argument("--implementation", default="auto", choices=("auto", "factorized", "dense"),
+                          help="auto: time every planned layer here (at --deploy-batch) and run each the faster "
+                               "way, factorized or with the kernel rebuilt from the factors; a layer "
+                               "neither faster nor smaller when factorized stays dense. factorized/dense: "
+                               "force one (default: auto)")
+    compress.add_argument("--deploy-batch", type=_positive_int, default=128,
+                          help="batch size at which --implementation auto times the layers (default: 128)")
+    compress.add_argument("--latency-repeats", type=_nonnegative_int, default=5,
+                          help="interleaved rounds timing both models at batch 1 and 128 for latency_ms, "
+                               "baseline_latency_ms and speedup in the JSON; 0 skips it (default: 5)")
     compress.add_argument("--json", type=pathlib.Path, default=None,
                           help="write the results and the configuration to this JSON file")
     compress.add_argument("--save", type=pathlib.Path, default=None,
@@ -216,7 +236,8 @@ def _run_compress(args) -> int:
         ratio=args.ratio, calib=args.calib, key=args.key, max_steps=args.max_steps,
         skip_first=args.skip_first, batch_size=args.batch_size, save_dir=args.save,
         calibration=args.calibration, bias_correction=args.bias_correction,
-        progress=args.progress,
+        progress=args.progress, implementation=args.implementation,
+        latency_repeats=args.latency_repeats, deploy_batch=args.deploy_batch,
     )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
