@@ -292,6 +292,9 @@ def compress_pretrained(
     save_dir=None,
     calibration: str | None = None,
     bias_correction: bool = False,
+    finetune_epochs: int = 0,
+    finetune_lr: float | None = None,
+    finetune_data=None,
     progress: bool = True,
 ) -> dict:
     """Compress a pretrained CIFAR-10 ResNet and evaluate it: what ``sigmadecomp compress`` runs.
@@ -313,6 +316,11 @@ def compress_pretrained(
     (``experiments/sequential``) — and parallel for Frobenius, which uses no statistics.
     ``bias_correction`` shifts each compressed layer's mean output on the calibration images back
     to the original's (:func:`sigmadecomp.calibration.correct_bias`).
+
+    ``finetune_epochs > 0`` then distils the compressed model from the dense one for that many
+    epochs over the training batches of ``finetune_data`` (default ``data_dir``; never a test
+    batch) with learning rate ``finetune_lr`` (:func:`sigmadecomp.finetune.distill_on_cifar10`);
+    the report's ``accuracy`` is after fine-tuning and ``accuracy_before_finetune`` before it.
     """
     start = time.perf_counter()
     calibration = _check_calibration(calibration, norm)
@@ -338,8 +346,11 @@ def compress_pretrained(
                                                     plan=result.plan, batch_size=batch_size,
                                                     progress=progress)
             result = dataclasses.replace(result, model=corrected)
-    scores = evaluate_agreement(model, result.model, sd.data.cifar10_normalize(test_images),
-                                test_labels, batch_size=batch_size)
+    test_images = sd.data.cifar10_normalize(test_images)
+    result, tuned = _maybe_finetune(model, result, test_images, test_labels, epochs=finetune_epochs,
+                                    lr=finetune_lr, data_dir=finetune_data or data_dir, key=key,
+                                    batch_size=batch_size, progress=progress)
+    scores = evaluate_agreement(model, result.model, test_images, test_labels, batch_size=batch_size)
     counts, in_model = _whole_model_counts(model, result.model, result.plan, calib_images[:8])
     if save_dir is not None:
         sd.save(save_dir, result.model, result.plan)
@@ -347,12 +358,30 @@ def compress_pretrained(
                   eval_data=str(eval_dir or data_dir), format=format, norm=norm, ratio=ratio,
                   calib=calib, key=key, max_steps=max_steps, skip_first=skip_first,
                   calibration=calibration, bias_correction=bias_correction,
+                  finetune_lr=finetune_lr, finetune_data=str(finetune_data or data_dir),
                   save=None if save_dir is None else str(save_dir))
     layers = [dict(dataclasses.asdict(layer), in_model_relative_error=in_model.get(layer.path))
               for layer in result.layers]
-    return dict(scores, **counts, mean_relative_error=result.mean_relative_error,
+    tuned.setdefault("accuracy_before_finetune", scores["accuracy"])
+    return dict(scores, **tuned, **counts, mean_relative_error=result.mean_relative_error,
                 num_eval_images=int(len(test_labels)), decompose_seconds=result.seconds,
                 seconds=time.perf_counter() - start, config=config, layers=layers)
+
+
+def _maybe_finetune(model, result, test_images, test_labels, *, epochs, lr, data_dir, key, batch_size,
+                    progress) -> tuple[Compressed, dict]:
+    """Distil ``result.model`` from ``model`` when ``epochs > 0``; the report fields either way."""
+    if not epochs:
+        return result, dict(finetune_epochs=0, finetune_seconds=0.0)
+    from sigmadecomp.finetune import FinetuneConfig, distill_on_cifar10
+
+    before = evaluate_agreement(model, result.model, test_images, test_labels, batch_size=batch_size)
+    run = distill_on_cifar10(result.model, model, data_dir, epochs=epochs,
+                             learning_rate=FinetuneConfig.learning_rate if lr is None else lr,
+                             key=jax.random.fold_in(jax.random.key(key), 1), progress=progress)
+    return dataclasses.replace(result, model=run.model), dict(
+        accuracy_before_finetune=before["accuracy"], finetune_epochs=epochs,
+        finetune_seconds=run.seconds, finetune_steps=run.steps)
 
 
 def _check_calibration(calibration: str | None, norm: str) -> str:
@@ -381,6 +410,9 @@ def summary(report: dict) -> str:
         f"({report['params'] / report['baseline_params']:.2f}x)",
         f"  MACs      {report['flops']:,} / {report['baseline_flops']:,} "
         f"({report['flops'] / report['baseline_flops']:.2f}x)",
+        *([f"  fine-tuned {report['finetune_epochs']} epoch(s) in {report['finetune_seconds']:.1f} s: "
+           f"accuracy {report['accuracy_before_finetune']:.2%} -> {report['accuracy']:.2%}"]
+          if report.get("finetune_epochs") else []),
         f"  mean relative {'cross' if c.get('calibration') == 'sequential' else 'Σ'}-error "
         f"{report['mean_relative_error']:.4f}   "
         f"time {report['seconds']:.1f} s",

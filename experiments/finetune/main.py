@@ -59,7 +59,7 @@ def parse_args(argv=None):
 
 
 def run_key(r) -> str:
-    return f"resnet{r['arch']}/{r['format']}/{r['ratio']}/{r['init']}"
+    return f"resnet{r['arch']}/{r['format']}/{r['ratio']}/{r['init']}/bn-{r.get('batch_norm', 'update')}"
 
 
 def load_results(path):
@@ -106,6 +106,32 @@ def compress_for(model, calib, format, ratio, init, config: Config):
     return result
 
 
+def compressed_model(model, calib, format, ratio, init, config: Config, cache: pathlib.Path):
+    """The compressed model and its plan, from ``cache`` when an earlier run saved it there (the
+    distillation settings can change without recompressing); ``None`` seconds when cached."""
+    from sigmadecomp.surgery import Plan, load, save
+
+    folder = cache / f"resnet{config.arch}-{format}-{ratio}-{init}-sweeps{config.max_steps}"
+    if (folder / "plan.json").is_file():
+        plan = Plan.from_dict(json.loads((folder / "plan.json").read_text())["plan"])
+        return load(folder, model), plan, None
+    tic = time.perf_counter()
+    result = compress_for(model, calib, format, ratio, init, config)
+    seconds = time.perf_counter() - tic
+    save(folder, result.model, result.plan)
+    return result.model, result.plan, seconds
+
+
+def calib_kl(teacher, student, calib, config: Config) -> float:
+    """Distillation loss T²·KL(teacher ‖ student) on the calibration images (training data)."""
+    return float(ft.kl_divergence(_logits(teacher, calib), _logits(student, calib), temperature=config.temperature))
+
+
+def _logits(model, images):
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, jax.numpy.asarray(images))
+
+
 def conv_rate(model, plan) -> float:
     """Parameters of all convs after / before (the first conv, skipped, counts as kept)."""
     conv1 = int(np.prod(model.conv1.kernel[...].shape))
@@ -121,17 +147,19 @@ def baseline_accuracy(model, test) -> float:
     return _BASELINE["acc"]
 
 
-def measure(model, train, calib, test, key: tuple, config: Config) -> dict:
+def measure(model, train, calib, test, key: tuple, config: Config, cache: pathlib.Path) -> dict:
     format, ratio, init = key
     accuracy = lambda m: {"accuracy": float(np.mean(compress.predict_labels(m, test[0]) == test[1]))}  # noqa: E731
+    compressed, plan, compress_seconds = compressed_model(model, calib, format, ratio, init, config, cache)
+    before = accuracy(compressed)["accuracy"]
     tic = time.perf_counter()
-    result = compress_for(model, calib, format, ratio, init, config)
-    compress_seconds = time.perf_counter() - tic
-    before = accuracy(result.model)["accuracy"]
-    tic = time.perf_counter()
-    bn = ft.reestimate_batch_norm(result.model, calib)
+    bn = ft.reestimate_batch_norm(compressed, calib)
     bn_seconds = time.perf_counter() - tic
     after_bn = accuracy(bn)["accuracy"]
+    # The distillation starts from whichever of the two has the lower distillation loss on the
+    # calibration images (training data only; the test set chooses nothing).
+    kl = {"compressed": calib_kl(model, compressed, calib, config), "bn_reestimated": calib_kl(model, bn, calib, config)}
+    start_from = min(kl, key=kl.get)
     epochs_equiv = config.steps * config.batch_size / len(train)
     ft_config = ft.FinetuneConfig(
         epochs=1, batch_size=config.batch_size, learning_rate=config.learning_rate,
@@ -140,17 +168,16 @@ def measure(model, train, calib, test, key: tuple, config: Config) -> dict:
     # One "epoch" of exactly `steps` batches: a fixed sample of the training images (key train_seed).
     images = sample(train, None, config.steps * config.batch_size, key=jax.random.key(config.train_seed + 1))
     load_before = os.getloadavg()
-    # Distillation starts from the compressed model itself: with training-mode BatchNorm its
-    # running statistics are re-estimated during training anyway.
-    run = ft.finetune(result.model, model, images, key=jax.random.key(config.train_seed), config=ft_config,
+    run = ft.finetune(compressed if start_from == "compressed" else bn, model, images, key=jax.random.key(config.train_seed), config=ft_config,
                       evaluate=accuracy, progress=False)
     return dict(
         arch=config.arch, format=format, ratio=ratio, init=init,
-        conv_param_rate=conv_rate(model, result.plan), params=compress.count_params(result.model),
+        batch_norm=config.batch_norm, start_from=start_from, calib_kl=kl,
+        conv_param_rate=conv_rate(model, plan), params=compress.count_params(compressed),
         baseline_params=compress.count_params(model),
         accuracy_compressed=before, accuracy_bn=after_bn, accuracy_finetuned=run.history["eval"][-1]["accuracy"],
         baseline_accuracy=baseline_accuracy(model, test), finetune_seconds=round(run.seconds, 2),
-        compress_seconds=round(compress_seconds, 2), bn_seconds=round(bn_seconds, 2),
+        compress_seconds=None if compress_seconds is None else round(compress_seconds, 2), bn_seconds=round(bn_seconds, 2),
         steps=run.steps, batch_size=config.batch_size, epochs_equivalent=round(epochs_equiv, 3),
         compilations=run.compilations, history=run.history, max_steps=config.max_steps,
         finetune_config=dataclasses.asdict(ft_config), loadavg=[load_before, os.getloadavg()],
@@ -161,7 +188,8 @@ def measure(model, train, calib, test, key: tuple, config: Config) -> dict:
 
 def run_all(config: Config, args, results, out):
     done = {run_key(r) for r in results["runs"]}
-    todo = [k for k in config.runs if run_key(dict(arch=config.arch, format=k[0], ratio=k[1], init=k[2])) not in done]
+    todo = [k for k in config.runs if run_key(dict(arch=config.arch, format=k[0], ratio=k[1], init=k[2],
+                                                   batch_norm=config.batch_norm)) not in done]
     todo = todo[: args.limit] if args.limit is not None else todo
     print(f"{len(todo)} run(s) to do, {len(done)} already in {out}", flush=True)
     if not todo:
@@ -174,7 +202,7 @@ def run_all(config: Config, args, results, out):
     test = (cifar10_normalize(test_x), test_y)
     results["meta"] = dict(machine=machine(), config=dataclasses.asdict(config))
     for key in todo:
-        record = measure(model, train, calib, test, key, config)
+        record = measure(model, train, calib, test, key, config, out / "models")
         results["runs"] = [r for r in results["runs"] if run_key(r) != run_key(record)] + [record]
         save_results(results, out / "results.json")
         print(f"{run_key(record)}: compressed {record['accuracy_compressed']:.3f}  BN {record['accuracy_bn']:.3f}  "

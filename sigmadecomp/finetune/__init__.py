@@ -4,6 +4,8 @@
   ``T²·KL(teacher ‖ student)`` (+ cross-entropy, + feature matching on block outputs), with random
   crop + flip, warm-up + cosine schedule, frozen or updated BatchNorm, resumable checkpoints and a
   history; configured by :class:`FinetuneConfig`, returns a :class:`FinetuneResult`;
+* :func:`distill_on_cifar10`, :func:`finetune_saved` — what ``sigmadecomp compress --finetune-epochs``
+  and ``sigmadecomp finetune`` run;
 * :func:`reestimate_batch_norm` — no training: recompute BatchNorm statistics on calibration images;
 * the pieces: :func:`distillation_loss`, :func:`kl_divergence`, :func:`feature_loss`,
   :func:`augment`, :func:`resnet_block_outputs`, :func:`save_checkpoint` / :func:`load_checkpoint`.
@@ -19,6 +21,7 @@ from sigmadecomp.finetune._checkpoint import load_checkpoint, save_checkpoint
 from sigmadecomp.finetune._config import FinetuneConfig
 from sigmadecomp.finetune._features import resnet_block_outputs
 from sigmadecomp.finetune._loss import distillation_loss, feature_loss, kl_divergence
+from sigmadecomp.finetune._pipeline import distill_on_cifar10, finetune_saved
 from sigmadecomp.finetune._train import FinetuneResult, finetune
 
 __all__ = [
@@ -26,9 +29,11 @@ __all__ = [
     "FinetuneResult",
     "augment",
     "batch_norm_layers",
+    "distill_on_cifar10",
     "distillation_loss",
     "feature_loss",
     "finetune",
+    "finetune_saved",
     "kl_divergence",
     "load_checkpoint",
     "reestimate_batch_norm",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 __all__ = ["FinetuneConfig"]
@@ -48,8 +50,8 @@ class FinetuneConfig:
     """
 
     epochs: int = 1
-    batch_size: int = 128
-    learning_rate: float = 0.01
+    batch_size: int = 64
+    learning_rate: float = 0.02
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -94,11 +96,26 @@ class FinetuneConfig:
             raise ValueError(f"time_limit must be > 0 seconds or None, got {self.time_limit!r}")
 
     def schedule(self, total_steps: int) -> optax.Schedule:
-        """Linear warm-up from 0 to ``learning_rate``, then cosine decay over the remaining steps."""
+        """Linear warm-up from 0 to ``learning_rate``, then cosine decay to
+        ``end_lr_fraction · learning_rate`` at ``total_steps`` (float32 throughout, so it also runs
+        under strict dtype promotion, unlike optax's own cosine schedule).
+
+        >>> lr = FinetuneConfig(learning_rate=0.1, warmup_fraction=0.1).schedule(100)
+        >>> [round(float(lr(s)), 4) for s in (0, 5, 10, 55, 100)]
+        [0.0, 0.05, 0.1, 0.05, 0.0]
+        """
         warmup = int(round(self.warmup_fraction * total_steps))
-        return optax.warmup_cosine_decay_schedule(
-            0.0, self.learning_rate, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
-            end_value=self.end_lr_fraction * self.learning_rate)
+        peak = np.float32(self.learning_rate)
+        end = np.float32(self.end_lr_fraction * self.learning_rate)
+
+        def lr(count):
+            step = jnp.asarray(count, jnp.float32)
+            rising = peak * step / np.float32(max(warmup, 1))
+            progress = jnp.clip((step - np.float32(warmup)) / np.float32(max(total_steps - warmup, 1)), 0, 1)
+            cosine = end + (peak - end) * np.float32(0.5) * (1 + jnp.cos(np.float32(np.pi) * progress))
+            return jnp.where(step < np.float32(warmup), rising, cosine)
+
+        return lr
 
     def optimizer_for(self, total_steps: int) -> optax.GradientTransformation:
         """The optax optimizer: SGD-Nesterov or AdamW, decoupled weight decay on kernels only."""

@@ -101,9 +101,13 @@ def _check_data(images, labels, config: FinetuneConfig):
     return images, labels.astype(np.int32)
 
 
+# Settings that do not change the trajectory: a run may be resumed with other values.
+_CADENCE = ("time_limit", "log_every", "eval_every", "checkpoint_every")
+
+
 def _fingerprint(config: FinetuneConfig, key, num_images: int) -> dict:
-    return dict(config=dataclasses.asdict(config), key=np.asarray(jax.random.key_data(key)).tolist(),
-                num_images=num_images)
+    trajectory = {k: v for k, v in dataclasses.asdict(config).items() if k not in _CADENCE}
+    return dict(config=trajectory, key=np.asarray(jax.random.key_data(key)).tolist(), num_images=num_images)
 
 
 def _eval_entry(evaluate, graphdef, params, rest, step: int, seconds: float) -> dict:
