@@ -55,11 +55,18 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny configuration for CI (seconds)")
     p.add_argument("--table", action="store_true", help="print the table and draw the figure only")
     p.add_argument("--limit", type=int, default=None, help="run at most this many new runs")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the config's)")
+    p.add_argument("--only", nargs="+", default=None, metavar="FORMAT:RATIO:INIT",
+                   help="run only these cells, e.g. tucker2:0.1:sigma_seq")
+    p.add_argument("--results", default="results.json", help="results file name inside --out (parallel "
+                   "processes write separate files; --merge folds them into results.json)")
+    p.add_argument("--merge", nargs="+", default=None, help="results files whose runs are added to results.json")
     return p.parse_args(argv)
 
 
 def run_key(r) -> str:
-    return f"resnet{r['arch']}/{r['format']}/{r['ratio']}/{r['init']}/bn-{r.get('batch_norm', 'update')}"
+    lr = r.get("learning_rate", 0.02)
+    return f"resnet{r['arch']}/{r['format']}/{r['ratio']}/{r['init']}/bn-{r.get('batch_norm', 'update')}/lr{lr}"
 
 
 def load_results(path):
@@ -100,10 +107,7 @@ def compress_for(model, calib, format, ratio, init, config: Config):
                   max_steps=config.max_steps, progress=False)
     if init == "sigma_seq":
         return seqcal.compress_sequential(model, calib, **common)
-    result = compress.compress_model(model, calib, norm="sigma" if init == "sigma_par" else "frobenius", **common)
-    if init == "random":
-        randomize(result.model, result.plan.paths, jax.random.key(config.compress_seed))
-    return result
+    return compress.compress_model(model, calib, norm="sigma" if init == "sigma_par" else "frobenius", **common)
 
 
 def compressed_model(model, calib, format, ratio, init, config: Config, cache: pathlib.Path):
@@ -111,6 +115,9 @@ def compressed_model(model, calib, format, ratio, init, config: Config, cache: p
     distillation settings can change without recompressing); ``None`` seconds when cached."""
     from sigmadecomp.surgery import Plan, load, save
 
+    if init == "random":  # the Frobenius model's architecture, every factor redrawn
+        frobenius, plan, seconds = compressed_model(model, calib, format, ratio, "frobenius", config, cache)
+        return randomize(nnx.clone(frobenius), plan.paths, jax.random.key(config.compress_seed)), plan, seconds
     folder = cache / f"resnet{config.arch}-{format}-{ratio}-{init}-sweeps{config.max_steps}"
     if (folder / "plan.json").is_file():
         plan = Plan.from_dict(json.loads((folder / "plan.json").read_text())["plan"])
@@ -172,7 +179,7 @@ def measure(model, train, calib, test, key: tuple, config: Config, cache: pathli
                       evaluate=accuracy, progress=False)
     return dict(
         arch=config.arch, format=format, ratio=ratio, init=init,
-        batch_norm=config.batch_norm, start_from=start_from, calib_kl=kl,
+        batch_norm=config.batch_norm, learning_rate=config.learning_rate, start_from=start_from, calib_kl=kl,
         conv_param_rate=conv_rate(model, plan), params=compress.count_params(compressed),
         baseline_params=compress.count_params(model),
         accuracy_compressed=before, accuracy_bn=after_bn, accuracy_finetuned=run.history["eval"][-1]["accuracy"],
@@ -188,8 +195,10 @@ def measure(model, train, calib, test, key: tuple, config: Config, cache: pathli
 
 def run_all(config: Config, args, results, out):
     done = {run_key(r) for r in results["runs"]}
-    todo = [k for k in config.runs if run_key(dict(arch=config.arch, format=k[0], ratio=k[1], init=k[2],
-                                                   batch_norm=config.batch_norm)) not in done]
+    runs = config.runs if args.only is None else [
+        (f, float(r), i) for f, r, i in (item.split(":") for item in args.only)]
+    todo = [k for k in runs if run_key(dict(arch=config.arch, format=k[0], ratio=k[1], init=k[2],
+                                            batch_norm=config.batch_norm, learning_rate=config.learning_rate)) not in done]
     todo = todo[: args.limit] if args.limit is not None else todo
     print(f"{len(todo)} run(s) to do, {len(done)} already in {out}", flush=True)
     if not todo:
@@ -204,7 +213,7 @@ def run_all(config: Config, args, results, out):
     for key in todo:
         record = measure(model, train, calib, test, key, config, out / "models")
         results["runs"] = [r for r in results["runs"] if run_key(r) != run_key(record)] + [record]
-        save_results(results, out / "results.json")
+        save_results(results, out / args.results)
         print(f"{run_key(record)}: compressed {record['accuracy_compressed']:.3f}  BN {record['accuracy_bn']:.3f}  "
               f"distilled {record['accuracy_finetuned']:.3f} in {record['finetune_seconds']:.0f} s "
               f"(load {record['loadavg'][0][0]:.1f})", flush=True)
@@ -213,21 +222,41 @@ def run_all(config: Config, args, results, out):
 # ---------------------------------------------------------------- table and figure
 
 
+def _label(r) -> str:
+    return (f"{r['init']} ({r['max_steps']} sweeps, BN {r.get('batch_norm', 'update')} in training, "
+            f"lr {r.get('learning_rate', 0.02)})")
+
+
 def table(results) -> str:
-    runs = {(r["format"], r["ratio"], r["init"]): r for r in results["runs"]}
-    ratios = sorted({r["ratio"] for r in results["runs"]})
-    formats = [f for f in ("svd", "cp", "tucker2") if any(k[0] == f for k in runs)]
-    head = "| format | init | stage | " + " | ".join(f"{r:.0%}" for r in ratios) + " |"
-    lines = [head, "|" + "---|" * (3 + len(ratios))]
-    for f in formats:
-        tnn = [f"{TNN[f].get(r, float('nan')):.2f}" if r in TNN[f] else "–" for r in ratios]
+    """Accuracy (%) per format and conv-parameter rate: the TNN seed's row, then ours per init and
+    stage. ``distilled`` is after the fixed budget (steps × batch size images, same for all)."""
+    runs = results["runs"]
+    ratios = sorted({r["ratio"] for r in runs})
+    lines = ["| format | initialisation | stage | " + " | ".join(f"{r:.0%}" for r in ratios) + " |",
+             "|" + "---|" * (3 + len(ratios))]
+    order = {"sigma_seq": 0, "sigma_par": 1, "frobenius": 2, "random": 3}
+    for f in [f for f in ("svd", "cp", "tucker2") if any(r["format"] == f for r in runs)]:
+        tnn = [f"{TNN[f][r]:.2f}" if r in TNN[f] else "–" for r in ratios]
         lines.append(f"| {f} | TNN seed | full retraining, 50 000 images | " + " | ".join(tnn) + " |")
-        for init in ("sigma_seq", "sigma_par", "frobenius", "random"):
-            for stage, field in (("no training", "accuracy_compressed"), ("BN re-estimated", "accuracy_bn"),
+        groups = sorted({_label(r): order[r["init"]] for r in runs if r["format"] == f}.items(), key=lambda kv: kv[1])
+        for label, _ in groups:
+            cell = {r["ratio"]: r for r in runs if r["format"] == f and _label(r) == label}
+            for stage, field in (("no training", "accuracy_compressed"), ("BN re-estimated, no training", "accuracy_bn"),
                                  ("distilled", "accuracy_finetuned")):
-                cells = [f"{100 * runs[f, r, init][field]:.2f}" if (f, r, init) in runs else "–" for r in ratios]
-                if any(c != "–" for c in cells):
-                    lines.append(f"| {f} | {init} | {stage} | " + " | ".join(cells) + " |")
+                cells = [f"{100 * cell[r][field]:.2f}" if r in cell else "–" for r in ratios]
+                lines.append(f"| {f} | {label} | {stage} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def details(results) -> str:
+    """One line per run: rates, where distillation started, its time and throughput, the load."""
+    lines = ["| run | conv params | start | distil s | img/s | compress s | load (1 min) | date |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        rate = r["steps"] * r["batch_size"] / r["finetune_seconds"]
+        lines.append(f"| {run_key(r)} ({r['max_steps']} sweeps) | {r['conv_param_rate']:.3f} | {r.get('start_from', 'compressed')} | "
+                     f"{r['finetune_seconds']:.0f} | {rate:.1f} | {r['compress_seconds'] if r['compress_seconds'] is not None else 'cached'} | "
+                     f"{r['loadavg'][0][0]:.1f} | {r['date']} |")
     return "\n".join(lines)
 
 
@@ -242,12 +271,13 @@ def targets(results) -> str:
         verdict = "met" if 100 * best["accuracy_finetuned"] >= goal else f"missed by {goal - 100 * best['accuracy_finetuned']:.2f} points"
         out.append(f"- {ratio:.0%}: target ≥ {goal}%: best {100 * best['accuracy_finetuned']:.2f}% "
                    f"({best['format']}, {best['init']}, {best['finetune_seconds']:.0f} s of distillation): {verdict}")
-    for (f, ratio) in sorted({(r["format"], r["ratio"]) for r in results["runs"]}):
-        cell = {r["init"]: r["accuracy_finetuned"] for r in results["runs"] if (r["format"], r["ratio"]) == (f, ratio)}
+    for (f, ratio, bn) in sorted({(r["format"], r["ratio"], r.get("batch_norm", "update")) for r in results["runs"]}):
+        cell = {r["init"]: r["accuracy_finetuned"] for r in results["runs"]
+                if (r["format"], r["ratio"], r.get("batch_norm", "update")) == (f, ratio, bn)}
         if "sigma_seq" in cell and len(cell) > 1:
             others = {k: v for k, v in cell.items() if k != "sigma_seq"}
             wins = all(cell["sigma_seq"] > v for v in others.values())
-            out.append(f"- {f} {ratio:.0%}: Σ-sequential {100 * cell['sigma_seq']:.2f} vs "
+            out.append(f"- {f} {ratio:.0%} (BN {bn}): Σ-sequential {100 * cell['sigma_seq']:.2f} vs "
                        + ", ".join(f"{k} {100 * v:.2f}" for k, v in others.items())
                        + f": Σ-sequential {'beats every other init' if wins else 'does NOT beat every other init'}")
     return "\n".join(out)
@@ -268,7 +298,8 @@ def figure(results, path):
                 continue
             ev = r["history"]["eval"]
             ax.plot([e["seconds"] for e in ev], [100 * e["accuracy"] for e in ev], styles[r["init"]],
-                    marker="o", ms=3, label=r["init"])
+                    marker="o" if r.get("batch_norm") == "frozen" else "x", ms=3,
+                    label=f"{r['init']}, BN {r.get('batch_norm', 'update')}")
         ax.set_title(f"ResNet-32 {f} {ratio:.0%}")
         ax.set_xlabel("distillation time (s, loaded 2-core CPU)")
         ax.set_ylim(0, 100)
@@ -282,17 +313,27 @@ def figure(results, path):
 def main(argv=None):
     args = parse_args(argv)
     config = SMOKE if args.smoke else FULL
+    if args.lr is not None:
+        config = dataclasses.replace(config, learning_rate=args.lr)
     out = args.out or (pathlib.Path(tempfile.mkdtemp(prefix="finetune_smoke_")) if args.smoke else HERE)
-    results = load_results(out / "results.json")
-    if not args.table:
+    results = load_results(out / args.results)
+    if args.merge:
+        for name in args.merge:
+            for record in load_results(out / name)["runs"]:
+                results["runs"] = [r for r in results["runs"] if run_key(r) != run_key(record)] + [record]
+        save_results(results, out / args.results)
+    elif not args.table:
         start = time.perf_counter()
         run_all(config, args, results, out)
         results.setdefault("sessions", []).append(dict(
             wall_seconds=round(time.perf_counter() - start, 1), loadavg=os.getloadavg(),
-            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")))
-        save_results(results, out / "results.json")
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), argv=sys.argv[1:]))
+        save_results(results, out / args.results)
     if results["runs"]:
         print(table(results))
+        print()
+        print(details(results))
+        print()
         print(targets(results))
         figure(results, out / "figure.png")
 

@@ -10,6 +10,7 @@ resumed from a checkpoint retraces the uninterrupted run exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 
@@ -56,7 +57,11 @@ def _split(student: nnx.Module, config: FinetuneConfig):
     return nnx.split(student, nnx.Param, ...)
 
 
-def _make_step(graphdef, teacher_graphdef, tx, config: FinetuneConfig, features: Features | None):
+@functools.lru_cache(maxsize=16)
+def _make_step(graphdef, teacher_graphdef, config: FinetuneConfig, total: int, features: Features | None):
+    """The jitted train step, cached: a second run with the same models, configuration and number of
+    steps reuses the compiled step instead of compiling it again."""
+    tx = config.optimizer_for(total)
     use_features = config.feature_weight > 0
 
     def forward(model, x):
@@ -184,7 +189,7 @@ def finetune(
             params, rest, opt_state = trees["params"], trees["rest"], trees["opt_state"]
             history, start, seconds = meta["history"], meta["step"], meta["seconds"]
     loop = _Loop(config, images, labels, steps_per_epoch, shuffle_key, augment_key, evaluate, graphdef)
-    step_fn = _make_step(graphdef, teacher_graphdef, tx, config, features)
+    step_fn = _make_step(graphdef, teacher_graphdef, config, total, features)
     if evaluate is not None and start == 0:
         history["eval"].append(_eval_entry(evaluate, graphdef, params, rest, 0, 0.0))
     bar = tqdm(total=total, initial=start, desc="distillation", disable=not progress, unit="step")
