@@ -11,10 +11,9 @@ import optax
 import pytest
 from flax import nnx
 
-from sigmadecomp import compress
+from sigmadecomp import compress, formats
 from sigmadecomp import finetune as ft
 from sigmadecomp.layers import FactorizedLayer
-from sigmadecomp.layers._registry import CONV_LAYERS
 from sigmadecomp.models import CifarResNet, SmallCNN
 
 
@@ -105,23 +104,30 @@ def teacher_and_data():
     return teacher, _images(32)
 
 
+def _target(format) -> str:
+    """The SmallCNN layer a format compresses here: ``linear`` for dense-only formats, else conv2."""
+    spec = formats.get(format)
+    return "linear" if spec.layer is spec.dense_layer else "conv2"
+
+
 def _compressed(teacher, images, format):
-    return compress.compress_model(teacher, images, format=format, norm="sigma", ratio=0.5,
-                                   skip=("conv1", "linear"), key=jax.random.key(0), progress=False,
-                                   max_steps=2).model
+    skip = ("conv1", "conv2", "conv3") if _target(format) == "linear" else ("conv1", "linear")
+    return compress.compress_model(teacher, images, format=format, norm="sigma", ratio=0.5, skip=skip,
+                                   key=jax.random.key(0), progress=False, max_steps=2).model
 
 
 CONFIG = ft.FinetuneConfig(epochs=2, batch_size=16, learning_rate=0.05, log_every=1)
 
 
-@pytest.mark.parametrize("format", sorted(CONV_LAYERS))
+@pytest.mark.parametrize("format", formats.format_names())  # every registered format, as others add them
 def test_every_factorized_format_trains_with_one_compilation(teacher_and_data, format):
     teacher, images = teacher_and_data
     student = _compressed(teacher, images, format)
     before = [np.asarray(p) for p in _params(student)]
     result = ft.finetune(student, teacher, images, key=jax.random.key(0), config=CONFIG, progress=False)
     assert result.steps == 4 and result.compilations == 1 and result.stopped == "completed"
-    assert isinstance(result.model.conv2, FactorizedLayer) and result.model.conv2.format == format
+    layer = getattr(result.model, _target(format))
+    assert isinstance(layer, FactorizedLayer) and type(layer) is type(getattr(student, _target(format)))
     assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(before, _params(student)))  # input intact
     assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(before, _params(result.model)))
     train = result.history["train"]

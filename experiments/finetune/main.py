@@ -60,6 +60,8 @@ def parse_args(argv=None):
                    help="run only these cells, e.g. tucker2:0.1:sigma_seq")
     p.add_argument("--results", default="results.json", help="results file name inside --out (parallel "
                    "processes write separate files; --merge folds them into results.json)")
+    p.add_argument("--dense-bn", action="store_true", help="measure BN re-estimation on the dense model "
+                   "(a sanity check of the procedure) and store it in the results file")
     p.add_argument("--merge", nargs="+", default=None, help="results files whose runs are added to results.json")
     return p.parse_args(argv)
 
@@ -193,6 +195,18 @@ def measure(model, train, calib, test, key: tuple, config: Config, cache: pathli
     )
 
 
+def dense_bn(config: Config, args) -> dict:
+    """Accuracy of the uncompressed model before/after BN re-estimation on the calibration images."""
+    model = pretrained_resnet(config.arch, args.data / "weights" / f"resnet{config.arch}_cifar10.safetensors")
+    train_x, _ = load_cifar10(args.data / "cifar10", "train")
+    calib = cifar10_normalize(sample(train_x, None, config.calib_images, key=jax.random.key(config.calib_seed)))
+    test_x, test_y = load_cifar10(args.data / "cifar10", "test", limit=config.test_images)
+    test_x = cifar10_normalize(test_x)
+    acc = lambda m: float(np.mean(compress.predict_labels(m, test_x) == test_y))  # noqa: E731
+    return dict(arch=config.arch, accuracy=acc(model), accuracy_bn=acc(ft.reestimate_batch_norm(model, calib)),
+                calib_images=config.calib_images, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
 def run_all(config: Config, args, results, out):
     done = {run_key(r) for r in results["runs"]}
     runs = config.runs if args.only is None else [
@@ -319,8 +333,14 @@ def main(argv=None):
     results = load_results(out / args.results)
     if args.merge:
         for name in args.merge:
-            for record in load_results(out / name)["runs"]:
+            other = load_results(out / name)
+            results.update({k: v for k, v in other.items() if k not in ("runs", "sessions")})
+            results.setdefault("sessions", []).extend(other.get("sessions", []))
+            for record in other["runs"]:
                 results["runs"] = [r for r in results["runs"] if run_key(r) != run_key(record)] + [record]
+        save_results(results, out / args.results)
+    elif args.dense_bn:
+        results["dense_bn"] = dense_bn(config, args)
         save_results(results, out / args.results)
     elif not args.table:
         start = time.perf_counter()
@@ -335,6 +355,10 @@ def main(argv=None):
         print(details(results))
         print()
         print(targets(results))
+        if "dense_bn" in results:
+            d = results["dense_bn"]
+            print(f"- dense ResNet-{d['arch']}: {100 * d['accuracy']:.2f}% -> {100 * d['accuracy_bn']:.2f}% after BN "
+                  f"re-estimation on {d['calib_images']} calibration images")
         figure(results, out / "figure.png")
 
 
