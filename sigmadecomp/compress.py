@@ -372,7 +372,13 @@ def compress_pretrained(
     save_dir=None,
     calibration: str | None = None,
     bias_correction: bool = False,
+    finetune_epochs: int = 0,
+    finetune_lr: float | None = None,
+    finetune_data=None,
     progress: bool = True,
+    implementation: str = "auto",
+    latency_repeats: int = 5,
+    deploy_batch: int = 128,
 ) -> dict:
     """Compress a pretrained CIFAR-10 ResNet and evaluate it: what ``sigmadecomp compress`` runs.
 
@@ -393,9 +399,24 @@ def compress_pretrained(
     (``experiments/sequential``) — and parallel for Frobenius, which uses no statistics.
     ``bias_correction`` shifts each compressed layer's mean output on the calibration images back
     to the original's (:func:`sigmadecomp.calibration.correct_bias`).
+
+    ``implementation``: ``"auto"`` times every planned layer on this machine (at ``deploy_batch``) and runs
+    each the faster way, factorized or with the kernel rebuilt from the factors; a layer whose
+    factorized form is neither faster nor smaller stays dense (``left_dense`` in the report, with
+    the reason). ``"factorized"`` / ``"dense"`` force one implementation. With
+    ``latency_repeats > 0`` the report gains ``latency_ms`` and ``baseline_latency_ms`` (median
+    ms of a jitted forward pass at batch 1 and 128, both models interleaved, on this machine),
+    ``speedup`` (baseline / compressed) and ``latency_load`` (``os.getloadavg()``).
+
+    ``finetune_epochs > 0`` then distils the compressed model from the dense one for that many
+    epochs over the training batches of ``finetune_data`` (default ``data_dir``; never a test
+    batch) with learning rate ``finetune_lr`` (:func:`sigmadecomp.finetune.distill_on_cifar10`);
+    the report's ``accuracy`` is after fine-tuning and ``accuracy_before_finetune`` before it.
     """
     start = time.perf_counter()
     calibration = _check_calibration(calibration, norm)
+    if implementation not in sd.latency.MODES:
+        raise ValueError(f"implementation must be one of {sd.latency.MODES}; got {implementation!r}")
     model = sd.models.pretrained_resnet(resnet_depth(arch), weights)
     calib_key, solve_key = jax.random.split(jax.random.key(key))
     train_images, _ = sd.data.load_cifar10(data_dir, "train")
@@ -405,6 +426,10 @@ def compress_pretrained(
     test_images, test_labels = sd.data.load_cifar10(eval_dir or data_dir, "test")
     calib_images = sd.data.cifar10_normalize(sd.data.sample(train_images, None, calib, key=calib_key))
     skip = ("conv1", "linear") if skip_first else ("linear",)
+    chosen = sd.latency.choose_implementations(
+        model, sd.plan(model, format=format, ratio=ratio, skip=skip, input_shape=_INPUT_SHAPE),
+        mode=implementation, batch_size=deploy_batch)
+    skip = skip + tuple(path for path, _ in chosen.left_dense)
     if calibration == "sequential":
         result = sd.calibration.compress_sequential(
             model, calib_images, format=format, ratio=ratio, skip=skip, key=solve_key,
@@ -419,8 +444,12 @@ def compress_pretrained(
                                                     plan=result.plan, batch_size=batch_size,
                                                     progress=progress)
             result = dataclasses.replace(result, model=corrected)
-    scores = evaluate_agreement(model, result.model, sd.data.cifar10_normalize(test_images),
-                                test_labels, batch_size=batch_size)
+    result = _with_implementations(result, chosen)
+    test_images = sd.data.cifar10_normalize(test_images)
+    result, tuned = _maybe_finetune(model, result, test_images, test_labels, epochs=finetune_epochs,
+                                    lr=finetune_lr, data_dir=finetune_data or data_dir, key=key,
+                                    batch_size=batch_size, progress=progress)
+    scores = evaluate_agreement(model, result.model, test_images, test_labels, batch_size=batch_size)
     counts, in_model = _whole_model_counts(model, result.model, result.plan, calib_images[:8])
     if save_dir is not None:
         sd.save(save_dir, result.model, result.plan)
@@ -428,13 +457,64 @@ def compress_pretrained(
                   eval_data=str(eval_dir or data_dir), format=format, norm=norm, ratio=ratio,
                   calib=calib, key=key, max_steps=max_steps, skip_first=skip_first,
                   calibration=calibration, bias_correction=bias_correction,
-                  save=None if save_dir is None else str(save_dir))
-    layers = [dict(dataclasses.asdict(layer), in_model_relative_error=in_model.get(layer.path))
-              for layer in result.layers]
-    return dict(scores, **counts, mean_relative_error=result.mean_relative_error,
+                  finetune_lr=finetune_lr, finetune_data=str(finetune_data or data_dir),
+                  save=None if save_dir is None else str(save_dir), implementation=implementation,
+                  deploy_batch=deploy_batch)
+    how = {e.path: dict(implementation=e.implementation, implementation_reason=e.reason)
+           for e in result.plan.entries}
+    layers = [dict(dataclasses.asdict(layer), in_model_relative_error=in_model.get(layer.path),
+                   **how.get(layer.path, {})) for layer in result.layers]
+    latency = _latency_report(model, result.model, latency_repeats)
+    tuned.setdefault("accuracy_before_finetune", scores["accuracy"])
+    return dict(scores, **tuned, **counts, **latency, left_dense=[list(p) for p in result.plan.left_dense],
                 kept_dense=list(result.kept_dense),
+                mean_relative_error=result.mean_relative_error,
                 num_eval_images=int(len(test_labels)), decompose_seconds=result.seconds,
                 seconds=time.perf_counter() - start, config=config, layers=layers)
+
+
+def _maybe_finetune(model, result, test_images, test_labels, *, epochs, lr, data_dir, key, batch_size,
+                    progress) -> tuple[Compressed, dict]:
+    """Distil ``result.model`` from ``model`` when ``epochs > 0``; the report fields either way."""
+    if not epochs:
+        return result, dict(finetune_epochs=0, finetune_seconds=0.0)
+    from sigmadecomp.finetune import FinetuneConfig, distill_on_cifar10
+
+    before = evaluate_agreement(model, result.model, test_images, test_labels, batch_size=batch_size)
+    run = distill_on_cifar10(result.model, model, data_dir, epochs=epochs,
+                             learning_rate=FinetuneConfig.learning_rate if lr is None else lr,
+                             key=jax.random.fold_in(jax.random.key(key), 1), progress=progress)
+    return dataclasses.replace(result, model=run.model), dict(
+        accuracy_before_finetune=before["accuracy"], finetune_epochs=epochs,
+        finetune_seconds=run.seconds, finetune_steps=run.steps)
+
+
+_INPUT_SHAPE = (1, 32, 32, 3)
+LATENCY_BATCHES = (1, 128)
+
+
+def _with_implementations(result: Compressed, chosen) -> Compressed:
+    """The compressed result with the chosen implementation per layer, in its model and plan."""
+    by_path = {e.path: e for e in chosen.entries}
+    entries = tuple(dataclasses.replace(e, implementation=by_path[e.path].implementation,
+                                        reason=by_path[e.path].reason) for e in result.plan.entries)
+    plan = dataclasses.replace(result.plan, entries=entries, left_dense=chosen.left_dense)
+    return dataclasses.replace(result, model=sd.latency.set_implementations(result.model, plan), plan=plan)
+
+
+def _latency_report(model, compressed, repeats: int) -> dict:
+    """Median forward latency (ms) of both models at batch 1 and 128, interleaved, on this machine."""
+    if repeats < 1:
+        return {}
+    load = sd.latency.machine_load()
+    timings = sd.latency.model_latency({"baseline": model, "compressed": compressed}, _INPUT_SHAPE,
+                                       batch_sizes=LATENCY_BATCHES, repeats=repeats)
+    base = {str(b): t["baseline"].median_ms for b, t in timings.items()}
+    comp = {str(b): t["compressed"].median_ms for b, t in timings.items()}
+    return dict(latency_ms=comp, baseline_latency_ms=base,
+                speedup={b: base[b] / comp[b] for b in base},
+                latency_load=dict(before=load, after=sd.latency.machine_load()),
+                latency_device=str(jax.devices()[0]))
 
 
 def _check_calibration(calibration: str | None, norm: str) -> str:
@@ -463,6 +543,12 @@ def summary(report: dict) -> str:
         f"({report['params'] / report['baseline_params']:.2f}x)",
         f"  MACs      {report['flops']:,} / {report['baseline_flops']:,} "
         f"({report['flops'] / report['baseline_flops']:.2f}x)",
+        *([f"  fine-tuned {report['finetune_epochs']} epoch(s) in {report['finetune_seconds']:.1f} s: "
+           f"accuracy {report['accuracy_before_finetune']:.2%} -> {report['accuracy']:.2%}"]
+          if report.get("finetune_epochs") else []),
+        *([f"  latency   " + ", ".join(
+            f"batch {b}: {report['latency_ms'][b]:.1f} ms vs {report['baseline_latency_ms'][b]:.1f} ms "
+            f"({report['speedup'][b]:.2f}x)" for b in report["latency_ms"])] if "latency_ms" in report else []),
         f"  mean relative {'cross' if c.get('calibration') == 'sequential' else 'Σ'}-error "
         f"{report['mean_relative_error']:.4f}   "
         f"time {report['seconds']:.1f} s",

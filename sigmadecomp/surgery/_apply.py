@@ -47,7 +47,8 @@ def apply(model: nnx.Module, plan: Plan, factorized_by_path: Mapping) -> nnx.Mod
     compressed = nnx.clone(model)
     for entry in plan.entries:
         layer = get_by_path(compressed, entry.path)
-        set_by_path(compressed, entry.path, factorize_layer(layer, factorized_by_path[entry.path]))
+        set_by_path(compressed, entry.path, factorize_layer(layer, factorized_by_path[entry.path],
+                                                            implementation=entry.implementation))
     return canonical_convs(compressed)  # hashable conv settings for the jitted passes downstream
 
 
