@@ -29,7 +29,7 @@ Counts come from one function per format: :func:`count_dense`, :func:`count_lowr
 """
 
 from sigmadecomp.layers._common import FactorizedLayer
-from sigmadecomp.layers._config import ConvConfig
+from sigmadecomp.layers._config import ConvConfig, canonical_convs
 from sigmadecomp.layers._counts import (
     Counts, count_cp, count_cp3, count_dense, count_format, count_lowrank, count_tucker2,
 )
@@ -58,6 +58,7 @@ __all__ = [
     "TRConv",
     "TTConv",
     "Tucker2Conv",
+    "canonical_convs",
     "Tucker3Conv",
     "GRU",
     "TTEmbed",
