@@ -1,6 +1,8 @@
 """Tables and target verdicts of the TT-layer experiments, printed from the result files.
 
-    .venv/bin/python experiments/tt_layers/report.py            # markdown, pasted into README.md
+    .venv/bin/python experiments/tt_layers/report.py            # markdown tables and verdicts
+    .venv/bin/python experiments/tt_layers/report.py --readme   # README.md = README_head.md (tables
+                                                                 # at RESULTS) + README_tail.md
 """
 
 from __future__ import annotations
@@ -126,4 +128,11 @@ def sequences():
 
 
 if __name__ == "__main__":
-    print("\n".join(mnist() + [""] + text() + [""] + sequences()))
+    import sys
+
+    tables = "\n".join(mnist() + [""] + text() + [""] + sequences())
+    if "--readme" in sys.argv[1:]:
+        head, tail = (HERE / "README_head.md").read_text(), (HERE / "README_tail.md").read_text()
+        (HERE / "README.md").write_text(head.replace("RESULTS", tables) + tail)
+    else:
+        print(tables)
