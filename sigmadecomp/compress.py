@@ -130,14 +130,15 @@ def calibrate(
     layers: Sequence[str] | None = None,
     batch_size: int = 256,
     progress: bool = True,
+    devices=None,
 ) -> dict:
     """``{path: LayerCovariance}`` of ``layers`` (default: every conv/dense) on ``images``.
 
     A thin wrapper of :func:`sigmadecomp.collect_covariances` over fixed-order batches, so the same
-    images always give the same statistics.
+    images always give the same statistics; ``devices`` splits each batch over several devices.
     """
     stream = list(batches(images, batch_size=batch_size))
-    return sd.collect_covariances(model, stream, layers=layers, progress=progress)
+    return sd.collect_covariances(model, stream, layers=layers, progress=progress, devices=devices)
 
 
 def solver_for(entry, *, max_steps: int | None = None) -> sd.AbstractSolver:
@@ -196,6 +197,7 @@ def compress_model(
     input_shape: Sequence[int] | None = None,
     batch_size: int = 256,
     progress: bool = True,
+    devices=None,
 ) -> Compressed:
     """Calibrate, plan, decompose every planned layer and rebuild the model.
 
@@ -212,6 +214,10 @@ def compress_model(
             compare several formats/norms/ratios on the same statistics.
         input_shape: e.g. ``(1, 32, 32, 3)`` for the plan's FLOP counts; default: one
             calibration image, or no FLOPs when only ``covariances`` is given.
+        devices: ``None`` (one device), ``"all"``, a count or a list of devices: calibration
+            data-parallel over them and the layers' solves spread over them
+            (:mod:`sigmadecomp.distributed`); same results as one device up to rounding of the
+            covariance sums.
 
     Returns:
         A :class:`Compressed`: the new model, the plan and one :class:`LayerReport` per layer.
@@ -236,7 +242,13 @@ def compress_model(
                          input_shape=input_shape)
     if len(layer_plan) == 0:
         raise ValueError("the plan is empty: every eligible layer is skipped; skip fewer layers")
-    covariances = _covariances_for(model, layer_plan, calib_images, covariances, batch_size, progress)
+    covariances = _covariances_for(model, layer_plan, calib_images, covariances, batch_size, progress,
+                                   devices)
+    if devices is not None:  # independent layers spread over devices (sigmadecomp.distributed)
+        factorized, reports = _decompose_on_devices(model, layer_plan, covariances, norm=norm, key=key,
+                                                    max_steps=max_steps, devices=devices)
+        compressed = sd.apply(model, layer_plan, factorized)
+        return Compressed(compressed, layer_plan, reports, time.perf_counter() - start)
     factorized, reports = {}, []
     keys = jax.random.split(key, len(layer_plan))
     entries = tqdm(layer_plan.entries, desc=f"{format}/{norm}", disable=not progress, leave=False)
@@ -249,12 +261,43 @@ def compress_model(
     return Compressed(compressed, layer_plan, tuple(reports), time.perf_counter() - start)
 
 
-def _covariances_for(model, layer_plan, calib_images, covariances, batch_size, progress) -> Mapping:
+def _decompose_on_devices(model, layer_plan, covariances, *, norm, key, max_steps, devices):
+    """Every planned layer solved with :func:`sigmadecomp.distributed.solve_layers` (same keys and
+    solvers as the one-device loop, so the same results)."""
+    from sigmadecomp.distributed import solve_layers
+
+    for entry in layer_plan.entries:
+        if entry.groups != 1:
+            raise ValueError(f"layer {entry.path!r} is a grouped conv (groups={entry.groups}); the pipeline "
+                             "decomposes ungrouped layers only: skip it")
+    kernels = {e.path: get_by_path(model, e.path).kernel[...] for e in layer_plan.entries}
+    solutions = solve_layers(
+        [kernels[e.path] for e in layer_plan.entries],
+        [solver_for(e, max_steps=max_steps) for e in layer_plan.entries],
+        [covariances[e.path].cov if norm == "sigma" else None for e in layer_plan.entries],
+        list(jax.random.split(key, len(layer_plan))), devices=devices)
+    factorized = {e.path: s.value for e, s in zip(layer_plan.entries, solutions)}
+    return factorized, _reports(layer_plan, kernels, covariances, solutions)
+
+
+def _reports(layer_plan, kernels, covariances, solutions) -> tuple[LayerReport, ...]:
+    """One :class:`LayerReport` per plan entry, from its kernel, calibration cov and solution."""
+    return tuple(
+        LayerReport(path=e.path, format=e.format, rank=e.ranks[0] if len(e.ranks) == 1 else tuple(e.ranks),
+                    params=e.params_after, baseline_params=e.params_before,
+                    relative_error=float(sd.relative_error(kernels[e.path], jax.device_put(
+                        s.value, jax.devices()[0]), covariances[e.path].cov)),
+                    status=sd.Status(int(s.status)).name, num_steps=int(s.num_steps))
+        for e, s in zip(layer_plan.entries, solutions))
+
+
+def _covariances_for(model, layer_plan, calib_images, covariances, batch_size, progress,
+                     devices=None) -> Mapping:
     if covariances is None:
         if calib_images is None:
             raise ValueError("give calib_images (to calibrate) or precomputed covariances")
         return calibrate(model, calib_images, layers=layer_plan.paths, batch_size=batch_size,
-                         progress=progress)
+                         progress=progress, devices=devices)
     missing = [p for p in layer_plan.paths if p not in covariances]
     if missing:
         raise ValueError(f"covariances has no entry for planned layer(s) {missing}; calibrate them "
