@@ -276,19 +276,24 @@ def _decompose_on_devices(model, layer_plan, covariances, *, norm, key, max_step
         [solver_for(e, max_steps=max_steps) for e in layer_plan.entries],
         [covariances[e.path].cov if norm == "sigma" else None for e in layer_plan.entries],
         list(jax.random.split(key, len(layer_plan))), devices=devices)
-    factorized = {e.path: s.value for e, s in zip(layer_plan.entries, solutions)}
+    here = jax.local_devices()[0]
+    factorized = {e.path: jax.device_put(s.value, here) for e, s in zip(layer_plan.entries, solutions)}
     return factorized, _reports(layer_plan, kernels, covariances, solutions)
 
 
 def _reports(layer_plan, kernels, covariances, solutions) -> tuple[LayerReport, ...]:
-    """One :class:`LayerReport` per plan entry, from its kernel, calibration cov and solution."""
-    return tuple(
-        LayerReport(path=e.path, format=e.format, rank=e.ranks[0] if len(e.ranks) == 1 else tuple(e.ranks),
-                    params=e.params_after, baseline_params=e.params_before,
-                    relative_error=float(sd.relative_error(kernels[e.path], jax.device_put(
-                        s.value, jax.devices()[0]), covariances[e.path].cov)),
-                    status=sd.Status(int(s.status)).name, num_steps=int(s.num_steps))
-        for e, s in zip(layer_plan.entries, solutions))
+    """One :class:`LayerReport` per plan entry, from its kernel, calibration cov and solution
+    (gathered on one local device: solves and statistics may live on others)."""
+    here = jax.local_devices()[0]
+    reports = []
+    for e, s in zip(layer_plan.entries, solutions):
+        kernel, value, cov = jax.device_put((kernels[e.path], s.value, covariances[e.path].cov), here)
+        reports.append(LayerReport(
+            path=e.path, format=e.format, rank=e.ranks[0] if len(e.ranks) == 1 else tuple(e.ranks),
+            params=e.params_after, baseline_params=e.params_before,
+            relative_error=float(sd.relative_error(kernel, value, cov)),
+            status=sd.Status(int(s.status)).name, num_steps=int(s.num_steps)))
+    return tuple(reports)
 
 
 def _covariances_for(model, layer_plan, calib_images, covariances, batch_size, progress,
@@ -414,12 +419,19 @@ def _check_calibration(calibration: str | None, norm: str) -> str:
 def summary(report: dict) -> str:
     """A few human-readable lines of a :func:`compress_pretrained` report."""
     c = report["config"]
+    if report["accuracy"] is not None:
+        scores = (f"  accuracy  {report['accuracy']:.2%}  (uncompressed {report['baseline_accuracy']:.2%}, "
+                  f"top-1 agreement {report['agreement']:.2%}, {report['num_eval_images']} test images)")
+    else:  # unlabelled evaluation images (sigmadecomp.user_model)
+        agreement = "n/a" if report["agreement"] is None else f"{report['agreement']:.2%}"
+        scores = (f"  top-1 agreement {agreement}, output relative error "
+                  f"{report['output_relative_error']:.4g} ({report['num_eval_images']} unlabelled images)")
     return "\n".join([
-        f"{c['arch']} {c['format']}/{c['norm']} ({c.get('calibration', 'parallel')} calibration) "
+        f"{c.get('arch') or c.get('model')} {c['format']}/{c['norm']} "
+        f"({c.get('calibration', 'parallel')} calibration) "
         f"ratio {c['ratio']} ({len(report['layers'])} layers, "
         f"{c['calib']} calibration images, key {c['key']})",
-        f"  accuracy  {report['accuracy']:.2%}  (uncompressed {report['baseline_accuracy']:.2%}, "
-        f"top-1 agreement {report['agreement']:.2%}, {report['num_eval_images']} test images)",
+        scores,
         f"  params    {report['params']:,} / {report['baseline_params']:,} "
         f"({report['params'] / report['baseline_params']:.2f}x)",
         f"  MACs      {report['flops']:,} / {report['baseline_flops']:,} "

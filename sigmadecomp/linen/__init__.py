@@ -5,7 +5,8 @@
 * :func:`describe_layers` — the decomposable layers a forward pass calls, by path;
 * :func:`plan`, :func:`compress` — the NNX pipeline's plan and per-layer solves for linen;
 * :func:`apply_factorized` — ``module.apply`` with planned layers computed from a factor pytree;
-* :class:`LinenCompressed`, :func:`save`, :func:`load` — the result, and its factors on disk.
+* :class:`LinenCompressed`, :func:`save`, :func:`load` — the result, and its factors on disk;
+* :func:`verify` — per-layer and end-to-end errors against the original, counts before/after.
 
 >>> import jax, jax.numpy as jnp, flax.linen as nn
 >>> from sigmadecomp import linen as sdl
@@ -20,10 +21,12 @@
 
 from sigmadecomp.linen._compress import LinenCompressed, apply_factorized, compress, kernels_of, load, plan, save
 from sigmadecomp.linen._tap import LinenLayer, collect_covariances, describe_layers
+from sigmadecomp.linen._verify import LinenReport, verify
 
 __all__ = [
     "LinenCompressed",
     "LinenLayer",
+    "LinenReport",
     "apply_factorized",
     "collect_covariances",
     "compress",
@@ -32,4 +35,5 @@ __all__ = [
     "load",
     "plan",
     "save",
+    "verify",
 ]

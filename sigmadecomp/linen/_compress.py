@@ -242,7 +242,8 @@ def compress(module: nn.Module, variables, calib_images=None, *, format: str, no
                              [covariances[e.path].cov if norm == "sigma" else None for e in layer_plan.entries],
                              list(keys), devices=devices)
     reports = _reports(layer_plan, kernels, covariances, solutions)
-    factors = {e.path: s.value for e, s in zip(layer_plan.entries, solutions)}
+    here = jax.local_devices()[0]  # solves may have run on other devices
+    factors = {e.path: jax.device_put(s.value, here) for e, s in zip(layer_plan.entries, solutions)}
     return LinenCompressed(module, _without_kernels(variables, layer_plan.paths), factors, layer_plan,
                            reports, time.perf_counter() - start, tuple(sorted((apply_kwargs or {}).items())))
 
