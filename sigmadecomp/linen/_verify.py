@@ -45,8 +45,9 @@ def _comparing_interceptor(factors, sums: dict):
         path = layer_path(context.module)
         y_c = _factorized_layer(context.module, factors[path])(args[0])
         y_o = next_fun(*args, **kwargs)  # the dense layer: its kernel is still in these variables
-        bias = context.module.variables["params"].get("bias") if context.module.use_bias else 0
-        sums[path] = (jnp.sum((y_c - y_o) ** 2), jnp.sum((y_o - bias) ** 2))
+        bias = context.module.variables["params"].get("bias") if context.module.use_bias else None
+        centred = y_o if bias is None else y_o - jnp.broadcast_to(bias, y_o.shape).astype(y_o.dtype)
+        sums[path] = (jnp.sum((y_c - y_o) ** 2), jnp.sum(centred ** 2))
         return y_c
 
     return interceptor
