@@ -75,7 +75,7 @@ def test_covariances_identical_to_nnx(twins):
     assert np.array_equal(via_tuple["conv2"].cov, nnx_covs["conv2"].cov)
 
 
-@pytest.mark.parametrize("fmt", ["svd", "tucker2"])
+@pytest.mark.parametrize("fmt", ["tucker2"])  # svd: in the verify and save tests below
 def test_compress_identical_to_nnx(twins, fmt):
     module, variables, model, x = twins
     options = dict(format=fmt, norm="sigma", ratio=0.5, skip=("conv1", "linear"), key=jax.random.key(3),
@@ -119,7 +119,7 @@ def test_save_load_round_trip(twins, tmp_path, save_format):
     loaded = sdl.load(tmp_path, module, variables)
     assert loaded.plan == small.plan
     assert np.array_equal(loaded(x), small(x))
-    other = LinenCNN().init(jax.random.key(0), jnp.zeros((1, 10, 10, 3)))  # other linear kernel shape
+    other = LinenCNN().init(jax.random.key(0), jnp.zeros((1, 10, 10, 3), jnp.float32))  # other linear shape
     with pytest.raises(ValueError, match="kernel at 'linear'"):
         sdl.load(tmp_path, module, other)
 
