@@ -351,7 +351,8 @@ def collect_covariances(
     total = max_batches if total is None else min(total, max_batches or total)
     stats = None
     single = functools.partial(layer_inputs, graphdef, paths, forward, state)
-    parallel = _data_parallel(devices, functools.partial(_layer_inputs, graphdef, paths, forward), state)
+    parallel = _data_parallel(devices, functools.partial(_layer_inputs, graphdef, paths, forward), state,
+                              cache_key=(graphdef, paths, forward))
     for batch in tqdm(itertools.islice(batches, max_batches), total=total, disable=not progress,
                       desc="covariance"):
         for inputs, update in batch_pieces(_as_input(batch), parallel, single, layer_update):
@@ -364,12 +365,14 @@ def collect_covariances(
     return {path: finalize(s) for path, s in stats.items()}
 
 
-def _data_parallel(devices, inputs_fn, params):
+def _data_parallel(devices, inputs_fn, params, *, cache_key=None):
     """A :class:`sigmadecomp.distributed.DataParallel` for several devices, else ``None``."""
     from sigmadecomp.distributed import DataParallel, resolve_devices
 
     devices = resolve_devices(devices)
-    return None if devices is None else DataParallel(devices, inputs_fn, params, _layer_update)
+    if devices is None:
+        return None
+    return DataParallel(devices, inputs_fn, params, _layer_update, cache_key=cache_key)
 
 
 def _length(batches) -> int | None:
