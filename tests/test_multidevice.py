@@ -116,3 +116,48 @@ def test_assign_devices_balances_cost():
     kernels = [np.zeros((3, 3, 64, 64))] * 2 + [np.zeros((3, 3, 16, 16))] * 4
     where = assign_devices(kernels, 2)
     assert where[0] != where[1] and sorted(where[2:]) == [0, 0, 1, 1]
+
+
+TWO_PROCESSES = textwrap.dedent('''
+    import json, sys
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_enable_x64", True)
+    process, port = int(sys.argv[1]), sys.argv[2]
+    jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=process)
+    import numpy as np
+    from flax import nnx
+    import sigmadecomp as sd
+    from sigmadecomp.models import SmallCNN
+
+    model = SmallCNN(widths=(4, 8, 8), rngs=nnx.Rngs(0))
+    x = np.random.default_rng(0).random((16, 8, 8, 1), np.float32)
+    mine = [b[process * 4 : (process + 1) * 4] for b in (x[:8], x[8:])]  # this process's rows
+    both = sd.collect_covariances(model, mine, progress=False, devices="all")
+    alone = sd.collect_covariances(model, [x[:8], x[8:]], progress=False, devices=[jax.local_devices()[0]])
+    print(json.dumps({"devices": len(jax.devices()), "count": float(both["conv2"].count),
+                      "diff": max(float(np.max(np.abs(np.asarray(alone[p].cov) - np.asarray(both[p].cov))))
+                                  for p in alone)}))
+''')
+
+
+@pytest.mark.slow
+def test_two_processes_with_jax_distributed():
+    """Two CPU processes joined by jax.distributed (gloo): each feeds its own half of every batch
+    and both get the statistics of all the images (30 s of CPU, hence slow)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = str(probe.getsockname()[1])
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    runs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, str(i), port], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    for run, (out, err) in zip(runs, outputs):
+        assert run.returncode == 0, err[-3000:]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    for result in results:
+        assert result["devices"] == 2 and result["count"] == 16 * 64  # 16 images × 8×8 positions
+        assert result["diff"] < 1e-13
