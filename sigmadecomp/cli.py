@@ -21,6 +21,8 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
+from sigmadecomp.formats import format_names
+
 __all__ = ["main"]
 
 EXIT_USAGE = 2  # argparse's code for a bad command line
@@ -153,8 +155,9 @@ def _add_compress(commands) -> None:
                                "all of jax.devices()); parallel calibration only (default: one device)")
     compress.add_argument("--save-format", default="safetensors", choices=("safetensors", "orbax"),
                           help="file format of --save (default: safetensors)")
-    compress.add_argument("--format", default="tucker2", choices=("svd", "tucker2", "cp"),
-                          help="decomposition of every compressed conv (default: tucker2)")
+    compress.add_argument("--format", default="tucker2", choices=format_names(),
+                          help="decomposition of every compressed conv, from the format registry "
+                               "(default: tucker2)")
     compress.add_argument("--norm", default="sigma", choices=("frobenius", "sigma"),
                           help="frobenius: classic ALS/SVD on the weights; sigma: minimise the "
                                "output error on calibration data (default: sigma)")

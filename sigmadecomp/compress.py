@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 import sigmadecomp as sd
 from sigmadecomp._paths import get_by_path
+from sigmadecomp.formats import get as get_format
 from sigmadecomp.data import batches
 
 __all__ = [
@@ -63,6 +64,17 @@ class LayerReport:
     relative_error: float  # relative Σ-error w.r.t. the layer's calibration cov (both norms)
     status: str  # the solver's Status name
     num_steps: int
+    max_increase: float = 0.0  # largest rise of the solver's error history in one sweep, relative
+    # to its first value (0 when the history never increases)
+
+
+def history_increase(solution) -> float:
+    """Largest rise of ``solution.errors`` from one sweep to the next, relative to the first
+    value (0.0 when non-increasing, as every exact block-ALS solver must be)."""
+    errors = np.asarray(solution.errors)[: int(solution.num_steps) + 1]
+    if len(errors) < 2 or not errors[0] > 0:
+        return 0.0
+    return float(max(0.0, np.max(np.diff(errors)) / errors[0]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,14 +156,7 @@ def calibrate(
 def solver_for(entry, *, max_steps: int | None = None) -> sd.AbstractSolver:
     """The solver configuration for one plan entry (its format and ranks)."""
     options = {} if max_steps is None else {"max_steps": int(max_steps)}
-    rank = entry.ranks[0]
-    if entry.format == "svd":
-        return sd.SVD(rank)
-    if entry.format == "tucker2":
-        return sd.Tucker2ALS(tuple(entry.ranks), **options)
-    if entry.format in ("cp", "cp3"):
-        return sd.CPALS(rank, merge_spatial=entry.format == "cp3", **options)
-    raise ValueError(f"no solver for format {entry.format!r} (layer {entry.path!r})")
+    return get_format(entry.format).solver(tuple(entry.ranks), **options)
 
 
 def _check_norm(norm: str) -> None:
@@ -178,6 +183,7 @@ def _decompose_layer(model, entry, cov, *, norm, key, max_steps) -> tuple[object
         relative_error=float(sd.relative_error(kernel, solution.value, cov)),
         status=sd.Status(int(solution.status)).name,
         num_steps=int(solution.num_steps),
+        max_increase=history_increase(solution),
     )
     return solution.value, layer_result
 
@@ -292,7 +298,8 @@ def _reports(layer_plan, kernels, covariances, solutions) -> tuple[LayerReport, 
             path=e.path, format=e.format, rank=e.ranks[0] if len(e.ranks) == 1 else tuple(e.ranks),
             params=e.params_after, baseline_params=e.params_before,
             relative_error=float(sd.relative_error(kernel, value, cov)),
-            status=sd.Status(int(s.status)).name, num_steps=int(s.num_steps)))
+            status=sd.Status(int(s.status)).name, num_steps=int(s.num_steps),
+            max_increase=history_increase(s)))
     return tuple(reports)
 
 

@@ -48,8 +48,8 @@ def twins():
     variables = jax.jit(module.init)(jax.random.key(1), x)
     model = NnxCNN(nnx.Rngs(0))
     for name in NAMES:
-        getattr(model, name).kernel.value = variables["params"][name]["kernel"]
-        getattr(model, name).bias.value = variables["params"][name]["bias"]
+        getattr(model, name).kernel[...] = variables["params"][name]["kernel"]
+        getattr(model, name).bias[...] = variables["params"][name]["bias"]
     assert np.array_equal(module.apply(variables, x), model(x))
     return module, variables, model, x
 

@@ -39,7 +39,7 @@ from sigmadecomp.data import cifar10_normalize, load_cifar10, sample  # noqa: E4
 from sigmadecomp.models import pretrained_resnet  # noqa: E402
 from sigmadecomp.surgery import FORMAT_NAMES, plan  # noqa: E402
 
-from config import FULL, SMOKE, Config  # noqa: E402
+from config import ENGINE, FULL, SMOKE, Config  # noqa: E402
 
 INPUT_SHAPE = (1, 32, 32, 3)
 ARCHS = (20, 32, 56)  # the pretrained weights of the data kit
@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=pathlib.Path, help="where results.json and figure.png go (default: this "
                    "folder; with --smoke a folder in the system's temporary directory)")
     p.add_argument("--smoke", action="store_true", help="tiny configuration for CI (seconds)")
+    p.add_argument("--engine", action="store_true", help="the engine formats' configuration (issue 14: "
+                   "tucker3, tt, tr × both norms × parallel/sequential × ratios 0.5/0.33/0.25)")
     p.add_argument("--force", action="store_true", help="redo runs already in results.json")
     p.add_argument("--table", action="store_true", help="print the table (and figure) from results.json only")
     p.add_argument("--archs", type=int, nargs="+", help="subset of depths, e.g. 20 32")
@@ -167,6 +169,9 @@ def measure(arch: Arch, key: tuple, test, config: Config) -> dict:
         layer_errors=[round(layer.relative_error, 6) for layer in result.layers],
         statuses=dict(collections.Counter(layer.status for layer in result.layers)),
         max_steps=config.sweeps(format), mean_steps=float(np.mean([layer.num_steps for layer in result.layers])),
+        max_history_increase=max(layer.max_increase for layer in result.layers),
+        loadavg=[round(x, 2) for x in os.getloadavg()],
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
         compress_seconds=round(result.seconds, 2), seconds=round(time.perf_counter() - start, 2),
         calib_images=config.calib_images, test_images=len(test[1]),
     )
@@ -259,7 +264,8 @@ def figure(runs: list[dict], path: pathlib.Path) -> None:
 
     archs = sorted({r["arch"] for r in runs})
     fig, axes = plt.subplots(1, len(archs), figsize=(5 * len(archs), 4), squeeze=False, sharey=True)
-    colors = {"svd": "tab:blue", "tucker2": "tab:orange", "cp": "tab:green", "cp3": "tab:red"}
+    colors = {"svd": "tab:blue", "tucker2": "tab:orange", "cp": "tab:green", "cp3": "tab:red",
+              "tucker3": "tab:purple", "tt": "tab:brown", "tr": "tab:pink"}
     for ax, arch in zip(axes[0], archs):
         mine = [r for r in runs if r["arch"] == arch]
         for (calibration, format, norm) in sorted({(r["calibration"], r["format"], r["norm"]) for r in mine}):
@@ -293,7 +299,7 @@ def report(results: dict, out_dir: pathlib.Path) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    base = SMOKE if args.smoke else FULL
+    base = SMOKE if args.smoke else ENGINE if args.engine else FULL
     config = select(base, args)
     if args.out is None:
         args.out = pathlib.Path(tempfile.gettempdir()) / "sigma_vs_frobenius_smoke" if args.smoke else HERE
@@ -301,8 +307,8 @@ def main(argv=None) -> None:
     results = load_results(out)
     if not args.table:
         start = time.perf_counter()
-        results["meta"] = dict(config=dataclasses.asdict(base), machine=machine(), jax=jax.__version__,
-                               smoke=args.smoke)
+        meta = dict(config=dataclasses.asdict(base), machine=machine(), jax=jax.__version__, smoke=args.smoke)
+        results["meta_engine" if args.engine else "meta"] = meta
         session = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), argv=sys.argv[1:])
         run_all(config, args, results, out)
         session["wall_seconds"] = round(time.perf_counter() - start, 1)

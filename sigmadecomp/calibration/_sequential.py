@@ -35,7 +35,7 @@ from sigmadecomp.calibration._activations import (
     advance, check_stages, cross_statistics, forward_stages, input_batches, stage_layers, whole_model,
 )
 from sigmadecomp.calibration._bias import apply_shift, bias_sites, output_shift
-from sigmadecomp.compress import Compressed, LayerReport, solver_for
+from sigmadecomp.compress import Compressed, LayerReport, history_increase, solver_for
 from sigmadecomp.covariance._collect import layer_tap
 from sigmadecomp.surgery._plan import Plan
 from sigmadecomp.surgery._tap import input_spec
@@ -146,6 +146,7 @@ def _report(entry, solution, error: float) -> LayerReport:
         rank=entry.ranks[0] if len(entry.ranks) == 1 else tuple(entry.ranks),
         params=entry.params_after, baseline_params=entry.params_before, relative_error=error,
         status=sd.Status(int(solution.status)).name, num_steps=int(solution.num_steps),
+        max_increase=history_increase(solution),
     )
 
 

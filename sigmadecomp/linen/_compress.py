@@ -30,10 +30,9 @@ from flax.core import unfreeze
 from sigmadecomp import solvers
 from sigmadecomp.data import batches as make_batches
 from sigmadecomp.layers._config import ConvConfig
-from sigmadecomp.layers._lowrank import LowRankDense
-from sigmadecomp.layers._registry import CONV_LAYERS
-from sigmadecomp.layers._shapes import FORMATS, placeholder
-from sigmadecomp.linen._tap import collect_covariances, describe_layers, is_tapped, layer_path
+from sigmadecomp.formats._registry import spec_of
+from sigmadecomp.layers._shapes import placeholder
+from sigmadecomp.linen._tap import _conv_tap, collect_covariances, describe_layers, is_tapped, layer_path
 from sigmadecomp.surgery._plan import (
     Plan, _check_arguments, _check_rank_bounds, _check_ranks_cover, _choose_format, _finish_entry,
     _normalize_ranks, _skip_predicate,
@@ -53,16 +52,16 @@ def _factorized_layer(module: nn.Module, factorized):
     params = module.variables.get("params", {})
     bias = params.get("bias") if module.use_bias else None
     common = dict(bias=bias, dtype=module.dtype, precision=module.precision)
-    if isinstance(module, nn.Dense):
-        return LowRankDense(factorized, **common)
     parts = list(factorized) if isinstance(factorized, (list, tuple)) else [factorized]
-    fmt = next(name for name, cls in FORMATS.items() if isinstance(parts[0], cls))
-    from sigmadecomp.linen._tap import _conv_tap  # the same geometry the covariance used
-
+    spec = spec_of(parts[0])  # the format registry names each format's layers
+    if isinstance(module, nn.Dense):
+        if spec.dense_layer is None:
+            raise ValueError(f"linen layer {layer_path(module)!r} is dense: format {spec.name!r} has no dense layer")
+        return spec.dense_layer(factorized, **common)
     tap = _conv_tap(layer_path(module), module, parts[0].kernel_shape[2] * len(parts))
     config = ConvConfig(tap.strides, tap.padding, tap.dilation, tap.groups)
-    return CONV_LAYERS[fmt](factorized, strides=config.strides, padding=config.padding,
-                            kernel_dilation=config.kernel_dilation, **common)
+    return spec.layer(factorized, strides=config.strides, padding=config.padding,
+                      kernel_dilation=config.kernel_dilation, **common)
 
 
 def _interceptor(factors: Mapping) -> Callable:
@@ -135,7 +134,9 @@ def plan(module: nn.Module, variables, example, *, format: str, ratio=None, rank
             chosen_ranks = _normalize_ranks(fmt, ranks[path], path)
             _check_rank_bounds(fmt, chosen_ranks, info["kernel_shape"], groups, path)
         else:
-            chosen_ranks = rank_for_ratio(fmt, info["kernel_shape"], ratio, groups=groups)
+            kernel = jnp.asarray(_subtree(variables["params"], path)["kernel"])
+            chosen_ranks = rank_for_ratio(fmt, info["kernel_shape"], ratio, groups=groups,
+                                          kernel=kernel[..., : info["kernel_shape"][-1] // groups])
         spec = dict(info, path=path, format=fmt, ranks=chosen_ranks)
         entries.append(_finish_entry(spec, (layers[path].in_shape, layers[path].out_shape)))
     return Plan(tuple(entries), (1, *shape[1:]))
@@ -258,16 +259,17 @@ def _check_ungrouped(layer_plan: Plan) -> None:
 # ----------------------------------------------------------------------------- save / load
 
 
+def _leaf_name(path: str, key_path) -> str:
+    """``"conv2/in_kernel"``, ``"conv2/0/core"`` (group 0), ``"conv2/cores/1"``: one name per leaf."""
+    parts = [str(getattr(k, "name", getattr(k, "idx", getattr(k, "key", k)))) for k in key_path]
+    return "/".join([path, *parts])
+
+
 def _flat_factors(factors: Mapping) -> dict:
-    out = {}
-    for path, factorized in factors.items():
-        parts = factorized if isinstance(factorized, (list, tuple)) else [factorized]
-        for g, part in enumerate(parts):
-            prefix = path if len(parts) == 1 else f"{path}/{g}"
-            for field in dataclasses.fields(part):
-                if field.name != "kernel_shape":
-                    out[f"{prefix}/{field.name}"] = np.asarray(getattr(part, field.name))
-    return out
+    """``{name: numpy array}`` of every leaf of every layer's factor pytree (any registered format)."""
+    return {_leaf_name(path, key_path): np.asarray(leaf)
+            for path, factorized in factors.items()
+            for key_path, leaf in jax.tree_util.tree_flatten_with_path(factorized)[0]}
 
 
 def save(path, compressed: LinenCompressed, *, format: str = "safetensors") -> None:
@@ -295,6 +297,11 @@ def save(path, compressed: LinenCompressed, *, format: str = "safetensors") -> N
     write_tensors(folder, "factors", _flat_factors(compressed.factors), format=format)
 
 
+def _placeholders(entry, dtype):
+    one = placeholder(entry.format, entry.group_kernel_shape, entry.ranks, dtype)
+    return [one] * entry.groups if entry.groups > 1 else one
+
+
 def load(path, module: nn.Module, variables, *, apply_kwargs: dict | None = None) -> LinenCompressed:
     """The :class:`LinenCompressed` saved in folder ``path``, for the user's ``module`` and its
     uncompressed ``variables`` (whose planned kernels must have the saved shapes)."""
@@ -310,8 +317,7 @@ def load(path, module: nn.Module, variables, *, apply_kwargs: dict | None = None
                          f"readable; expected {_FILE_FORMAT!r} version {_FILE_VERSION}")
     layer_plan = Plan.from_dict(header["plan"])
     kernels = kernels_of(variables, layer_plan)  # checks the variables fit the plan
-    templates = {e.path: placeholder(e.format, e.group_kernel_shape, e.ranks, kernels[e.path].dtype)
-                 for e in layer_plan.entries}
+    templates = {e.path: _placeholders(e, kernels[e.path].dtype) for e in layer_plan.entries}
     tensors = read_tensors(folder, "factors")
     expected = _flat_factors(templates)
     problems = sorted(set(expected) ^ set(tensors)) + [
@@ -319,8 +325,10 @@ def load(path, module: nn.Module, variables, *, apply_kwargs: dict | None = None
     if problems:
         raise ValueError(f"{folder}: the saved factors do not fit the plan (missing, extra or mis-shaped: "
                          f"{problems})")
-    factors = {p: dataclasses.replace(t, **{f.name: jnp.asarray(tensors[f"{p}/{f.name}"])
-                                           for f in dataclasses.fields(t) if f.name != "kernel_shape"})
-               for p, t in templates.items()}
+    factors = {}
+    for path, template in templates.items():
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+        factors[path] = jax.tree_util.tree_unflatten(
+            treedef, [jnp.asarray(tensors[_leaf_name(path, key_path)]) for key_path, _ in leaves])
     return LinenCompressed(module, _without_kernels(variables, layer_plan.paths), factors, layer_plan,
                            apply_kwargs=tuple(sorted((apply_kwargs or {}).items())))

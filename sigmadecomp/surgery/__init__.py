@@ -10,7 +10,9 @@ Typical use (``factors`` maps each planned path to its factorized kernel, e.g. f
 
 * :func:`plan` / :class:`Plan` / :class:`PlanEntry` — which layers, format, ranks, counts;
   ranks for a target parameter ratio come from :func:`svd_rank_for_ratio`,
-  :func:`tucker2_ranks_for_ratio`, :func:`cp_rank_for_ratio`, :func:`cp3_rank_for_ratio`.
+  :func:`tucker2_ranks_for_ratio`, :func:`cp_rank_for_ratio`, :func:`cp3_rank_for_ratio`,
+  :func:`tucker3_ranks_for_ratio`, :func:`tt_ranks_for_ratio`, :func:`tr_ranks_for_ratio`
+  (each format's rule is read from the format registry, :mod:`sigmadecomp.formats`).
 * :func:`apply` — a compressed copy with factorized layers (:mod:`sigmadecomp.layers`).
 * :func:`verify` / :class:`Report` — per-layer relative Σ-error on real inputs, end-to-end output
   error and top-1 agreement, parameters and measured MACs.
@@ -21,8 +23,10 @@ from sigmadecomp.surgery._apply import apply
 from sigmadecomp.surgery._io import FILE_VERSION, load, save
 from sigmadecomp.surgery._plan import FORMAT_NAMES, PLAN_VERSION, Plan, PlanEntry, plan
 from sigmadecomp.surgery._ranks import (
-    cp3_rank_for_ratio, cp_rank_for_ratio, rank_for_ratio, svd_rank_for_ratio, tucker2_ranks_for_ratio,
+    cp3_rank_for_ratio, cp_rank_for_ratio, rank_for_ratio, svd_rank_for_ratio, tr_ranks_for_ratio,
+    tt_ranks_for_ratio, tucker2_ranks_for_ratio, tucker3_ranks_for_ratio,
 )
+from sigmadecomp.surgery._tt import fit_tt_embedding, to_tt
 from sigmadecomp.surgery._verify import LayerReport, Report, verify
 
 __all__ = [
@@ -41,6 +45,11 @@ __all__ = [
     "rank_for_ratio",
     "save",
     "svd_rank_for_ratio",
+    "tr_ranks_for_ratio",
+    "tt_ranks_for_ratio",
     "tucker2_ranks_for_ratio",
+    "tucker3_ranks_for_ratio",
     "verify",
+    "fit_tt_embedding",
+    "to_tt",
 ]

@@ -210,7 +210,7 @@ def read_tensors(folder: pathlib.Path, stem: str) -> dict:
         with ocp.StandardCheckpointer() as checkpointer:
             restored = checkpointer.restore(checkpoint)
         return {name: np.asarray(value) for name, value in restored.items()}
-    raise ValueError(f"neither {file} nor the orbax checkpoint {checkpoint} found: the saved model is incomplete")
+    raise ValueError(f"{file} not found (nor an orbax checkpoint {checkpoint}): the saved model is incomplete")
 
 
 def _write_values(model: nnx.Module, tensors: dict) -> None:
