@@ -3,9 +3,11 @@
 Each calibration batch is split along its first axis over a one-axis mesh ``("data",)`` of the
 given devices. Inside ``shard_map`` every device runs the tapped forward pass on its shard and adds
 its shard's patches to a fresh :class:`~sigmadecomp.covariance.MomentState`, with exactly the
-per-layer update of the one-device path; the per-device states are then ``all_gather``-ed and folded
-with :func:`sigmadecomp.covariance.merge` in device order (so every device ends with the same,
-deterministic sum, Neumaier-compensated in float32), and merged into the running statistics.
+per-layer update of the one-device path; the per-device states are then folded with
+:func:`sigmadecomp.covariance.merge` in device order (a deterministic sum, Neumaier-compensated in
+float32) and merged into the running statistics. In one process the states are copied to the first
+device and folded there (no collective); across processes they are ``all_gather``-ed and every
+device folds them, so every process ends with the same statistics.
 
 What differs from one device is only the order of floating-point additions (a batch's rows are
 summed per shard, then shards are added), so results agree to rounding: ~1e-16 relative in float64,
@@ -95,6 +97,8 @@ class DataParallel:
         self.mesh = Mesh(np.asarray(self.devices), (_AXIS,))
         self.n = len(self.devices)
         self.layer_update = layer_update
+        self.collective = jax.process_count() > 1
+        self.home = jax.local_devices()[0]
         self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
         key = None if cache_key is None else (cache_key, self.devices)
         if key is None or key not in _FORWARDS:
@@ -107,23 +111,40 @@ class DataParallel:
         self.forward = _FORWARDS[key]
 
     def _update_fn(self, geometry, state: MomentState):
-        """One jitted, sharded update per layer geometry (as the one-device path compiles)."""
+        """One jitted, sharded update per layer geometry (as the one-device path compiles):
+        ``value`` (sharded rows) → every device's statistics of its rows, stacked on axis 0."""
         key = (geometry, state.groups, state.dim, state.cross, jnp.dtype(state.dtype), self.devices,
-               self.layer_update)
+               self.layer_update, self.collective)
         if key not in _UPDATES:
             groups, dim, cross, dtype, n = state.groups, state.dim, state.cross, state.dtype, self.n
             layer_update = self.layer_update
 
             def local(value):
-                fresh = init(dim, groups=groups, cross=cross, dtype=dtype)
-                local_state = layer_update(geometry, fresh, value)
-                return _fold(jax.lax.all_gather(local_state, _AXIS), n)
+                local_state = layer_update(geometry, init(dim, groups=groups, cross=cross, dtype=dtype), value)
+                if self.collective:  # several processes: every device folds all the states
+                    return _fold(jax.lax.all_gather(local_state, _AXIS), n)
+                return jax.tree.map(lambda v: v[None], local_state)
 
-            # every device holds the same fold of the gathered states: replicated by construction
-            # (the replication checker cannot see through the fold, hence unchecked)
-            sharded = _unchecked_shard_map(local, mesh=self.mesh, in_specs=P(_AXIS), out_specs=P())
-            _UPDATES[key] = jax.jit(lambda st, value: merge(st, sharded(value)))
+            # collective: every device holds the same fold of the gathered states, replicated by
+            # construction (the replication checker cannot see through the fold, hence unchecked)
+            out_specs = P() if self.collective else P(_AXIS)
+            _UPDATES[key] = jax.jit(_unchecked_shard_map(local, mesh=self.mesh, in_specs=P(_AXIS),
+                                                         out_specs=out_specs))
         return _UPDATES[key]
+
+    def _gather_home(self, stacked) -> MomentState:
+        """One process: the per-device states (no collective: on a loaded CPU host XLA's
+        cross-device rendezvous can time out) copied to the first device, folded in device order."""
+        def part(k):
+            def take(leaf):
+                shard = next(s for s in leaf.addressable_shards if (s.index[0].start or 0) == k)
+                return jax.device_put(shard.data[0], self.home)
+            return jax.tree.map(take, stacked)
+
+        total = part(0)
+        for k in range(1, self.n):
+            total = merge(total, part(k))
+        return total
 
     def global_batch(self, x):
         """A host batch (this process's rows) as one array sharded over the mesh's data axis."""
@@ -140,7 +161,11 @@ class DataParallel:
         return self.forward(self.params, self.global_batch(x))
 
     def update(self, geometry, state: MomentState, value) -> MomentState:
-        return self._update_fn(geometry, state)(state, value)
+        batch = self._update_fn(geometry, state)(value)
+        if not self.collective:
+            batch = self._gather_home(batch)
+            state = jax.device_put(state, self.home)
+        return merge(state, batch)
 
 
 def batch_pieces(x, parallel: DataParallel | None, single_inputs: Callable, single_update: Callable) -> list:
