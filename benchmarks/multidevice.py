@@ -103,6 +103,21 @@ def measure(depth: int, count: int, batch_size: int, dtype: str, repeats: int, d
     return row
 
 
+def table(rows: list) -> str:
+    """The markdown table of benchmarks/RESULTS.md, printed from the result file."""
+    lines = ["| model | images | dtype | devices | 1 device best / median (s) | 2 devices best / median (s) | "
+             "speed-up (best) | max rel. cov diff | bit-identical | load avg (1 min, before → after) | date |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['images']} | {r['dtype']} | {', '.join(r['devices'])} | "
+            f"{r['seconds_one_best']:.2f} / {r['seconds_one_median']:.2f} | "
+            f"{r['seconds_two_best']:.2f} / {r['seconds_two_median']:.2f} | {r['speedup_best']:.2f}× | "
+            f"{r['max_rel_cov_diff']:.1e} | {'yes' if r['bit_identical'] else 'no'} | "
+            f"{r['loadavg_before'][0]:.1f} → {r['loadavg_after'][0]:.1f} | {r['date']} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, default=56)
@@ -114,7 +129,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "multidevice_results.json")
     parser.add_argument("--smoke", action="store_true", help="ResNet-8, 32 images, 1 repeat")
     parser.add_argument("--real-devices", action="store_true", help="use the machine's devices as they are")
+    parser.add_argument("--table", action="store_true", help="print the results table and exit")
     args = parser.parse_args(argv)
+    if args.table:
+        print(table(json.loads(args.out.read_text())))
+        return
     if args.smoke:
         args.depth, args.images, args.batch_size, args.repeats = 8, 32, 16, 1
     jax.config.update("jax_enable_x64", True)
