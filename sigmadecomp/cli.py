@@ -229,8 +229,9 @@ def _check_paths(args) -> None:
             raise FileNotFoundError(f"{flag}: the CIFAR-10 folder {path} has no {name}")
         if not (path.is_dir() or (path.is_file() and path.suffix == ".npz")):
             raise FileNotFoundError(
-                f"{flag}: {path} is neither a folder (CIFAR-10 python version, or images in one "
-                "sub-folder per class) nor an .npz file"
+                f"{flag}: {path} is not a folder or an .npz file; expected a CIFAR-10 python-version "
+                "folder (data_batch_1..5, test_batch), an image folder (one sub-folder per class) or "
+                "an .npz with 'images' and optional 'labels'"
             )
 
 
