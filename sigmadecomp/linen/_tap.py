@@ -22,14 +22,14 @@ from collections.abc import Callable, Iterable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen.linear import canonicalize_padding
 from tqdm.auto import tqdm
 
 from sigmadecomp.covariance._collect import (
-    LayerTap, _as_input, _data_parallel, _layer_update, _layer_update_jit, _length, _pair,
+    LayerTap, _as_input, _data_parallel, _layer_update, _layer_update_jit, _length,
 )
 from sigmadecomp.covariance._stats import LayerCovariance, _check_dtype, _default_dtype, finalize, init
 from sigmadecomp.distributed._covariance import batch_pieces
+from sigmadecomp.layers._config import ConvConfig
 
 __all__ = ["LinenLayer", "collect_covariances", "describe_layers", "is_tapped", "layer_path"]
 
@@ -67,20 +67,18 @@ class LinenLayer:
 
 
 def _conv_tap(path: str, layer: nn.Conv, in_features: int) -> LayerTap:
+    """The conv's geometry through the package's one normaliser (:class:`ConvConfig`), which reads
+    the same attribute names on linen's ``nn.Conv`` as on NNX's."""
     kernel_size = (layer.kernel_size,) if isinstance(layer.kernel_size, int) else tuple(layer.kernel_size)
-    if len(kernel_size) != 2:
-        raise ValueError(f"linen layer {path!r} has kernel_size {layer.kernel_size}: only 2-D convs are "
-                         "supported; leave it out with layers=[...] / skip")
-    if layer.mask is not None or _pair(layer.input_dilation, "input_dilation", path) != (1, 1):
-        raise ValueError(f"linen layer {path!r} has a mask or input_dilation; only plain convs are supported")
-    padding = canonicalize_padding(layer.padding, 2)
-    if padding == "CAUSAL":
-        raise ValueError(f"linen layer {path!r}: CAUSAL padding is 1-D only")
-    padding = padding if isinstance(padding, str) else tuple(tuple(int(e) for e in p) for p in padding)
+    try:
+        if len(kernel_size) != 2:
+            raise ValueError(f"only 2-D convs can be factorized; got kernel_size {layer.kernel_size}")
+        config = ConvConfig.from_conv(layer)
+    except ValueError as error:
+        raise ValueError(f"linen layer {path!r}: {error}; leave it out with layers=[...] / skip") from None
     return LayerTap(path, int(in_features), kernel_size=tuple(int(k) for k in kernel_size),
-                    strides=_pair(layer.strides, "strides", path), padding=padding,
-                    dilation=_pair(layer.kernel_dilation, "kernel_dilation", path),
-                    groups=int(layer.feature_group_count))
+                    strides=config.strides, padding=config.padding, dilation=config.kernel_dilation,
+                    groups=config.groups)
 
 
 def _describe(module: nn.Module, x, y) -> LinenLayer:
