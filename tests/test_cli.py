@@ -59,7 +59,7 @@ def _compress_argv(tmp_path, **overrides) -> list[str]:
         ({"--calib": "0"}, "positive integer"),
         ({"--max-steps": "-3"}, "positive integer"),
         ({"--arch": "resnet18"}, "invalid choice"),
-        ({"--format": "tt"}, "invalid choice"),
+        ({"--format": "tt4"}, "invalid choice"),
         ({"--norm": "l1"}, "invalid choice"),
     ],
 )
