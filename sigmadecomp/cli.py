@@ -7,16 +7,20 @@ Two commands:
 * ``sigmadecomp compress`` — compress a pretrained CIFAR-10 ResNet with one format, norm and
   parameter ratio; print a summary and optionally write JSON and the compressed model.
 
-Errors the user can fix (bad values, missing files) end in a one-line message on stderr and a
-non-zero exit code, never a traceback.
+Errors the user can fix (bad values, missing files, unwritable outputs) end in a one-line message
+on stderr and a non-zero exit code, never a traceback; the cheap ones are found before any long
+work starts. An unexpected internal exception (one not raised by sigmadecomp's own checks) keeps
+its traceback, so a bug is never disguised as a user error.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
+import traceback
 from collections.abc import Sequence
 
 from sigmadecomp.formats import format_names
@@ -46,6 +50,17 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _arch(text: str) -> str:
+    """``resnetN`` for any CIFAR ResNet depth ``N = 6n + 2``."""
+    from sigmadecomp.compress import resnet_depth  # noqa: PLC0415 - light module-level import
+
+    try:
+        resnet_depth(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -53,6 +68,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {value}")
     return value
 
 
@@ -94,7 +119,9 @@ def _add_compress(commands) -> None:
             "input caused by the earlier compressed layers."
         ),
     )
-    compress.add_argument("--arch", required=True, choices=("resnet20", "resnet32", "resnet56"))
+    compress.add_argument("--arch", required=True, type=_arch,
+                          help="resnetN, any CIFAR ResNet depth N = 6n+2 (resnet20, resnet32, "
+                               "resnet44, resnet56, resnet110, ...); must match --weights")
     compress.add_argument("--weights", required=True, type=pathlib.Path,
                           help="PyTorch state_dict in safetensors, e.g. resnet20_cifar10.safetensors")
     compress.add_argument("--data", required=True, type=pathlib.Path,
@@ -130,6 +157,16 @@ def _add_compress(commands) -> None:
                           help="shift each compressed layer's mean output on the calibration images "
                                "back to the original's (recommended with sequential only: it hurt "
                                "parallel calibration in experiments/sequential)")
+    compress.add_argument("--implementation", default="auto", choices=("auto", "factorized", "dense"),
+                          help="auto: time every planned layer here (at --deploy-batch) and run each the faster "
+                               "way, factorized or with the kernel rebuilt from the factors; a layer "
+                               "neither faster nor smaller when factorized stays dense. factorized/dense: "
+                               "force one (default: auto)")
+    compress.add_argument("--deploy-batch", type=_positive_int, default=128,
+                          help="batch size at which --implementation auto times the layers (default: 128)")
+    compress.add_argument("--latency-repeats", type=_nonnegative_int, default=5,
+                          help="interleaved rounds timing both models at batch 1 and 128 for latency_ms, "
+                               "baseline_latency_ms and speedup in the JSON; 0 skips it (default: 5)")
     compress.add_argument("--json", type=pathlib.Path, default=None,
                           help="write the results and the configuration to this JSON file")
     compress.add_argument("--save", type=pathlib.Path, default=None,
@@ -170,8 +207,27 @@ def _check_paths(args) -> None:
             )
 
 
+def _check_writable(flag: str, path: pathlib.Path, *, folder: bool) -> None:
+    """``path`` can be created (or overwritten): its nearest existing ancestor is a writable
+    folder and ``path`` itself is not of the wrong kind."""
+    if path.exists() and path.is_dir() != folder:
+        kind = "a folder" if path.is_dir() else "a file"
+        raise ValueError(f"{flag}: {path} is {kind}; give a {'folder' if folder else 'file'} path")
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{flag}: cannot create {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}: cannot create {path}: {ancestor} is not writable")
+
+
 def _run_compress(args) -> int:
     _check_paths(args)
+    if args.json is not None:
+        _check_writable("--json", args.json, folder=False)
+    if args.save is not None:
+        _check_writable("--save", args.save, folder=True)
     from sigmadecomp.compress import compress_pretrained, summary
 
     report = compress_pretrained(
@@ -180,7 +236,8 @@ def _run_compress(args) -> int:
         ratio=args.ratio, calib=args.calib, key=args.key, max_steps=args.max_steps,
         skip_first=args.skip_first, batch_size=args.batch_size, save_dir=args.save,
         calibration=args.calibration, bias_correction=args.bias_correction,
-        progress=args.progress,
+        progress=args.progress, implementation=args.implementation,
+        latency_repeats=args.latency_repeats, deploy_batch=args.deploy_batch,
     )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -206,6 +263,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, KeyError, OSError) as error:
+    except (ValueError, KeyError, OSError) as error:
+        if not _is_user_error(error):
+            raise  # an internal error: keep the traceback
         print(f"sigmadecomp {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
+
+
+_PACKAGE = pathlib.Path(__file__).resolve().parent
+
+
+def _is_user_error(error: BaseException) -> bool:
+    """A file-system error, or a ValueError/KeyError raised by sigmadecomp's own checks (the
+    innermost frame is in the package); anything raised inside JAX, NumPy, Flax, ... is internal."""
+    if isinstance(error, OSError):
+        return True
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and _PACKAGE in pathlib.Path(frames[-1].filename).resolve().parents

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from functools import partial
 
@@ -31,6 +33,7 @@ import sigmadecomp as sd
 from sigmadecomp._paths import get_by_path
 from sigmadecomp.formats import get as get_format
 from sigmadecomp.data import batches
+from sigmadecomp.layers._config import canonical_convs
 
 __all__ = [
     "ARCHS",
@@ -43,7 +46,11 @@ __all__ = [
     "compress_pretrained",
     "count_params",
     "evaluate_agreement",
+    "checked_fit",
+    "keep_dense",
     "predict_labels",
+    "resnet_depth",
+    "rejection",
     "solver_for",
     "summary",
 ]
@@ -82,9 +89,10 @@ class Compressed:
     """The compressed model (a new module; the input model is untouched) and per-layer reports."""
 
     model: nnx.Module
-    plan: object
+    plan: object  # the layers actually replaced (kept-dense layers are left out)
     layers: tuple[LayerReport, ...]
     seconds: float
+    kept_dense: tuple = ()  # {"path", "status", "reason"} of planned layers left dense
 
     @property
     def mean_relative_error(self) -> float:
@@ -111,7 +119,7 @@ def _argmax_logits(graphdef, state, images):
 def predict_labels(model: nnx.Module, images, *, batch_size: int = 256) -> np.ndarray:
     """Top-1 predicted class of every image, in batches (the last one padded: one compilation)."""
     images = np.asarray(images)
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(canonical_convs(model))
     size = min(batch_size, images.shape[0])
     out = []
     for start in range(0, images.shape[0], size):
@@ -163,6 +171,41 @@ def _check_norm(norm: str) -> None:
         raise ValueError(f"norm must be one of {NORMS}; got {norm!r}")
 
 
+def rejection(solution) -> str | None:
+    """Why ``solution`` must not be inserted into a model, or ``None`` when it may be.
+
+    A non-finite solve (status ``NONFINITE``), an invalid metric (``NOT_PSD``) or any non-finite
+    factor entry disqualifies it; ``MAX_STEPS`` and ``INNER_NOT_CONVERGED`` do not (the error
+    never increased, the factors are usable). Host function (call outside ``jit``).
+    """
+    status = sd.Status(int(solution.status))
+    if status in (sd.Status.NONFINITE, sd.Status.NOT_PSD):
+        return f"status {status.name}: {status.message}"
+    leaves = jax.tree_util.tree_leaves(solution.value)
+    if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in leaves):
+        return f"status {status.name} but the factors have non-finite entries"
+    return None
+
+
+def keep_dense(path: str, status: str, reason: str) -> dict:
+    """Warn once that layer ``path`` stays dense, and return its ``kept_dense`` record."""
+    warnings.warn(f"layer {path!r} kept dense: {reason}", RuntimeWarning, stacklevel=3)
+    return {"path": path, "status": status, "reason": reason}
+
+
+def checked_fit(path: str, fit):
+    """``(solution, None)`` from ``fit()``, or ``(None, kept_dense record)`` when the solve is
+    unusable (:func:`rejection`) or its ``cov`` is not PSD (:class:`sigmadecomp.NotPSDError`)."""
+    try:
+        solution = fit()
+    except sd.NotPSDError as error:
+        return None, keep_dense(path, sd.Status.NOT_PSD.name, " ".join(str(error).split()))
+    reason = rejection(solution)
+    if reason is not None:
+        return None, keep_dense(path, sd.Status(int(solution.status)).name, reason)
+    return solution, None
+
+
 def _decompose_layer(model, entry, cov, *, norm, key, max_steps) -> tuple[object, LayerReport]:
     if entry.groups != 1:
         raise ValueError(
@@ -170,9 +213,17 @@ def _decompose_layer(model, entry, cov, *, norm, key, max_steps) -> tuple[object
             "decomposes ungrouped layers only: skip it"
         )
     kernel = get_by_path(model, entry.path).kernel[...]
-    solution = sd.decompose(
-        kernel, solver_for(entry, max_steps=max_steps), cov=cov if norm == "sigma" else None, key=key
-    )
+
+    def fit():
+        solution = sd.decompose(kernel, solver_for(entry, max_steps=max_steps),
+                                cov=cov if norm == "sigma" else None, key=key)
+        if cov is not None:  # also validates cov for the Frobenius fit's Σ-error report
+            sd.solvers._validation.check_second_moments(kernel, cov, None, None)
+        return solution
+
+    solution, kept = checked_fit(entry.path, fit)
+    if kept is not None:
+        return kept, None
     layer_result = LayerReport(
         path=entry.path,
         format=entry.format,
@@ -184,7 +235,7 @@ def _decompose_layer(model, entry, cov, *, norm, key, max_steps) -> tuple[object
         num_steps=int(solution.num_steps),
         max_increase=history_increase(solution),
     )
-    return solution.value, layer_result
+    return solution, layer_result
 
 
 def compress_model(
@@ -221,6 +272,9 @@ def compress_model(
 
     Returns:
         A :class:`Compressed`: the new model, the plan and one :class:`LayerReport` per layer.
+        A layer whose solve is unusable (:func:`rejection`: non-finite, or ``cov`` not PSD) is
+        not inserted: it stays dense, a ``RuntimeWarning`` names it and the reason, and it is
+        listed in ``kept_dense`` instead of ``layers`` (and left out of the returned ``plan``).
 
     >>> import jax, numpy as np
     >>> from flax import nnx
@@ -236,6 +290,7 @@ def compress_model(
     """
     start = time.perf_counter()
     _check_norm(norm)
+    model = canonical_convs(model)
     if input_shape is None and calib_images is not None:
         input_shape = (1, *np.shape(calib_images)[1:])
     layer_plan = sd.plan(model, format=format, ratio=ratio, ranks=ranks, skip=skip,
@@ -243,16 +298,21 @@ def compress_model(
     if len(layer_plan) == 0:
         raise ValueError("the plan is empty: every eligible layer is skipped; skip fewer layers")
     covariances = _covariances_for(model, layer_plan, calib_images, covariances, batch_size, progress)
-    factorized, reports = {}, []
+    factorized, reports, kept = {}, [], []
     keys = jax.random.split(key, len(layer_plan))
     entries = tqdm(layer_plan.entries, desc=f"{format}/{norm}", disable=not progress, leave=False)
     for entry, layer_key in zip(entries, keys):
-        factorized[entry.path], report = _decompose_layer(
+        solution, report = _decompose_layer(
             model, entry, covariances[entry.path].cov, norm=norm, key=layer_key, max_steps=max_steps
         )
+        if report is None:  # `solution` is the kept_dense record
+            kept.append(solution)
+            continue
+        factorized[entry.path] = solution.value
         reports.append(report)
-    compressed = sd.apply(model, layer_plan, factorized)
-    return Compressed(compressed, layer_plan, tuple(reports), time.perf_counter() - start)
+    used = sd.Plan(tuple(e for e in layer_plan.entries if e.path in factorized), layer_plan.input_shape)
+    compressed = sd.apply(model, used, factorized)
+    return Compressed(compressed, used, tuple(reports), time.perf_counter() - start, tuple(kept))
 
 
 def _covariances_for(model, layer_plan, calib_images, covariances, batch_size, progress) -> Mapping:
@@ -268,7 +328,21 @@ def _covariances_for(model, layer_plan, calib_images, covariances, batch_size, p
     return covariances
 
 
-ARCHS = {"resnet20": 20, "resnet32": 32, "resnet56": 56}
+ARCHS = {"resnet20": 20, "resnet32": 32, "resnet56": 56}  # the data kit's pretrained ones
+
+
+def resnet_depth(arch: str) -> int:
+    """The depth ``N`` of ``"resnetN"`` for any CIFAR ResNet depth ``N = 6n + 2`` (``n >= 1``).
+
+    >>> resnet_depth("resnet44")
+    44
+    """
+    match = re.fullmatch(r"resnet(\d+)", str(arch))
+    depth = int(match.group(1)) if match else None
+    if depth is None or depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"arch must be resnetN with N = 6n+2 (resnet8, resnet14, resnet20, ..., "
+                         f"resnet56, resnet110, ...); got {arch!r}")
+    return depth
 
 
 def _whole_model_counts(model, compressed, layer_plan, images) -> tuple[dict, dict]:
@@ -299,6 +373,9 @@ def compress_pretrained(
     calibration: str | None = None,
     bias_correction: bool = False,
     progress: bool = True,
+    implementation: str = "auto",
+    latency_repeats: int = 5,
+    deploy_batch: int = 128,
 ) -> dict:
     """Compress a pretrained CIFAR-10 ResNet and evaluate it: what ``sigmadecomp compress`` runs.
 
@@ -319,17 +396,32 @@ def compress_pretrained(
     (``experiments/sequential``) — and parallel for Frobenius, which uses no statistics.
     ``bias_correction`` shifts each compressed layer's mean output on the calibration images back
     to the original's (:func:`sigmadecomp.calibration.correct_bias`).
+
+    ``implementation``: ``"auto"`` times every planned layer on this machine (at ``deploy_batch``) and runs
+    each the faster way, factorized or with the kernel rebuilt from the factors; a layer whose
+    factorized form is neither faster nor smaller stays dense (``left_dense`` in the report, with
+    the reason). ``"factorized"`` / ``"dense"`` force one implementation. With
+    ``latency_repeats > 0`` the report gains ``latency_ms`` and ``baseline_latency_ms`` (median
+    ms of a jitted forward pass at batch 1 and 128, both models interleaved, on this machine),
+    ``speedup`` (baseline / compressed) and ``latency_load`` (``os.getloadavg()``).
     """
     start = time.perf_counter()
     calibration = _check_calibration(calibration, norm)
-    if arch not in ARCHS:
-        raise ValueError(f"arch must be one of {tuple(ARCHS)}; got {arch!r}")
-    model = sd.models.pretrained_resnet(ARCHS[arch], weights)
+    if implementation not in sd.latency.MODES:
+        raise ValueError(f"implementation must be one of {sd.latency.MODES}; got {implementation!r}")
+    model = sd.models.pretrained_resnet(resnet_depth(arch), weights)
     calib_key, solve_key = jax.random.split(jax.random.key(key))
     train_images, _ = sd.data.load_cifar10(data_dir, "train")
+    if calib > len(train_images):
+        raise ValueError(f"calib = {calib} is more than the {len(train_images)} training images in "
+                         f"{data_dir}; use --calib {len(train_images)} or fewer")
     test_images, test_labels = sd.data.load_cifar10(eval_dir or data_dir, "test")
     calib_images = sd.data.cifar10_normalize(sd.data.sample(train_images, None, calib, key=calib_key))
     skip = ("conv1", "linear") if skip_first else ("linear",)
+    chosen = sd.latency.choose_implementations(
+        model, sd.plan(model, format=format, ratio=ratio, skip=skip, input_shape=_INPUT_SHAPE),
+        mode=implementation, batch_size=deploy_batch)
+    skip = skip + tuple(path for path, _ in chosen.left_dense)
     if calibration == "sequential":
         result = sd.calibration.compress_sequential(
             model, calib_images, format=format, ratio=ratio, skip=skip, key=solve_key,
@@ -344,6 +436,7 @@ def compress_pretrained(
                                                     plan=result.plan, batch_size=batch_size,
                                                     progress=progress)
             result = dataclasses.replace(result, model=corrected)
+    result = _with_implementations(result, chosen)
     scores = evaluate_agreement(model, result.model, sd.data.cifar10_normalize(test_images),
                                 test_labels, batch_size=batch_size)
     counts, in_model = _whole_model_counts(model, result.model, result.plan, calib_images[:8])
@@ -353,12 +446,46 @@ def compress_pretrained(
                   eval_data=str(eval_dir or data_dir), format=format, norm=norm, ratio=ratio,
                   calib=calib, key=key, max_steps=max_steps, skip_first=skip_first,
                   calibration=calibration, bias_correction=bias_correction,
-                  save=None if save_dir is None else str(save_dir))
-    layers = [dict(dataclasses.asdict(layer), in_model_relative_error=in_model.get(layer.path))
-              for layer in result.layers]
-    return dict(scores, **counts, mean_relative_error=result.mean_relative_error,
+                  save=None if save_dir is None else str(save_dir), implementation=implementation,
+                  deploy_batch=deploy_batch)
+    how = {e.path: dict(implementation=e.implementation, implementation_reason=e.reason)
+           for e in result.plan.entries}
+    layers = [dict(dataclasses.asdict(layer), in_model_relative_error=in_model.get(layer.path),
+                   **how.get(layer.path, {})) for layer in result.layers]
+    latency = _latency_report(model, result.model, latency_repeats)
+    return dict(scores, **counts, **latency, left_dense=[list(p) for p in result.plan.left_dense],
+                kept_dense=list(result.kept_dense),
+                mean_relative_error=result.mean_relative_error,
                 num_eval_images=int(len(test_labels)), decompose_seconds=result.seconds,
                 seconds=time.perf_counter() - start, config=config, layers=layers)
+
+
+_INPUT_SHAPE = (1, 32, 32, 3)
+LATENCY_BATCHES = (1, 128)
+
+
+def _with_implementations(result: Compressed, chosen) -> Compressed:
+    """The compressed result with the chosen implementation per layer, in its model and plan."""
+    by_path = {e.path: e for e in chosen.entries}
+    entries = tuple(dataclasses.replace(e, implementation=by_path[e.path].implementation,
+                                        reason=by_path[e.path].reason) for e in result.plan.entries)
+    plan = dataclasses.replace(result.plan, entries=entries, left_dense=chosen.left_dense)
+    return dataclasses.replace(result, model=sd.latency.set_implementations(result.model, plan), plan=plan)
+
+
+def _latency_report(model, compressed, repeats: int) -> dict:
+    """Median forward latency (ms) of both models at batch 1 and 128, interleaved, on this machine."""
+    if repeats < 1:
+        return {}
+    load = sd.latency.machine_load()
+    timings = sd.latency.model_latency({"baseline": model, "compressed": compressed}, _INPUT_SHAPE,
+                                       batch_sizes=LATENCY_BATCHES, repeats=repeats)
+    base = {str(b): t["baseline"].median_ms for b, t in timings.items()}
+    comp = {str(b): t["compressed"].median_ms for b, t in timings.items()}
+    return dict(latency_ms=comp, baseline_latency_ms=base,
+                speedup={b: base[b] / comp[b] for b in base},
+                latency_load=dict(before=load, after=sd.latency.machine_load()),
+                latency_device=str(jax.devices()[0]))
 
 
 def _check_calibration(calibration: str | None, norm: str) -> str:
@@ -387,6 +514,9 @@ def summary(report: dict) -> str:
         f"({report['params'] / report['baseline_params']:.2f}x)",
         f"  MACs      {report['flops']:,} / {report['baseline_flops']:,} "
         f"({report['flops'] / report['baseline_flops']:.2f}x)",
+        *([f"  latency   " + ", ".join(
+            f"batch {b}: {report['latency_ms'][b]:.1f} ms vs {report['baseline_latency_ms'][b]:.1f} ms "
+            f"({report['speedup'][b]:.2f}x)" for b in report["latency_ms"])] if "latency_ms" in report else []),
         f"  mean relative {'cross' if c.get('calibration') == 'sequential' else 'Σ'}-error "
         f"{report['mean_relative_error']:.4f}   "
         f"time {report['seconds']:.1f} s",

@@ -58,7 +58,7 @@ def _compress_argv(tmp_path, **overrides) -> list[str]:
         ({"--ratio": "half"}, "'half'"),
         ({"--calib": "0"}, "positive integer"),
         ({"--max-steps": "-3"}, "positive integer"),
-        ({"--arch": "resnet18"}, "invalid choice"),
+        ({"--arch": "resnet18"}, "6n+2"),
         ({"--format": "tt4"}, "invalid choice"),
         ({"--norm": "l1"}, "invalid choice"),
     ],

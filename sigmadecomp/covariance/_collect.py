@@ -28,11 +28,11 @@ from collections.abc import Callable, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.nnx.nn.linear import canonicalize_padding
 from jax import lax
 from tqdm.auto import tqdm
 
 from sigmadecomp._paths import find_layers, get_by_path
+from sigmadecomp.layers._config import ConvConfig, canonical_convs
 from sigmadecomp.covariance._stats import (
     LayerCovariance,
     MomentState,
@@ -71,42 +71,24 @@ class LayerTap:
         return self.in_features // self.groups * self.kernel_size[0] * self.kernel_size[1]
 
 
-def _pair(v, name: str, path: str) -> tuple:
-    v = 1 if v is None else v
-    v = (v, v) if isinstance(v, int) else tuple(int(e) for e in v)
-    if len(v) != 2:
-        raise ValueError(f"layer {path!r}: {name} {v} is not 2-D; only 2-D convs are supported.")
-    return v
-
-
 def layer_tap(path: str, layer: nnx.Module) -> LayerTap:
     """The :class:`LayerTap` of an ``nnx.Conv`` (2-D) or ``nnx.Linear``; ``ValueError`` otherwise."""
     if isinstance(layer, nnx.Linear):
         return LayerTap(path, int(layer.in_features), dense=True)
     if not isinstance(layer, nnx.Conv):
         raise ValueError(f"layer {path!r} is a {type(layer).__name__}; expected nnx.Conv or nnx.Linear.")
-    if len(layer.kernel_size) != 2:
-        raise ValueError(
-            f"layer {path!r} has kernel_size {layer.kernel_size}: only 2-D convs are supported; "
-            "leave it out with layers=[...]."
-        )
-    if _pair(layer.input_dilation, "input_dilation", path) != (1, 1):
-        raise ValueError(
-            f"layer {path!r} has input_dilation {layer.input_dilation}; only 1 is supported "
-            "(a transposed-conv-like layer has no patch covariance of this form)."
-        )
-    padding = canonicalize_padding(layer.padding, 2)
-    if padding == "CAUSAL":
-        raise ValueError(f"layer {path!r}: CAUSAL padding is 1-D only (Flax rejects it for 2-D).")
-    padding = padding if isinstance(padding, str) else tuple(tuple(int(e) for e in p) for p in padding)
+    try:  # the package's one conv-configuration normaliser (also used by surgery and layers)
+        config = ConvConfig.from_conv(layer)
+    except ValueError as error:
+        raise ValueError(f"layer {path!r}: {error}; leave it out with layers=[...].") from None
     return LayerTap(
         path,
         int(layer.in_features),
         kernel_size=tuple(int(k) for k in layer.kernel_size),
-        strides=_pair(layer.strides, "strides", path),
-        padding=padding,
-        dilation=_pair(layer.kernel_dilation, "kernel_dilation", path),
-        groups=int(layer.feature_group_count),
+        strides=config.strides,
+        padding=config.padding,
+        dilation=config.kernel_dilation,
+        groups=config.groups,
     )
 
 
@@ -328,6 +310,7 @@ def collect_covariances(
     if max_batches is not None and int(max_batches) < 1:
         raise ValueError(f"max_batches must be a positive int or None; got {max_batches!r}.")
     explicit = layers is not None
+    model = canonical_convs(model)  # list-valued conv settings would make the graphdef unhashable
     taps = tuple(layer_tap(path, layer) for path, layer in _select(model, layers))
     dtype = _check_dtype(_default_dtype() if dtype is None else jnp.dtype(dtype))
     graphdef, state = nnx.split(model)

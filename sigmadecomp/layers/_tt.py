@@ -32,7 +32,8 @@ class TTConv(FactorizedLayer):
     factorized_type = TT
 
     def __init__(self, factorized, *, bias=None, strides=1, padding="SAME", kernel_dilation=1,
-                 dtype=None, precision=None):
+                 dtype=None, precision=None, implementation="factorized"):
+        self._set_runtime(dtype, precision, implementation)
         parts = conv_groups(factorized, TT)
         self.groups, self.kernel_shape = len(parts), full_kernel_shape(parts)
         self.config = ConvConfig(strides, padding, kernel_dilation, self.groups)
@@ -47,7 +48,7 @@ class TTConv(FactorizedLayer):
         out_kernel = cat([p.out_core for p in parts], pdtype)[None, None]
         self.out_conv = make_conv(out_kernel, bias=check_bias(bias, self.kernel_shape[-1], pdtype), **common)
 
-    def __call__(self, x):
+    def factorized_call(self, x):
         return self.out_conv(self.kw_conv(self.kh_conv(self.in_conv(x))))
 
     def to_factorized(self):

@@ -61,9 +61,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.scipy.linalg import solve_triangular
 
-from sigmadecomp.solvers._base import AbstractSolver, Problem, problem_error
+from sigmadecomp.solvers._base import AbstractSolver, Problem, problem_error, solution_stats
 from sigmadecomp.solvers._driver import iterate
-from sigmadecomp.solvers._numerics import HIGHEST, cholesky_solve, mm, safe_cholesky
+from sigmadecomp.solvers._numerics import (
+    HIGHEST,
+    cholesky_solve,
+    logged_jitter,
+    mm,
+    record_jitter,
+    safe_cholesky,
+)
 from sigmadecomp.solvers._solution import Solution
 from sigmadecomp.solvers._validation import check_positive, check_positive_int, conv_shape
 
@@ -395,15 +402,17 @@ def _engine_solve(problem, key, cores, tols, *, solver: MultilinearALS) -> Solut
             cores = solver.random_cores(shape, key, problem.matrix.dtype)
         else:
             cores = tuple(solver.initialise(problem.matrix, shape, key))
-    cores, error = _settle_output(solver, problem, tuple(cores))
+    with record_jitter() as log:
+        cores, error = _settle_output(solver, problem, tuple(cores))
     error = _direct_error(solver, problem, cores, error)
     state = _State(cores, error, jnp.zeros((solver.max_steps,), jnp.int32), jnp.int32(0))
-    state, status, errors, num_steps = iterate(
+    state, status, errors, num_steps, _, jitter = iterate(
         functools.partial(_sweep, solver, problem, tols), lambda s: s.error, state,
-        max_steps=solver.max_steps, rtol=tols["rtol"],
+        max_steps=solver.max_steps, rtol=tols["rtol"], with_jitter=True,
     )
     value = solver.to_factorized(state.cores, shape)
-    return Solution(value, status, errors, num_steps, stats={"inner_iterations": state.inner})
+    stats = solution_stats(problem, jnp.maximum(jitter, logged_jitter(log, jitter.dtype)))
+    return Solution(value, status, errors, num_steps, stats=dict(stats, inner_iterations=state.inner))
 
 
 def kernel_dims(kernel_shape) -> tuple[int, int, int, int]:

@@ -26,6 +26,7 @@ from sigmadecomp.surgery._ranks import (
     cp3_rank_for_ratio, cp_rank_for_ratio, rank_for_ratio, svd_rank_for_ratio, tr_ranks_for_ratio,
     tt_ranks_for_ratio, tucker2_ranks_for_ratio, tucker3_ranks_for_ratio,
 )
+from sigmadecomp.surgery._tt import fit_tt_embedding, to_tt
 from sigmadecomp.surgery._verify import LayerReport, Report, verify
 
 __all__ = [
@@ -49,4 +50,6 @@ __all__ = [
     "tucker2_ranks_for_ratio",
     "tucker3_ranks_for_ratio",
     "verify",
+    "fit_tt_embedding",
+    "to_tt",
 ]
