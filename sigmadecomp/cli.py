@@ -1,11 +1,13 @@
 """The ``sigmadecomp`` command line (also ``python -m sigmadecomp``).
 
-Two commands:
+Three commands:
 
 * ``sigmadecomp demo`` — nothing to download: train a small CNN on scikit-learn's digits, then
   compress it with classic (Frobenius) and Σ decompositions and print/plot the comparison.
 * ``sigmadecomp compress`` — compress a pretrained CIFAR-10 ResNet with one format, norm and
-  parameter ratio; print a summary and optionally write JSON and the compressed model.
+  parameter ratio (optionally fine-tuned by distillation); print a summary and optionally write
+  JSON and the compressed model.
+* ``sigmadecomp finetune`` — distil a saved compressed model from its dense teacher.
 
 Errors the user can fix (bad values, missing files, unwritable outputs) end in a one-line message
 on stderr and a non-zero exit code, never a traceback; the cheap ones are found before any long
@@ -157,6 +159,7 @@ def _add_compress(commands) -> None:
                           help="shift each compressed layer's mean output on the calibration images "
                                "back to the original's (recommended with sequential only: it hurt "
                                "parallel calibration in experiments/sequential)")
+    _add_finetune_options(compress)
     compress.add_argument("--implementation", default="auto", choices=("auto", "factorized", "dense"),
                           help="auto: time every planned layer here (at --deploy-batch) and run each the faster "
                                "way, factorized or with the kernel rebuilt from the factors; a layer "
@@ -176,6 +179,59 @@ def _add_compress(commands) -> None:
     compress.set_defaults(run=_run_compress)
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _add_finetune_options(compress) -> None:
+    compress.add_argument("--finetune-epochs", type=int, default=0, metavar="E",
+                          help="after compressing, distil the compressed model from the dense one for E "
+                               "epochs over the training batches of --finetune-data (default: 0, none); "
+                               "the JSON then holds accuracy_before_finetune, finetune_seconds, "
+                               "finetune_epochs")
+    compress.add_argument("--finetune-lr", type=_positive_float, default=None, metavar="LR",
+                          help="peak learning rate of the warm-up + cosine schedule (default: 0.02)")
+    compress.add_argument("--finetune-data", type=pathlib.Path, default=None, metavar="DIR",
+                          help="CIFAR-10 folder whose data_batch_* files are the fine-tuning images "
+                               "(default: --data; its test_batch is never used for training)")
+
+
+def _add_finetune(commands) -> None:
+    tune = commands.add_parser(
+        "finetune",
+        help="distil a model saved by 'compress --save' from its dense teacher",
+        description=(
+            "Load a compressed model saved by 'sigmadecomp compress --save', distil it from the "
+            "pretrained dense ResNet (loss T²·KL(teacher‖student), random crop + flip, SGD with "
+            "warm-up + cosine) on the training batches of --data, and evaluate it on test_batch of "
+            "--eval-data before and after."
+        ),
+    )
+    tune.add_argument("--model", required=True, type=pathlib.Path, help="folder written by compress --save")
+    tune.add_argument("--teacher-arch", required=True, choices=("resnet20", "resnet32", "resnet56"))
+    tune.add_argument("--teacher-weights", required=True, type=pathlib.Path,
+                      help="the dense model's PyTorch state_dict in safetensors")
+    tune.add_argument("--data", required=True, type=pathlib.Path,
+                      help="CIFAR-10 folder: data_batch_* are the training images")
+    tune.add_argument("--eval-data", type=pathlib.Path, default=None,
+                      help="folder holding test_batch for evaluation (default: --data)")
+    tune.add_argument("--epochs", type=_positive_int, default=1, help="passes over the images (default: 1)")
+    tune.add_argument("--lr", type=_positive_float, default=0.02, help="peak learning rate (default: 0.02)")
+    tune.add_argument("--key", type=int, default=0, help="seed of the shuffles and augmentations")
+    tune.add_argument("--checkpoint-dir", type=pathlib.Path, default=None,
+                      help="save the training state here every epoch; a rerun resumes from it")
+    tune.add_argument("--save", type=pathlib.Path, default=None, help="write the fine-tuned model here")
+    tune.add_argument("--json", type=pathlib.Path, default=None, help="write the results to this JSON file")
+    tune.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    tune.set_defaults(run=_run_finetune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="sigmadecomp",
@@ -184,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_demo(commands)
     _add_compress(commands)
+    _add_finetune(commands)
     return parser
 
 
@@ -224,6 +281,10 @@ def _check_writable(flag: str, path: pathlib.Path, *, folder: bool) -> None:
 
 def _run_compress(args) -> int:
     _check_paths(args)
+    if args.finetune_epochs < 0:
+        raise ValueError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
+    if args.finetune_data is not None and not (args.finetune_data / "data_batch_1").is_file():
+        raise FileNotFoundError(f"--finetune-data: {args.finetune_data} has no data_batch_1")
     if args.json is not None:
         _check_writable("--json", args.json, folder=False)
     if args.save is not None:
@@ -236,13 +297,36 @@ def _run_compress(args) -> int:
         ratio=args.ratio, calib=args.calib, key=args.key, max_steps=args.max_steps,
         skip_first=args.skip_first, batch_size=args.batch_size, save_dir=args.save,
         calibration=args.calibration, bias_correction=args.bias_correction,
-        progress=args.progress, implementation=args.implementation,
+        finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+        finetune_data=args.finetune_data, progress=args.progress, implementation=args.implementation,
         latency_repeats=args.latency_repeats, deploy_batch=args.deploy_batch,
     )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(summary(report))
+    return 0
+
+
+def _run_finetune(args) -> int:
+    for flag, path, name in (("--model", args.model, "plan.json"), ("--data", args.data, "data_batch_1"),
+                             ("--eval-data", args.eval_data or args.data, "test_batch")):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{flag}: {path} has no {name}")
+    if not args.teacher_weights.is_file():
+        raise FileNotFoundError(f"--teacher-weights: no such file: {args.teacher_weights}")
+    from sigmadecomp.finetune import finetune_saved
+
+    report = finetune_saved(
+        model_dir=args.model, teacher_arch=args.teacher_arch, teacher_weights=args.teacher_weights,
+        data_dir=args.data, eval_dir=args.eval_data, epochs=args.epochs, learning_rate=args.lr, key=args.key,
+        save_dir=args.save, checkpoint_dir=args.checkpoint_dir, progress=args.progress)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"fine-tuned {report['finetune_epochs']} epoch(s) in {report['finetune_seconds']:.1f} s: accuracy "
+          f"{report['accuracy_before_finetune']:.2%} -> {report['accuracy']:.2%} "
+          f"(dense teacher {report['baseline_accuracy']:.2%}, {report['num_eval_images']} test images)")
     return 0
 
 

@@ -372,6 +372,9 @@ def compress_pretrained(
     save_dir=None,
     calibration: str | None = None,
     bias_correction: bool = False,
+    finetune_epochs: int = 0,
+    finetune_lr: float | None = None,
+    finetune_data=None,
     progress: bool = True,
     implementation: str = "auto",
     latency_repeats: int = 5,
@@ -404,6 +407,11 @@ def compress_pretrained(
     ``latency_repeats > 0`` the report gains ``latency_ms`` and ``baseline_latency_ms`` (median
     ms of a jitted forward pass at batch 1 and 128, both models interleaved, on this machine),
     ``speedup`` (baseline / compressed) and ``latency_load`` (``os.getloadavg()``).
+
+    ``finetune_epochs > 0`` then distils the compressed model from the dense one for that many
+    epochs over the training batches of ``finetune_data`` (default ``data_dir``; never a test
+    batch) with learning rate ``finetune_lr`` (:func:`sigmadecomp.finetune.distill_on_cifar10`);
+    the report's ``accuracy`` is after fine-tuning and ``accuracy_before_finetune`` before it.
     """
     start = time.perf_counter()
     calibration = _check_calibration(calibration, norm)
@@ -437,8 +445,11 @@ def compress_pretrained(
                                                     progress=progress)
             result = dataclasses.replace(result, model=corrected)
     result = _with_implementations(result, chosen)
-    scores = evaluate_agreement(model, result.model, sd.data.cifar10_normalize(test_images),
-                                test_labels, batch_size=batch_size)
+    test_images = sd.data.cifar10_normalize(test_images)
+    result, tuned = _maybe_finetune(model, result, test_images, test_labels, epochs=finetune_epochs,
+                                    lr=finetune_lr, data_dir=finetune_data or data_dir, key=key,
+                                    batch_size=batch_size, progress=progress)
+    scores = evaluate_agreement(model, result.model, test_images, test_labels, batch_size=batch_size)
     counts, in_model = _whole_model_counts(model, result.model, result.plan, calib_images[:8])
     if save_dir is not None:
         sd.save(save_dir, result.model, result.plan)
@@ -446,6 +457,7 @@ def compress_pretrained(
                   eval_data=str(eval_dir or data_dir), format=format, norm=norm, ratio=ratio,
                   calib=calib, key=key, max_steps=max_steps, skip_first=skip_first,
                   calibration=calibration, bias_correction=bias_correction,
+                  finetune_lr=finetune_lr, finetune_data=str(finetune_data or data_dir),
                   save=None if save_dir is None else str(save_dir), implementation=implementation,
                   deploy_batch=deploy_batch)
     how = {e.path: dict(implementation=e.implementation, implementation_reason=e.reason)
@@ -453,11 +465,28 @@ def compress_pretrained(
     layers = [dict(dataclasses.asdict(layer), in_model_relative_error=in_model.get(layer.path),
                    **how.get(layer.path, {})) for layer in result.layers]
     latency = _latency_report(model, result.model, latency_repeats)
-    return dict(scores, **counts, **latency, left_dense=[list(p) for p in result.plan.left_dense],
+    tuned.setdefault("accuracy_before_finetune", scores["accuracy"])
+    return dict(scores, **tuned, **counts, **latency, left_dense=[list(p) for p in result.plan.left_dense],
                 kept_dense=list(result.kept_dense),
                 mean_relative_error=result.mean_relative_error,
                 num_eval_images=int(len(test_labels)), decompose_seconds=result.seconds,
                 seconds=time.perf_counter() - start, config=config, layers=layers)
+
+
+def _maybe_finetune(model, result, test_images, test_labels, *, epochs, lr, data_dir, key, batch_size,
+                    progress) -> tuple[Compressed, dict]:
+    """Distil ``result.model`` from ``model`` when ``epochs > 0``; the report fields either way."""
+    if not epochs:
+        return result, dict(finetune_epochs=0, finetune_seconds=0.0)
+    from sigmadecomp.finetune import FinetuneConfig, distill_on_cifar10
+
+    before = evaluate_agreement(model, result.model, test_images, test_labels, batch_size=batch_size)
+    run = distill_on_cifar10(result.model, model, data_dir, epochs=epochs,
+                             learning_rate=FinetuneConfig.learning_rate if lr is None else lr,
+                             key=jax.random.fold_in(jax.random.key(key), 1), progress=progress)
+    return dataclasses.replace(result, model=run.model), dict(
+        accuracy_before_finetune=before["accuracy"], finetune_epochs=epochs,
+        finetune_seconds=run.seconds, finetune_steps=run.steps)
 
 
 _INPUT_SHAPE = (1, 32, 32, 3)
@@ -514,6 +543,9 @@ def summary(report: dict) -> str:
         f"({report['params'] / report['baseline_params']:.2f}x)",
         f"  MACs      {report['flops']:,} / {report['baseline_flops']:,} "
         f"({report['flops'] / report['baseline_flops']:.2f}x)",
+        *([f"  fine-tuned {report['finetune_epochs']} epoch(s) in {report['finetune_seconds']:.1f} s: "
+           f"accuracy {report['accuracy_before_finetune']:.2%} -> {report['accuracy']:.2%}"]
+          if report.get("finetune_epochs") else []),
         *([f"  latency   " + ", ".join(
             f"batch {b}: {report['latency_ms'][b]:.1f} ms vs {report['baseline_latency_ms'][b]:.1f} ms "
             f"({report['speedup'][b]:.2f}x)" for b in report["latency_ms"])] if "latency_ms" in report else []),
