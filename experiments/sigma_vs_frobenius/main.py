@@ -104,6 +104,28 @@ def save_results(results: dict, path: pathlib.Path) -> None:
     os.replace(tmp, path)
 
 
+# Settings that change every number but are not axes of the run key: a results file holds runs of
+# one value of each, and resuming with other values is refused (the key would not tell them apart).
+SETTINGS = ("calib_images", "test_images", "calib_seed", "compress_seed", "max_steps", "skip", "batch_size")
+
+
+def settings_of(config: dict) -> dict:
+    return {name: json.loads(json.dumps(config[name])) for name in SETTINGS}
+
+
+def check_resumable(results: dict, base: Config, path: pathlib.Path) -> None:
+    """Exit with a one-line error when ``path`` holds runs made with other settings."""
+    old = results.get("meta", {}).get("config")
+    if not results["runs"] or old is None:
+        return
+    new = settings_of(dataclasses.asdict(base))
+    changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+    if changed:
+        what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise SystemExit(f"{path} holds {len(results['runs'])} run(s) made with other settings ({what}); "
+                         f"refusing to mix them: use another --out, or delete the file to start over")
+
+
 def add_run(results: dict, record: dict) -> None:
     results["runs"] = [r for r in results["runs"] if run_key(r) != run_key(record)] + [record]
 
@@ -288,12 +310,81 @@ def figure(runs: list[dict], path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def statistics(runs: list[dict]) -> str:
+    """The statistics quoted in the README prose, computed from the runs (paste them from here)."""
+    by = {run_key(r): r for r in runs}
+    lines = []
+    gains, losses = [], []
+    for (arch, calibration, fmt, norm, ratio), r in sorted(by.items()):
+        par = by.get((arch, "parallel", fmt, "sigma", ratio))
+        if calibration == "sequential" and par is not None:
+            gains.append(100 * (r["accuracy"] - par["accuracy"]))
+            if r["accuracy"] < par["accuracy"]:
+                losses.append(f"ResNet-{arch} {fmt} {ratio:g} ({_pct(par['accuracy'])} → {_pct(r['accuracy'])})")
+    if gains:
+        g = np.asarray(gains)
+        lines.append(f"sequential vs parallel Σ: better in {int(np.sum(g > 0))} of {len(g)} pairs, tied in "
+                     f"{int(np.sum(g == 0))}, worse in {int(np.sum(g < 0))}; by {g.min():+.1f} to {g.max():+.1f} "
+                     f"points (median {np.median(g):+.1f}); losses: {', '.join(losses) or 'none'}")
+    factors, wins, ties, fits, exceptions = [], 0, 0, 0, []
+    for (arch, calibration, fmt, norm, ratio), r in sorted(by.items()):
+        frob = by.get((arch, calibration, fmt, "frobenius", ratio))
+        if calibration != "parallel" or norm != "sigma" or frob is None:
+            continue
+        factors.append(frob["mean_relative_error"] / r["mean_relative_error"])
+        for i, (s, f) in enumerate(zip(r["layer_errors"], frob["layer_errors"])):
+            fits, wins, ties = fits + 1, wins + (s < f), ties + (s == f)
+            if s >= f:
+                exceptions.append(f"ResNet-{arch} {fmt} {ratio:g} layer {i}")
+    if factors:
+        lines.append(f"mean Σ-error, Frobenius / Σ fit: {min(factors):.2f}–{max(factors):.2f} (median "
+                     f"{np.median(factors):.2f}) over {len(factors)} pairs, Σ lower in "
+                     f"{sum(f > 1 for f in factors)}")
+        lines.append(f"layer fits where the Σ fit has the strictly lower Σ-error (6 decimals as recorded): "
+                     f"{wins} of {fits}; ties {ties}; exceptions: {', '.join(exceptions) or 'none'}")
+    return "\n".join(lines)
+
+
+ENGINE_FORMATS = ("tucker3", "tt", "tr")
+
+
+def engine_targets(runs: list[dict]) -> str:
+    """Issue 14's targets, from the recorded runs: per layer, is the Σ fit's Σ-error <= the
+    Frobenius fit's (parallel calibration, same ranks)? Did any error history rise? How far is
+    sequential Σ at ratio 0.5 from the dense accuracy?"""
+    cells = {(r["arch"], r["calibration"], r["format"], r["norm"], r["ratio"]): r for r in runs}
+    lines = ["| model | format | ratio | layers Σ-err(Σ fit) <= Σ-err(F fit) | worst Σ/F layer ratio "
+             "| max history rise (Σ, F) |", "|---|---|---|---|---|---|"]
+    for (arch, cal, fmt, norm, ratio), r in sorted(cells.items()):
+        if fmt not in ENGINE_FORMATS or cal != "parallel" or norm != "sigma":
+            continue
+        f = cells.get((arch, cal, fmt, "frobenius", ratio))
+        if f is None:
+            continue
+        pairs = list(zip(r["layer_errors"], f["layer_errors"]))
+        wins = sum(s <= fr for s, fr in pairs)
+        worst = max(s / fr for s, fr in pairs if fr > 0)
+        rises = (r.get("max_history_increase"), f.get("max_history_increase"))
+        lines.append(f"| ResNet-{arch} | {fmt} | {ratio:g} | {wins}/{len(pairs)} | {worst:.3f} | "
+                     f"{rises[0]:.2g}, {rises[1]:.2g} |")
+    lines += ["", "| model | format | calibration | ratio | accuracy % | dense % | gap (points) |",
+              "|---|---|---|---|---|---|---|"]
+    for (arch, cal, fmt, norm, ratio), r in sorted(cells.items()):
+        if fmt in ENGINE_FORMATS and cal == "sequential":
+            gap = 100 * (r["baseline_accuracy"] - r["accuracy"])
+            lines.append(f"| ResNet-{arch} | {fmt} | {cal} | {ratio:g} | {_pct(r['accuracy'])} | "
+                         f"{_pct(r['baseline_accuracy'])} | {gap:.1f} |")
+    return "\n".join(lines)
+
+
 def report(results: dict, out_dir: pathlib.Path) -> None:
     runs = results["runs"]
     if not runs:
         print("no runs in results.json yet")
         return
-    print(accuracy_table(runs), "\n", detail_table(runs), sep="\n")
+    print(accuracy_table(runs), "\n", detail_table(runs), "\n", statistics(runs), sep="\n")
+    if any(r["format"] in ENGINE_FORMATS for r in runs):
+        print("\n" + engine_targets(runs))
     figure(runs, out_dir / "figure.png")
 
 
@@ -306,6 +397,7 @@ def main(argv=None) -> None:
     out = args.out / "results.json"
     results = load_results(out)
     if not args.table:
+        check_resumable(results, base, out)
         start = time.perf_counter()
         meta = dict(config=dataclasses.asdict(base), machine=machine(), jax=jax.__version__, smoke=args.smoke)
         results["meta_engine" if args.engine else "meta"] = meta

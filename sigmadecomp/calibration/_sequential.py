@@ -35,8 +35,9 @@ from sigmadecomp.calibration._activations import (
     advance_stage, check_stages, cross_statistics, forward_stages, input_batches, stage_layers, whole_model,
 )
 from sigmadecomp.calibration._bias import apply_shift, bias_sites, output_shift
-from sigmadecomp.compress import Compressed, LayerReport, history_increase, solver_for
+from sigmadecomp.compress import Compressed, LayerReport, checked_fit, history_increase, solver_for
 from sigmadecomp.covariance._collect import layer_tap
+from sigmadecomp.layers._config import canonical_convs
 from sigmadecomp.surgery._plan import Plan
 from sigmadecomp.surgery._tap import input_spec
 
@@ -207,6 +208,7 @@ def compress_sequential(
     ['layers.0', 'layers.2']
     """
     start = time.perf_counter()
+    model = canonical_convs(model)  # one normalised conv configuration for every jitted stage
     layer_plan = sd.plan(model, format=format, ratio=ratio, ranks=ranks, skip=skip,
                          input_shape=(1, *np.shape(calib_images)[1:]))
     if len(layer_plan) == 0:
@@ -216,12 +218,16 @@ def compress_sequential(
                          cache_activations=cache_activations)
     sites = schedule.sites(model, layer_plan.paths) if bias_correction else {}
     keys = dict(zip(layer_plan.paths, jax.random.split(key, len(layer_plan))))
-    reports, replaced = {}, []
+    reports, replaced, kept = {}, [], []
 
     def on_layer(compressed, path, stats):
         entry, kernel = layer_plan[path], get_by_path(model, path).kernel[...]
         same = not replaced or _same_inputs(stats)
-        solution = _fit(kernel, entry, stats, same=same, key=keys[path], max_steps=max_steps)
+        solution, dense = checked_fit(path, lambda: _fit(kernel, entry, stats, same=same, key=keys[path],
+                                                          max_steps=max_steps))
+        if dense is not None:  # stays dense; later layers see this layer's true output
+            kept.append(dense)
+            return compressed
         compressed = sd.apply(compressed, Plan((entry,), layer_plan.input_shape), {path: solution.value})
         approx, shift = to_dense(solution.value), None
         if path in sites:
@@ -234,8 +240,9 @@ def compress_sequential(
 
     compressed = _walk(schedule, model, nnx.clone(model), set(layer_plan.paths), on_layer,
                        progress=progress, desc=f"{format}/sequential")
-    layers = tuple(reports[p] for p in layer_plan.paths)
-    return Compressed(compressed, layer_plan, layers, time.perf_counter() - start)
+    layers = tuple(reports[p] for p in layer_plan.paths if p in reports)
+    used = Plan(tuple(e for e in layer_plan.entries if e.path in reports), layer_plan.input_shape)
+    return Compressed(compressed, used, layers, time.perf_counter() - start, tuple(kept))
 
 
 def correct_bias(
@@ -280,6 +287,7 @@ def correct_bias(
     if not isinstance(plan, Plan):
         raise ValueError(f"plan must be the sigmadecomp.Plan that made `compressed`; got {type(plan).__name__}")
     _check_groups(plan)
+    original, compressed = canonical_convs(original), canonical_convs(compressed)
     schedule = _schedule(original, calib_images, plan.paths, batch_size=batch_size,
                          cache_activations=cache_activations)
     sites = schedule.sites(original, plan.paths)

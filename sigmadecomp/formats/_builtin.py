@@ -46,6 +46,10 @@ def _check_tucker2(kernel_shape, ranks):
     if ranks[0] > cout or ranks[1] > cin:
         raise ValueError(f"Tucker-2 ranks (r_out, r_in) = {tuple(ranks)} exceed the mode sizes "
                          f"(cout, cin) = {(cout, cin)} of the kernel {tuple(kernel_shape)} (per group)")
+    if ranks[0] > ranks[1] * kh * kw or ranks[1] > ranks[0] * kh * kw:
+        raise ValueError(f"Tucker-2 ranks (r_out, r_in) = {tuple(ranks)}: neither may exceed the other "
+                         f"times kh·kw = {kh * kw} (the core unfolding; the excess is wasted and makes "
+                         f"the fit singular); lower the larger one")
 
 
 def _shapes(fn):

@@ -19,6 +19,7 @@ from sigmadecomp.solvers._svd import SVD
 from sigmadecomp.solvers._tr import TRALS
 from sigmadecomp.solvers._tt import TTALS
 from sigmadecomp.solvers._tucker2 import Tucker2ALS
+from sigmadecomp.solvers._validation import NotPSDError
 from sigmadecomp.solvers._tucker3 import Tucker3ALS
 from sigmadecomp.solvers._ttmatrix import TTMatrixALS, solve_tt_diagonal
 
@@ -34,6 +35,7 @@ __all__ = [
     "TTMatrixALS",
     "solve_tt_diagonal",
     "AbstractSolver",
+    "NotPSDError",
     "Problem",
     "Solution",
     "Status",

@@ -41,15 +41,17 @@ import jax
 import jax.numpy as jnp
 
 from sigmadecomp._factorized import CP, CP3
-from sigmadecomp.solvers._base import AbstractSolver, Problem, problem_error
+from sigmadecomp.solvers._base import AbstractSolver, Problem, problem_error, solution_stats
 from sigmadecomp.solvers._driver import iterate
 from sigmadecomp.solvers._numerics import (
     HIGHEST,
     cholesky_solve,
     forcing_tol,
     kronecker_factors,
+    logged_jitter,
     mm,
     pcg,
+    record_jitter,
     safe_cholesky,
     solve_by_dense,
 )
@@ -430,7 +432,7 @@ class _Sigma:
         # Block-Jacobi over components: each component's own (n_own × n_own) spatial system.
         blocks = _einsum("ajr,aijkr->rik", psi, y_o) * jnp.diagonal(Q)[:, None, None]
         blocks = blocks + self.tau * _eye(own.shape[0], own.dtype)[None]
-        chol = jax.vmap(safe_cholesky)(0.5 * (blocks + blocks.transpose(0, 2, 1)))
+        chol = jax.vmap(partial(safe_cholesky, record=False))(0.5 * (blocks + blocks.transpose(0, 2, 1)))
         precond = lambda r: jax.vmap(cholesky_solve)(chol, r.T[:, :, None])[:, :, 0].T  # noqa: E731
         x, ok, _ = pcg(matvec, rhs, own, precond=precond, tol=self.cg_tol, max_steps=self.cg_max_steps)
         return x, ok
@@ -607,7 +609,8 @@ def _solve(solver: CPALS, problem: Problem, key, init, knobs) -> Solution:
         start = (jnp.zeros((dims.cout, dims.rank), problem.matrix.dtype), *_initial(solver, problem, dims, key))
     else:
         start = _from_format(init, dims)
-    factors, err, mz = engine.start(start, fit_out=init is None)
+    with record_jitter() as log:
+        factors, err, mz = engine.start(start, fit_out=init is None)
 
     def sweep(state):
         f, prev, mz, decrease = state
@@ -620,11 +623,12 @@ def _solve(solver: CPALS, problem: Problem, key, init, knobs) -> Solution:
     balanced = _balance(factors, dims.merged)
     mz = mz * _in_side_scale(factors, balanced, dims.merged)[None, :] if mz.ndim == 2 else mz
     state = (balanced, err, mz, jnp.ones((), err.dtype))
-    (factors, *_), status, errors, steps, inner = iterate(
-        sweep, lambda s: s[1], state, max_steps=solver.max_steps, rtol=knobs["rtol"]
+    (factors, *_), status, errors, steps, inner, jitter = iterate(
+        sweep, lambda s: s[1], state, max_steps=solver.max_steps, rtol=knobs["rtol"], with_jitter=True
     )
+    stats = solution_stats(problem, jnp.maximum(jitter, logged_jitter(log, jitter.dtype)), engine.tau)
     return Solution(_to_format(factors, dims, problem.kernel_shape), status, errors, steps,
-                    {"inner_iterations": inner})
+                    dict(stats, inner_iterations=inner))
 
 
 # ------------------------------------------------------------------------- single block updates

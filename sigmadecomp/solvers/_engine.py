@@ -61,9 +61,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.scipy.linalg import solve_triangular
 
-from sigmadecomp.solvers._base import AbstractSolver, Problem
+from sigmadecomp.solvers._base import AbstractSolver, Problem, problem_error, solution_stats
 from sigmadecomp.solvers._driver import iterate
-from sigmadecomp.solvers._numerics import HIGHEST, cholesky_solve, mm, safe_cholesky
+from sigmadecomp.solvers._numerics import (
+    HIGHEST,
+    cholesky_solve,
+    logged_jitter,
+    mm,
+    record_jitter,
+    safe_cholesky,
+)
 from sigmadecomp.solvers._solution import Solution
 from sigmadecomp.solvers._validation import check_positive, check_positive_int, conv_shape
 
@@ -352,10 +359,20 @@ def _settle_output(solver, problem, cores, skip=None):
     return update_output(solver, problem, canonicalise(cores, solver.output[0], solver.bonds, skip))
 
 
+def _direct_error(solver, problem: Problem, cores, error):
+    """Frobenius: the direct ``‖W − W̃‖²/‖W‖²`` (a ``cout·d`` pass) instead of the expanded form,
+    whose cancellation shows as float32 rounding noise in the history; Σ keeps the expanded form
+    (the direct one would cost a ``cout·d²`` product per sweep)."""
+    if problem.metric is not None:
+        return error
+    return problem_error(problem, solver.contract(cores, problem.kernel_shape))
+
+
 def _sweep(solver: MultilinearALS, problem: Problem, tols, state: _State):
     """Input core (full problem), then the other cores and the output core (on the projected
     problem when an input core is declared)."""
     cores, iterations, ok = state.cores, jnp.int32(0), jnp.bool_(True)
+    state_problem = problem
     order = [k for k in range(len(cores)) if k != solver.output[0]]
     skip, full = None, cores
     if solver.input is not None:
@@ -372,6 +389,7 @@ def _sweep(solver: MultilinearALS, problem: Problem, tols, state: _State):
     cores, error = _settle_output(solver, problem, cores, skip)
     if skip is not None:  # put the real input core back: W̃ = U Ẑ Vᵀ
         cores = cores[:skip] + (full[skip],) + cores[skip + 1:]
+    error = _direct_error(solver, state_problem, cores, error)
     inner = state.inner.at[state.step].set(iterations)
     return _State(cores, error, inner, state.step + 1), ok
 
@@ -384,14 +402,17 @@ def _engine_solve(problem, key, cores, tols, *, solver: MultilinearALS) -> Solut
             cores = solver.random_cores(shape, key, problem.matrix.dtype)
         else:
             cores = tuple(solver.initialise(problem.matrix, shape, key))
-    cores, error = _settle_output(solver, problem, tuple(cores))
+    with record_jitter() as log:
+        cores, error = _settle_output(solver, problem, tuple(cores))
+    error = _direct_error(solver, problem, cores, error)
     state = _State(cores, error, jnp.zeros((solver.max_steps,), jnp.int32), jnp.int32(0))
-    state, status, errors, num_steps, _ = iterate(
+    state, status, errors, num_steps, _, jitter = iterate(
         functools.partial(_sweep, solver, problem, tols), lambda s: s.error, state,
-        max_steps=solver.max_steps, rtol=tols["rtol"],
+        max_steps=solver.max_steps, rtol=tols["rtol"], with_jitter=True,
     )
     value = solver.to_factorized(state.cores, shape)
-    return Solution(value, status, errors, num_steps, stats={"inner_iterations": state.inner})
+    stats = solution_stats(problem, jnp.maximum(jitter, logged_jitter(log, jitter.dtype)))
+    return Solution(value, status, errors, num_steps, stats=dict(stats, inner_iterations=state.inner))
 
 
 def kernel_dims(kernel_shape) -> tuple[int, int, int, int]:

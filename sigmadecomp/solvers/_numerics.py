@@ -6,6 +6,8 @@ and the Σ-solvers' monotone-decrease guarantee needs the products to be exact t
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Callable
 
 import jax
@@ -13,8 +15,20 @@ import jax.numpy as jnp
 from jax import lax
 
 __all__ = [
-    "add_ridge", "cholesky_solve", "forcing_tol", "kronecker_factors", "mm", "pcg", "psd_sqrt",
-    "safe_cholesky", "solve_by_dense",
+    "add_ridge",
+    "cholesky_solve",
+    "forcing_tol",
+    "kronecker_factors",
+    "logged_jitter",
+    "metric_is_psd",
+    "mm",
+    "pcg",
+    "psd_sqrt",
+    "psd_tolerance",
+    "record_jitter",
+    "ridge_scale",
+    "safe_cholesky",
+    "solve_by_dense",
 ]
 
 HIGHEST = lax.Precision.HIGHEST
@@ -25,6 +39,12 @@ def mm(a, b):
     return jnp.matmul(a, b, precision=HIGHEST)
 
 
+def ridge_scale(cov):
+    """``tr cov / d`` (1 when that is not positive): the unit of the ridge and of the PSD test."""
+    scale = jnp.trace(cov) / cov.shape[-1]
+    return jnp.where(scale > 0, scale, jnp.ones_like(scale))
+
+
 def add_ridge(cov, ridge):
     """``cov + ridge · (tr cov / d) · I``.
 
@@ -33,36 +53,90 @@ def add_ridge(cov, ridge):
     the default 1e-6 changes the objective by ~1e-6 relative whatever the activations' scale.
     """
     d = cov.shape[-1]
-    scale = jnp.trace(cov) / d
-    scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
-    return cov + (ridge * scale) * jnp.eye(d, dtype=cov.dtype)
+    return cov + (ridge * ridge_scale(cov)) * jnp.eye(d, dtype=cov.dtype)
 
 
-def safe_cholesky(a):
-    """Lower Cholesky factor of an SPD ``a``; retries with a growing diagonal jitter.
+#: Relative jitters ``j·mean(diag a)`` that :func:`safe_cholesky` may try, the same for every
+#: dtype (values below the dtype's eps would be no-ops and are skipped). The cap, 1e-6, is the
+#: default ridge: a fallback never perturbs a system by more than the ridge already did.
+JITTERS = (1e-12, 1e-11, 1e-10, 1e-9, 1e-8, 1e-7, 1e-6)
+MAX_JITTER = JITTERS[-1]
+
+_JITTER_LOG: contextvars.ContextVar = contextvars.ContextVar("sigmadecomp_jitter_log", default=None)
+
+
+@contextlib.contextmanager
+def record_jitter():
+    """Collect (at trace time) the jitter of every :func:`safe_cholesky` traced inside the block.
+
+    Why: the jitter a sweep needed belongs in the returned ``Solution.stats``, and collecting it
+    here keeps every block update's signature unchanged. The driver opens one around each sweep
+    (the log holds arrays of that sweep's trace, which it reduces immediately).
+    """
+    log: list = []
+    token = _JITTER_LOG.set(log)
+    try:
+        yield log
+    finally:
+        _JITTER_LOG.reset(token)
+
+
+def logged_jitter(log, dtype):
+    """The largest jitter in a :func:`record_jitter` log (0 when empty)."""
+    if not log:
+        return jnp.zeros((), dtype)
+    return jnp.max(jnp.stack([j.astype(dtype) for j in log]))
+
+
+def safe_cholesky(a, *, record: bool = True):
+    """Lower Cholesky factor of an SPD ``a``; retries with a small, capped diagonal jitter.
 
     Why: a matrix that is SPD in exact arithmetic (a Gram matrix ``Vᵀ cov V`` of a ridged cov) can
-    fail Cholesky in float32 by rounding. We retry with ``eps·k·mean(diag)``, k = 10, 100, ...;
-    the jitter is far below the ridge, so the exact block minimiser is changed only at rounding level.
+    fail Cholesky by rounding. We retry with ``j·mean(diag a)`` for ``j`` in :data:`JITTERS`
+    (from the first value above the dtype's eps up to :data:`MAX_JITTER` = 1e-6), the same
+    schedule in float32 and float64. If ``a`` still fails, the factor is NaN and the solver's
+    finiteness check reports it (status ``NONFINITE``): a larger jitter would change the block
+    minimiser by more than the ridge and silently break the monotone decrease. The jitter used is
+    logged for ``Solution.stats["jitter"]`` when ``record`` (see :func:`record_jitter`; pass
+    ``record=False`` under ``vmap`` or for preconditioners, which do not change the answer).
     """
     n = a.shape[-1]
     eye = jnp.eye(n, dtype=a.dtype)
-    base = jnp.finfo(a.dtype).eps * jnp.maximum(jnp.mean(jnp.diagonal(a)), jnp.finfo(a.dtype).tiny)
-
-    def attempt(k):
-        return jnp.linalg.cholesky(a + (base * k) * eye)
+    base = jnp.maximum(jnp.mean(jnp.diagonal(a)), jnp.finfo(a.dtype).tiny)
+    eps = float(jnp.finfo(a.dtype).eps)
+    schedule = jnp.asarray((0.0,) + tuple(j for j in JITTERS if j >= eps), a.dtype)
 
     def cond(carry):
-        chol, k = carry
-        return (~jnp.all(jnp.isfinite(chol))) & (k < 1e7)
+        chol, i = carry
+        return (~jnp.all(jnp.isfinite(chol))) & (i + 1 < schedule.shape[0])
 
     def body(carry):
-        _, k = carry
-        k = k * 10.0
-        return attempt(k), k
+        _, i = carry
+        return jnp.linalg.cholesky(a + (base * schedule[i + 1]) * eye), i + 1
 
-    chol, _ = lax.while_loop(cond, body, (jnp.linalg.cholesky(a), jnp.asarray(1.0, a.dtype)))
+    chol, i = lax.while_loop(cond, body, (jnp.linalg.cholesky(a), jnp.int32(0)))
+    log = _JITTER_LOG.get()
+    if record and log is not None:
+        log.append(schedule[i])
     return chol
+
+
+def psd_tolerance(d: int, dtype) -> float:
+    """The tolerance of the PSD test, relative to ``tr cov / d``: ``10·d·eps(dtype)``.
+
+    Why: rounding ``cov`` to ``dtype`` moves its eigenvalues by at most ``‖E‖₂ ≤ eps·‖cov‖_F ≤
+    eps·tr cov = d·eps·(tr cov / d)``; a factor 10 covers the accumulation. A true second moment
+    passes; a matrix with a clearly negative direction (``−1e-3·tr cov / d`` in float64) fails.
+    """
+    return 10.0 * d * float(jnp.finfo(dtype).eps)
+
+
+def metric_is_psd(cov):
+    """Traced PSD test: ``cov + psd_tolerance·(tr cov / d)·I`` has a finite Cholesky factor."""
+    d = cov.shape[-1]
+    tol = psd_tolerance(d, cov.dtype)
+    shifted = cov + (tol * ridge_scale(cov)) * jnp.eye(d, dtype=cov.dtype)
+    return jnp.all(jnp.isfinite(jnp.linalg.cholesky(shifted)))
 
 
 def cholesky_solve(chol, b):

@@ -36,7 +36,7 @@ from sigmadecomp._ttmatrix import (
     tt_svd,
     tt_to_dense,
 )
-from sigmadecomp.solvers._base import AbstractSolver, Problem, problem_error
+from sigmadecomp.solvers._base import AbstractSolver, Problem, problem_error, solution_stats
 from sigmadecomp.solvers._driver import iterate
 from sigmadecomp.solvers._numerics import HIGHEST, cholesky_solve, safe_cholesky
 from sigmadecomp.solvers._solution import Solution
@@ -196,7 +196,7 @@ def _block_update(cores, k, target_t, metric, diag):
         d = jnp.ones((ml * m * mr,), target_t.dtype) if diag is None else diag
         h = _ein("xiz,xya,xyc,bzw,dzw->iabcd", d.reshape(ml, m, mr), left, left, right, right)
         h = h.reshape(m, a * b, a * b)
-        x = jax.vmap(lambda hi, ri: cholesky_solve(safe_cholesky(hi), ri))(h, rhs.transpose(1, 0, 2, 3).reshape(m, a * b, n))
+        x = jax.vmap(lambda hi, ri: cholesky_solve(safe_cholesky(hi, record=False), ri))(h, rhs.transpose(1, 0, 2, 3).reshape(m, a * b, n))
         return x.reshape(m, a, b, n).transpose(1, 0, 3, 2)
     p = _ein("xya,Xyc->acxX", left, left)
     q = _ein("bzw,dZw->bdzZ", right, right)
@@ -251,5 +251,6 @@ def _solve(problem: Problem, diag, init, *, in_modes, out_modes, ranks, max_step
             cores[k - 1], cores[k] = _shift_left(cores[k - 1], cores[k])
         return tuple(cores), jnp.bool_(True)
 
-    cores, status, errors, steps, _ = iterate(sweep, error, _right_canonical(start.cores), max_steps=max_steps, rtol=rtol)
-    return Solution(TTMatrix(cores, in_modes, out_modes), status, errors, steps)
+    cores, status, errors, steps, _, jitter = iterate(sweep, error, _right_canonical(start.cores),
+                                                      max_steps=max_steps, rtol=rtol, with_jitter=True)
+    return Solution(TTMatrix(cores, in_modes, out_modes), status, errors, steps, solution_stats(problem, jitter))

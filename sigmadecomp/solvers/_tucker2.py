@@ -26,15 +26,17 @@ import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
 from sigmadecomp._factorized import Tucker2
-from sigmadecomp.solvers._base import AbstractSolver, Problem
+from sigmadecomp.solvers._base import AbstractSolver, Problem, solution_stats
 from sigmadecomp.solvers._driver import iterate
 from sigmadecomp.solvers._numerics import (
     HIGHEST,
     cholesky_solve,
     forcing_tol,
     kronecker_factors,
+    logged_jitter,
     mm,
     pcg,
+    record_jitter,
     safe_cholesky,
     solve_by_dense,
 )
@@ -132,6 +134,16 @@ class Tucker2ALS(AbstractSolver):
             "Tucker2ALS", "ranks[0] (r_out)", self.ranks[0], "r_in·kh·kw (core unfolding)",
             self.ranks[1] * kh * kw, kernel_shape,
         )
+        # r_in > r_out·kh·kw leaves step B singular (U_in has more columns than the core can
+        # use) and stores parameters that change nothing.
+        check_rank_fits(
+            "Tucker2ALS", "ranks[1] (r_in)", self.ranks[1], "r_out·kh·kw (core unfolding)",
+            self.ranks[0] * kh * kw, kernel_shape,
+        )
+
+    def needs_key(self, kernel_shape: tuple) -> bool:
+        """``init="random"`` draws the orthonormal start from ``key``."""
+        return self.init == "random"
 
     def init_shapes(self, kernel_shape: tuple) -> Tucker2:
         kh, kw, cin, cout = conv_shape(kernel_shape)
@@ -470,7 +482,8 @@ def _initial(problem: Problem, key, init, ranks, init_method):
 def _tucker2_solve(problem, key, init, tols, *, ranks, max_steps, cg_max_steps,
                    dense, init_method) -> Solution:
     kh, kw = problem.conv_shape[:2]
-    state = _make_state(problem, *_initial(problem, key, init, ranks, init_method))
+    with record_jitter() as log:
+        state = _make_state(problem, *_initial(problem, key, init, ranks, init_method))
     if problem.metric is None:
         sweep = functools.partial(_hooi_sweep, problem, ranks=ranks)
     else:
@@ -478,13 +491,15 @@ def _tucker2_solve(problem, key, init, tols, *, ranks, max_steps, cg_max_steps,
             _sigma_sweep, problem, _kron_consts(problem, problem.conv_shape[2]), tols=tols,
             r_out=ranks[0], cg_max_steps=cg_max_steps, dense=dense,
         )
-    state, status, errors, num_steps, inner = iterate(
-        sweep, lambda s: s.error, state, max_steps=max_steps, rtol=tols["rtol"]
+    state, status, errors, num_steps, inner, jitter = iterate(
+        sweep, lambda s: s.error, state, max_steps=max_steps, rtol=tols["rtol"], with_jitter=True
     )
+    jitter = jnp.maximum(jitter, logged_jitter(log, jitter.dtype))
     value = Tucker2(
         core=matrix_to_core(state.core, kh, kw),
         in_factor=state.in_factor,
         out_factor=state.out_factor,
         kernel_shape=problem.kernel_shape,
     )
-    return Solution(value, status, errors, num_steps, {"inner_iterations": inner})
+    stats = dict(solution_stats(problem, jitter), inner_iterations=inner)
+    return Solution(value, status, errors, num_steps, stats)
