@@ -292,6 +292,9 @@ def compress_pretrained(
     save_dir=None,
     calibration: str | None = None,
     bias_correction: bool = False,
+    rank_rule: str = "uniform",
+    budget: str | None = None,
+    tau: float | None = None,
     progress: bool = True,
 ) -> dict:
     """Compress a pretrained CIFAR-10 ResNet and evaluate it: what ``sigmadecomp compress`` runs.
@@ -313,6 +316,13 @@ def compress_pretrained(
     (``experiments/sequential``) — and parallel for Frobenius, which uses no statistics.
     ``bias_correction`` shifts each compressed layer's mean output on the calibration images back
     to the original's (:func:`sigmadecomp.calibration.correct_bias`).
+
+    ``rank_rule`` (``"uniform"``, ``"energy"``, ``"vbmf"``, ``"global"``), ``budget``
+    (``"params=R"`` / ``"flops=R"``, relative to the compressed layers' dense counts; replaces
+    ``ratio``) and ``tau`` choose the ranks with :func:`sigmadecomp.surgery.select_ranks`, on the
+    original network's statistics, before any layer is fitted (also under sequential
+    calibration). The report then has a ``rank_selection`` entry (rule, achieved budget,
+    predicted damage) and each layer its ``predicted_error`` and ``sensitivity``.
     """
     start = time.perf_counter()
     calibration = _check_calibration(calibration, norm)
@@ -324,13 +334,21 @@ def compress_pretrained(
     test_images, test_labels = sd.data.load_cifar10(eval_dir or data_dir, "test")
     calib_images = sd.data.cifar10_normalize(sd.data.sample(train_images, None, calib, key=calib_key))
     skip = ("conv1", "linear") if skip_first else ("linear",)
+    selection, ranks = None, None
+    if rank_rule != "uniform" or (budget is not None and not budget.startswith("params")):
+        selection = _select(model, calib_images, format=format, norm=norm, rule=rank_rule, budget=budget,
+                            tau=tau, skip=skip, key=jax.random.fold_in(calib_key, 1), batch_size=batch_size,
+                            progress=progress)
+        ratio, ranks, skip = None, selection, selection.is_dense
+    elif budget is not None:
+        ratio = sd.surgery.Budget.parse(budget).ratio
     if calibration == "sequential":
         result = sd.calibration.compress_sequential(
-            model, calib_images, format=format, ratio=ratio, skip=skip, key=solve_key,
+            model, calib_images, format=format, ratio=ratio, ranks=ranks, skip=skip, key=solve_key,
             max_steps=max_steps, bias_correction=bias_correction, batch_size=batch_size,
             progress=progress)
     else:
-        result = compress_model(model, calib_images, format=format, norm=norm, ratio=ratio,
+        result = compress_model(model, calib_images, format=format, norm=norm, ratio=ratio, ranks=ranks,
                                 skip=skip, key=solve_key, max_steps=max_steps,
                                 batch_size=batch_size, progress=progress)
         if bias_correction:
@@ -346,13 +364,28 @@ def compress_pretrained(
     config = dict(arch=arch, weights=str(weights), data=str(data_dir),
                   eval_data=str(eval_dir or data_dir), format=format, norm=norm, ratio=ratio,
                   calib=calib, key=key, max_steps=max_steps, skip_first=skip_first,
-                  calibration=calibration, bias_correction=bias_correction,
-                  save=None if save_dir is None else str(save_dir))
+                  calibration=calibration, bias_correction=bias_correction, rank_rule=rank_rule,
+                  budget=budget, tau=tau, save=None if save_dir is None else str(save_dir))
     layers = [dict(dataclasses.asdict(layer), in_model_relative_error=in_model.get(layer.path))
               for layer in result.layers]
-    return dict(scores, **counts, mean_relative_error=result.mean_relative_error,
+    extra = {}
+    if selection is not None:
+        extra["rank_selection"] = selection.to_dict()
+        chosen = {c.path: c for c in selection.layers}
+        layers = [dict(layer, predicted_error=chosen[layer["path"]].predicted_error,
+                       sensitivity=chosen[layer["path"]].sensitivity) for layer in layers]
+    return dict(scores, **counts, **extra, mean_relative_error=result.mean_relative_error,
                 num_eval_images=int(len(test_labels)), decompose_seconds=result.seconds,
                 seconds=time.perf_counter() - start, config=config, layers=layers)
+
+
+def _select(model, calib_images, *, format, norm, rule, budget, tau, skip, key, batch_size, progress):
+    """Rank selection on the original network's statistics (see :func:`select_ranks`)."""
+    paths = sd.plan(model, format=format, ratio=1.0, skip=skip).paths
+    covariances = calibrate(model, calib_images, layers=paths, batch_size=batch_size, progress=progress)
+    return sd.surgery.select_ranks(model, covariances, format=format, rule=rule, budget=budget, tau=tau,
+                                   norm=norm, images=calib_images, key=key, skip=skip,
+                                   input_shape=(1, *np.shape(calib_images)[1:]), progress=progress)
 
 
 def _check_calibration(calibration: str | None, norm: str) -> str:
