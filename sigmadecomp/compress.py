@@ -401,12 +401,22 @@ def _check_calibration(calibration: str | None, norm: str) -> str:
     return calibration
 
 
+def _ranks_text(config: dict, report: dict) -> str:
+    rule = config.get("rank_rule", "uniform")
+    if rule == "uniform" and config.get("budget") is None:
+        return f"ratio {config['ratio']}"
+    sel = report.get("rank_selection") or {}
+    achieved = sel.get("achieved_params")
+    tail = "" if achieved is None else f", achieved params {achieved:.3f} flops {sel['achieved_flops']:.3f}"
+    return f"rank rule {rule}, budget {config.get('budget') or config.get('tau')}{tail}"
+
+
 def summary(report: dict) -> str:
     """A few human-readable lines of a :func:`compress_pretrained` report."""
     c = report["config"]
     return "\n".join([
         f"{c['arch']} {c['format']}/{c['norm']} ({c.get('calibration', 'parallel')} calibration) "
-        f"ratio {c['ratio']} ({len(report['layers'])} layers, "
+        f"{_ranks_text(c, report)} ({len(report['layers'])} layers, "
         f"{c['calib']} calibration images, key {c['key']})",
         f"  accuracy  {report['accuracy']:.2%}  (uncompressed {report['baseline_accuracy']:.2%}, "
         f"top-1 agreement {report['agreement']:.2%}, {report['num_eval_images']} test images)",

@@ -4,6 +4,7 @@ against brute force, sensitivities, and select_ranks end to end on small network
 from __future__ import annotations
 
 import itertools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -211,7 +212,7 @@ def test_energy_and_vbmf_rules(small_net):
 
 
 def test_global_cp_uses_sweeps(small_net):
-    sel = _select(small_net, format="cp", rule="global", budget="params=0.5", grid=(0.1, 0.3, 0.6), sweeps=2)
+    sel = _select(small_net, format="cp", rule="global", budget="params=0.5", grid=(0.2, 0.45), sweeps=1)
     assert sel.achieved("params") <= 0.5
     assert all(c.predicted_error is not None and 0 <= c.predicted_error <= 1 for c in sel.layers)
 
@@ -228,3 +229,37 @@ def test_bad_arguments(small_net):
         select_ranks(net, cov, format="svd", rule="uniform", budget="flops=0.5", progress=False)
     with pytest.raises(ValueError, match="images= and key="):
         select_ranks(net, cov, format="svd", rule="global", budget="params=0.5", progress=False)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+@pytest.mark.parametrize("argv, needle", [(["--budget", "params"], "params=R"),
+                                          (["--budget", "latency=0.5"], "params=R"),
+                                          (["--budget", "flops=1.5"], "(0, 1]"),
+                                          (["--rank-rule", "best"], "invalid choice")])
+def test_cli_rejects_bad_rank_options(tmp_path, capsys, argv, needle):
+    from sigmadecomp.cli import main
+
+    base = ["compress", "--arch", "resnet20", "--weights", str(tmp_path / "w"), "--data", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(base + argv)
+    assert exit_info.value.code == 2 and needle in capsys.readouterr().err
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_cli_global_rule_writes_the_selection(data_dir, tmp_path):
+    from sigmadecomp.cli import main
+
+    out = tmp_path / "r.json"
+    code = main(["compress", "--arch", "resnet20", "--weights", str(data_dir / "weights" / "resnet20_cifar10.safetensors"),
+                 "--data", str(data_dir / "cifar10"), "--format", "svd", "--calibration", "parallel",
+                 "--rank-rule", "global", "--budget", "flops=0.5", "--calib", "32", "--json", str(out),
+                 "--no-progress"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    sel = report["rank_selection"]
+    assert sel["rule"] == "global" and sel["achieved_flops"] <= 0.5
+    assert report["config"]["budget"] == "flops=0.5"
+    assert all("predicted_error" in layer and layer["sensitivity"] > 0 for layer in report["layers"])

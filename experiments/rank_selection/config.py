@@ -41,14 +41,15 @@ _PRIORITY = (
 
 FULL = Config(runs=tuple(dict.fromkeys(_PRIORITY)))
 
-# For CI: ResNet-20, SVD (closed form, the least compilation), two rules, a few images.
+# For CI: ResNet-20, SVD (closed form, the least compilation), parallel calibration (sequential
+# compiles once per layer), three rules, a few images.
 SMOKE = Config(
     runs=(
-        (20, "svd", "sigma", "sequential", "uniform", "params=0.5"),
-        (20, "svd", "sigma", "sequential", "global", "params=0.5"),
+        (20, "svd", "sigma", "parallel", "uniform", "params=0.5"),
+        (20, "svd", "sigma", "parallel", "global", "params=0.5"),
         (20, "svd", "sigma", "parallel", "vbmf", "none"),
     ),
     calib_images=32,
-    test_images=128,
+    test_images=64,
     max_steps=2,
 )

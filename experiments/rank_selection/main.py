@@ -55,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny configuration for CI (seconds)")
     p.add_argument("--table", action="store_true", help="print tables and draw the figure from results.json")
     p.add_argument("--limit", type=int, default=None, help="do at most this many runs")
+    p.add_argument("--formats", nargs="+", help="only runs of these formats (e.g. a second process for cp)")
+    p.add_argument("--merge", type=pathlib.Path, nargs="+", default=[],
+                   help="add the runs of these results.json files (from other --out folders) first")
     return p.parse_args(argv)
 
 
@@ -125,7 +128,7 @@ def measure(arch: Arch, key, test, config) -> dict:
 
 def run_all(config, args, results, out):
     done = {run_key(r) for r in results["runs"]}
-    todo = [k for k in config.runs if k not in done][: args.limit]
+    todo = [k for k in config.runs if k not in done and (not args.formats or k[1] in args.formats)][: args.limit]
     print(f"{len(todo)} run(s) to do, {len(done)} already in {out}", flush=True)
     if not todo:
         return
@@ -220,6 +223,12 @@ def main(argv=None):
     config = SMOKE if args.smoke else FULL
     out = args.out or (pathlib.Path(tempfile.mkdtemp(prefix="rank_selection_")) if args.smoke else HERE)
     results = load_results(out / "results.json")
+    for other in args.merge:
+        for record in load_results(other)["runs"]:
+            results["runs"] = [r for r in results["runs"] if run_key(r) != run_key(record)] + [record]
+        results["sessions"] += load_results(other).get("sessions", [])
+    if args.merge:
+        save_results(results, out / "results.json")
     if not args.table:
         run_all(config, args, results, out)
     print(table(results))

@@ -302,10 +302,10 @@ def _truncation_sensitivities(model, chunks, paths, covariances, relative_noise,
         layer = get_by_path(copy, path)
         kernel = layer.kernel[...]
         step = np.sqrt(relative_noise) * truncation_direction(kernel, covariances[path].cov)
-        layer.kernel.value = kernel + jnp.asarray(step, kernel.dtype)
+        layer.kernel[...] = kernel + jnp.asarray(step, kernel.dtype)
         state = nnx.state(copy)
         out[path] = sum(_sq(forward(state, x), z) for x, z in zip(chunks, clean)) / (relative_noise * energy)
-        layer.kernel.value = kernel
+        layer.kernel[...] = kernel
     return out
 
 
