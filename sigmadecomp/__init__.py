@@ -21,8 +21,8 @@ import os as _os
 # takes effect when sigmadecomp is imported before NumPy/SciPy load OpenBLAS.
 _os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from sigmadecomp import covariance, data, layers, models, solvers, surgery
-from sigmadecomp._factorized import CP, CP3, Factorized, LowRank, Tucker2, num_params, to_dense
+from sigmadecomp import covariance, data, formats, layers, models, solvers, surgery
+from sigmadecomp._factorized import CP, CP3, TR, TT, Factorized, LowRank, Tucker2, Tucker3, num_params, to_dense
 from sigmadecomp._patches import extract_patches, kernel_to_matrix, matrix_to_kernel
 from sigmadecomp.covariance import *  # noqa: F403
 from sigmadecomp.layers import *  # noqa: F403
@@ -37,7 +37,10 @@ __all__ = [
     "CP3",
     "Factorized",
     "LowRank",
+    "TR",
+    "TT",
     "Tucker2",
+    "Tucker3",
     "extract_patches",
     "kernel_to_matrix",
     "matrix_to_kernel",

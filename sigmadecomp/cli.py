@@ -19,6 +19,8 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
+from sigmadecomp.formats import format_names
+
 __all__ = ["main"]
 
 EXIT_USAGE = 2  # argparse's code for a bad command line
@@ -107,8 +109,9 @@ def _add_compress(commands) -> None:
                           help="CIFAR-10 python-version folder (data_batch_1..5, test_batch)")
     compress.add_argument("--eval-data", type=pathlib.Path, default=None,
                           help="folder holding test_batch for evaluation (default: --data)")
-    compress.add_argument("--format", default="tucker2", choices=("svd", "tucker2", "cp"),
-                          help="decomposition of every compressed conv (default: tucker2)")
+    compress.add_argument("--format", default="tucker2", choices=format_names(),
+                          help="decomposition of every compressed conv, from the format registry "
+                               "(default: tucker2)")
     compress.add_argument("--norm", default="sigma", choices=("frobenius", "sigma"),
                           help="frobenius: classic ALS/SVD on the weights; sigma: minimise the "
                                "output error on calibration data (default: sigma)")

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 import sigmadecomp as sd
 from sigmadecomp._paths import get_by_path
+from sigmadecomp.formats import get as get_format
 from sigmadecomp.data import batches
 
 __all__ = [
@@ -143,14 +144,7 @@ def calibrate(
 def solver_for(entry, *, max_steps: int | None = None) -> sd.AbstractSolver:
     """The solver configuration for one plan entry (its format and ranks)."""
     options = {} if max_steps is None else {"max_steps": int(max_steps)}
-    rank = entry.ranks[0]
-    if entry.format == "svd":
-        return sd.SVD(rank)
-    if entry.format == "tucker2":
-        return sd.Tucker2ALS(tuple(entry.ranks), **options)
-    if entry.format in ("cp", "cp3"):
-        return sd.CPALS(rank, merge_spatial=entry.format == "cp3", **options)
-    raise ValueError(f"no solver for format {entry.format!r} (layer {entry.path!r})")
+    return get_format(entry.format).solver(tuple(entry.ranks), **options)
 
 
 def _check_norm(norm: str) -> None:

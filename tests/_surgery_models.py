@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sigmadecomp import CP, CP3, LowRank, Tucker2
+from sigmadecomp import CP, CP3, TR, TT, LowRank, Tucker2, Tucker3
 from sigmadecomp.layers import factor_shapes
 
-CLASSES = {"svd": LowRank, "tucker2": Tucker2, "cp": CP, "cp3": CP3}
+CLASSES = {"svd": LowRank, "tucker2": Tucker2, "cp": CP, "cp3": CP3, "tucker3": Tucker3, "tt": TT, "tr": TR}
 
 
 def numpy_init(seed: int):

@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sigmadecomp import CP, CP3, LowRank, Tucker2, to_dense
+from sigmadecomp import CP, CP3, TR, TT, LowRank, Tucker2, Tucker3, to_dense
 from sigmadecomp.layers import (
-    CP3Conv, CPConv, LowRankConv, LowRankDense, Tucker2Conv, count_format, factor_shapes, factorize_layer,
+    CP3Conv, CPConv, LowRankConv, LowRankDense, TRConv, TTConv, Tucker2Conv, Tucker3Conv, count_format, factor_shapes, factorize_layer,
 )
 
 FORMATS = {"svd": (LowRank, LowRankConv, (3,)), "tucker2": (Tucker2, Tucker2Conv, (3, 2)),
-           "cp": (CP, CPConv, (4,)), "cp3": (CP3, CP3Conv, (4,))}
+           "cp": (CP, CPConv, (4,)), "cp3": (CP3, CP3Conv, (4,)),
+           "tucker3": (Tucker3, Tucker3Conv, (3, 2, 2)), "tt": (TT, TTConv, (2, 3, 2)),
+           "tr": (TR, TRConv, (2, 2, 3, 2))}
 
 def INIT(key, shape, dtype):
     """Deterministic numpy init: Flax's default initializer compiles for seconds per shape."""
@@ -53,6 +55,12 @@ def numpy_dense(f):
         dense = np.einsum("ijcr,ro->ijco", a["in_kernel"], a["out_factor"])
     elif isinstance(f, Tucker2):
         dense = np.einsum("ca,ijab,ob->ijco", a["in_factor"], a["core"], a["out_factor"])
+    elif isinstance(f, Tucker3):
+        dense = np.einsum("abs,cb,ijs,oa->ijco", a["core"], a["in_factor"], a["spatial_factor"], a["out_factor"])
+    elif isinstance(f, TT):
+        dense = np.einsum("ca,aib,bje,eo->ijco", a["in_core"], a["kh_core"], a["kw_core"], a["out_core"])
+    elif isinstance(f, TR):
+        dense = np.einsum("zca,aib,bje,eoz->ijco", a["in_core"], a["kh_core"], a["kw_core"], a["out_core"])
     elif isinstance(f, CP):
         dense = np.einsum("ir,jr,cr,or->ijco", a["kh_factor"], a["kw_factor"], a["in_factor"], a["out_factor"])
     else:
@@ -197,7 +205,9 @@ def measured(layer, x, monkeypatch):
 
         def counting(self, inputs, *a, _original=original, **k):
             y = _original(self, inputs, *a, **k)
-            macs.append(math.prod(self.kernel.shape) * math.prod(y.shape[1:-1]))
+            # × the batch over the layer's input batch: sub-convs shared over a folded index
+            # (Tucker-3's channels, TR's closing rank) run once per folded batch entry.
+            macs.append(math.prod(self.kernel.shape) * math.prod(y.shape[1:-1]) * y.shape[0] // x.shape[0])
             return y
 
         monkeypatch.setattr(cls, "__call__", counting)

@@ -14,7 +14,9 @@ from flax import nnx
 
 import sigmadecomp as sd
 from sigmadecomp.compress import calibrate
-from sigmadecomp.surgery import Budget, allocate, energy_rank, evbmf, layer_sensitivities, select_ranks
+from sigmadecomp.surgery import (
+    Budget, allocate, damage_curves, energy_rank, evbmf, layer_sensitivities, select_ranks,
+)
 from sigmadecomp.surgery import _rank_rules as rr
 
 # ----------------------------------------------------------------------------- EVBMF
@@ -154,6 +156,19 @@ def test_sensitivity_of_the_last_layer_is_one():
     assert 0 < noisy["layers.0"] < 5 and 0 < shaped["layers.0"] < 5
 
 
+def test_damage_curve_of_the_last_layer_is_the_identity():
+    # Cutting the bias-free logit layer to relative Σ-error ε changes the logits by exactly ε.
+    net = nnx.Sequential(nnx.Linear(6, 16, rngs=nnx.Rngs(0)), nnx.relu,
+                         nnx.Linear(16, 5, use_bias=False, rngs=nnx.Rngs(1)))
+    images = np.asarray(jax.random.normal(jax.random.key(1), (256, 6)), np.float32)
+    curves = damage_curves(net, images, ["layers.0", "layers.2"], calibrate(net, images, progress=False),
+                           progress=False)
+    eps, dmg = curves["layers.2"]
+    assert eps[0] == 0 and eps[-1] == pytest.approx(1.0) and len(eps) >= 4
+    np.testing.assert_allclose(dmg, eps, rtol=1e-4, atol=1e-6)
+    assert (np.diff(curves["layers.0"][1]) >= 0).all()
+
+
 # ----------------------------------------------------------------------------- select_ranks
 
 
@@ -178,9 +193,12 @@ def test_global_meets_budget_and_beats_uniform_on_predicted_damage(small_net, fm
     glob = _select(small_net, format=fmt, rule="global", budget="params=0.4", cache=cache)
     uni = _select(small_net, format=fmt, rule="uniform", budget="params=0.4", cache=cache)
     assert glob.achieved("params") <= 0.4
-    s = cache["sensitivity", 0.01]
-    uni_damage = sum(s[c.path] * c.predicted_error for c in uni.layers)
+    eps_damage = cache["curves"]
+    uni_damage = sum(np.interp(c.predicted_error, *eps_damage[c.path]) for c in uni.layers)
     assert glob.predicted_damage <= uni_damage * (1 + 1e-9)
+    linear = _select(small_net, format=fmt, rule="global", budget="params=0.4", damage="linear", cache=cache)
+    s = cache["sensitivity", 0.01]
+    assert linear.predicted_damage <= sum(s[c.path] * c.predicted_error for c in uni.layers) * (1 + 1e-9)
     report = glob.to_dict()
     assert report["achieved_params"] <= 0.4 and len(report["layers"]) == 3
 

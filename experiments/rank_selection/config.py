@@ -2,7 +2,7 @@
 
 A run is one (arch, format, norm, calibration, rule, budget). ``budget`` is ``"params=R"`` /
 ``"flops=R"`` relative to the compressed layers' dense counts, or ``"none"`` for ``vbmf`` (which
-has no knob). Runs are listed in priority order: an interrupted run still covers the most
+has no knob). ``global_linear`` is ``global`` with ``damage="linear"`` (the ablation). Runs are listed in priority order: an interrupted run still covers the most
 important comparisons (Tucker-2 and SVD, uniform vs global at 0.33 and 0.5) first.
 """
 
@@ -31,6 +31,7 @@ def _block(formats, rules, budgets, arch=20, norm="sigma", calibration="sequenti
 
 _PRIORITY = (
     _block(("tucker2", "svd"), ("uniform", "global"), ("params=0.33", "params=0.5"))
+    + _block(("tucker2",), ("global_linear",), ("params=0.33",))  # ablation: DESIGN §7's linear damage
     + _block(("cp",), ("uniform", "global"), ("params=0.33", "params=0.5"))
     + _block(("tucker2", "svd", "cp"), ("vbmf",), ("none",))
     + _block(("tucker2", "svd", "cp"), ("energy",), ("params=0.33", "params=0.5"))

@@ -94,7 +94,8 @@ class Arch:
 def measure(arch: Arch, key, test, config) -> dict:
     depth, fmt, norm, calibration, rule, budget = key
     start = time.perf_counter()
-    sel = select_ranks(arch.model, arch.covariances, format=fmt, rule=rule,
+    damage = "linear" if rule == "global_linear" else "curve"  # the ablation of the damage model
+    sel = select_ranks(arch.model, arch.covariances, format=fmt, rule=rule.removesuffix("_linear"), damage=damage,
                        budget=None if budget == "none" else budget, norm=norm, images=arch.calib,
                        key=jax.random.key(config.calib_seed + 1), skip=config.skip, input_shape=INPUT_SHAPE,
                        grid=config.grid, sweeps=config.proxy_sweeps, cache=arch.cache.setdefault(norm, {}),
@@ -198,7 +199,7 @@ def figure(results, path) -> None:
     if not runs:
         return
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
-    markers = {"uniform": "o", "energy": "s", "vbmf": "^", "global": "*"}
+    markers = {"uniform": "o", "energy": "s", "vbmf": "^", "global": "*", "global_linear": "x"}
     for ax, fmt in zip(axes, ("svd", "tucker2", "cp")):
         for rule, marker in markers.items():
             pts = sorted((r["params_ratio"], 100 * r["accuracy"]) for r in runs

@@ -9,6 +9,9 @@ layer              from        structure (bias on the last sub-layer)
 ``Tucker2Conv``    Tucker2     1×1 ``cin → r_in``, ``kh×kw`` core ``r_in → r_out``, 1×1 ``r_out → cout``
 ``CPConv``         CP          1×1 ``cin → R``, depthwise ``kh×1``, depthwise ``1×kw``, 1×1 ``R → cout``
 ``CP3Conv``        CP3         1×1 ``cin → R``, depthwise ``kh×kw``, 1×1 ``R → cout``
+``Tucker3Conv``    Tucker3     1×1 ``cin → r_in``, ``r_space`` ``kh×kw`` basis filters per channel, 1×1 mix, 1×1 ``→ cout``
+``TTConv``         TT          1×1 ``cin → r1``, ``kh×1`` ``r1 → r2``, ``1×kw`` ``r2 → r3``, 1×1 ``r3 → cout``
+``TRConv``         TR          1×1 ``cin → r0·r1``, ``kh×1``, ``1×kw`` (shared over ``r0``), 1×1 ``r0·r3 → cout``
 =================  ==========  ==========================================================================
 
 Build one with ``Layer.from_layer(original, factorized)`` (copies bias, strides, padding,
@@ -16,7 +19,8 @@ dilation, groups, dtype and precision) or :func:`factorize_layer`. A grouped con
 (``feature_group_count = g``) takes a list of ``g`` factorized kernels, one per group, each of
 kernel shape ``(kh, kw, cin // g, cout // g)`` and the same ranks; the sub-convs are grouped.
 Counts come from one function per format: :func:`count_dense`, :func:`count_lowrank`,
-:func:`count_tucker2`, :func:`count_cp`, :func:`count_cp3`.
+:func:`count_tucker2`, :func:`count_cp`, :func:`count_cp3`, :func:`count_tucker3`, :func:`count_tt`,
+:func:`count_tr`; :func:`count_format` dispatches through the format registry.
 """
 
 from sigmadecomp.layers._common import FactorizedLayer
@@ -28,7 +32,10 @@ from sigmadecomp.layers._cp import CP3Conv, CPConv
 from sigmadecomp.layers._lowrank import LowRankConv, LowRankDense
 from sigmadecomp.layers._registry import FACTORIZED_LAYERS, factorize_layer
 from sigmadecomp.layers._shapes import factor_shapes, placeholder
+from sigmadecomp.layers._tr import TRConv, count_tr
+from sigmadecomp.layers._tt import TTConv, count_tt
 from sigmadecomp.layers._tucker2 import Tucker2Conv
+from sigmadecomp.layers._tucker3 import Tucker3Conv, count_tucker3
 
 __all__ = [
     "CP3Conv",
@@ -39,13 +46,19 @@ __all__ = [
     "FactorizedLayer",
     "LowRankConv",
     "LowRankDense",
+    "TRConv",
+    "TTConv",
     "Tucker2Conv",
+    "Tucker3Conv",
     "count_cp",
     "count_cp3",
     "count_dense",
     "count_format",
     "count_lowrank",
+    "count_tr",
+    "count_tt",
     "count_tucker2",
+    "count_tucker3",
     "factor_shapes",
     "factorize_layer",
     "placeholder",

@@ -138,20 +138,16 @@ def count_cp3(kernel_shape, rank: int, *, groups: int = 1, bias: bool = False,
     return _counts([first, spatial, last], macs, cout, bias)
 
 
-_BY_FORMAT = {"svd": count_lowrank, "tucker2": count_tucker2, "cp": count_cp, "cp3": count_cp3}
-
-
 def count_format(format: str, kernel_shape, ranks=None, **kwargs) -> Counts:
-    """Dispatch on ``format`` (``"dense"`` for the original layer, ``"svd"``, ``"tucker2"``,
-    ``"cp"``, ``"cp3"``); ``ranks`` is an int or a tuple as the format expects.
+    """Dispatch on ``format``: ``"dense"`` for the original layer, or any registered format
+    (:mod:`sigmadecomp.formats`); ``ranks`` is an int or a tuple as the format expects.
 
     >>> count_format("svd", (64, 10), (4,), bias=True)
     Counts(params=306, flops=296)
     """
     if format == "dense":
         return count_dense(kernel_shape, **kwargs)
-    if format not in _BY_FORMAT:
-        raise ValueError(f"unknown format {format!r}; expected 'dense' or one of {sorted(_BY_FORMAT)}")
-    if format != "tucker2" and not isinstance(ranks, int):
-        (ranks,) = ranks
-    return _BY_FORMAT[format](kernel_shape, ranks, **kwargs)
+    from sigmadecomp.formats._registry import get  # the registry's entries import this module
+
+    spec = get(format)
+    return spec.count(kernel_shape, spec.normalize_ranks(ranks), **kwargs)

@@ -1,19 +1,24 @@
-"""Which factorized layer replaces which layer: one dispatch used by surgery and loading."""
+"""Which factorized layer replaces which layer: one dispatch (through the format registry,
+:mod:`sigmadecomp.formats`) used by surgery and loading."""
 
 from __future__ import annotations
 
 from flax import nnx
 
+from sigmadecomp.formats._registry import spec_of
 from sigmadecomp.layers._common import FactorizedLayer
 from sigmadecomp.layers._cp import CP3Conv, CPConv
 from sigmadecomp.layers._lowrank import LowRankConv, LowRankDense
-from sigmadecomp.layers._shapes import format_of
+from sigmadecomp.layers._tr import TRConv
+from sigmadecomp.layers._tt import TTConv
 from sigmadecomp.layers._tucker2 import Tucker2Conv
+from sigmadecomp.layers._tucker3 import Tucker3Conv
 
-__all__ = ["CONV_LAYERS", "FACTORIZED_LAYERS", "factorize_layer"]
+__all__ = ["FACTORIZED_LAYERS", "factorize_layer"]
 
-CONV_LAYERS = {"svd": LowRankConv, "tucker2": Tucker2Conv, "cp": CPConv, "cp3": CP3Conv}
-FACTORIZED_LAYERS = (LowRankConv, LowRankDense, Tucker2Conv, CPConv, CP3Conv)
+# The built-in layer classes (for isinstance checks); registered formats may add more, all of
+# which subclass FactorizedLayer.
+FACTORIZED_LAYERS = (LowRankConv, LowRankDense, Tucker2Conv, CPConv, CP3Conv, Tucker3Conv, TTConv, TRConv)
 
 
 def factorize_layer(layer: nnx.Module, factorized) -> FactorizedLayer:
@@ -29,11 +34,11 @@ def factorize_layer(layer: nnx.Module, factorized) -> FactorizedLayer:
     'LowRankDense'
     """
     first = factorized[0] if isinstance(factorized, (list, tuple)) and factorized else factorized
-    fmt = format_of(first)
+    spec = spec_of(first)
     if isinstance(layer, nnx.Linear):
-        if fmt != "svd":
-            raise ValueError(f"a dense layer (nnx.Linear) can only use the 'svd' format (LowRank); got {fmt!r}")
-        return LowRankDense.from_layer(layer, factorized)
+        if spec.dense_layer is None:
+            raise ValueError(f"a dense layer (nnx.Linear) can only use the 'svd' format (LowRank); got {spec.name!r}")
+        return spec.dense_layer.from_layer(layer, factorized)
     if isinstance(layer, nnx.Conv):
-        return CONV_LAYERS[fmt].from_layer(layer, factorized)
+        return spec.layer.from_layer(layer, factorized)
     raise ValueError(f"only nnx.Conv and nnx.Linear layers can be factorized; got {type(layer).__name__}")

@@ -1,15 +1,14 @@
-"""Factor shapes of each format, derived from a kernel shape and ranks: used to check the
-factorized kernels a layer receives and to build placeholders when loading a saved model."""
+"""Factor shapes of each format, derived from a kernel shape and ranks (read from the format
+registry): used to check the factorized kernels a layer receives and to build placeholders when
+loading a saved model."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from sigmadecomp._factorized import CP, CP3, LowRank, Tucker2
+from sigmadecomp.formats._registry import get, spec_of
 
-__all__ = ["FORMATS", "check_factorized", "factor_shapes", "placeholder", "ranks_of"]
-
-FORMATS = {"svd": LowRank, "tucker2": Tucker2, "cp": CP, "cp3": CP3}
+__all__ = ["check_factorized", "factor_shapes", "format_of", "placeholder", "ranks_of"]
 
 
 def factor_shapes(format: str, kernel_shape, ranks) -> dict:
@@ -18,34 +17,17 @@ def factor_shapes(format: str, kernel_shape, ranks) -> dict:
     >>> factor_shapes("tucker2", (3, 3, 16, 32), (8, 4))["core"]
     (3, 3, 4, 8)
     """
-    shape = tuple(kernel_shape)
-    kh, kw, cin, cout = (1, 1) + shape if len(shape) == 2 else shape
-    if format == "svd":
-        (r,) = ranks
-        return dict(in_kernel=(kh, kw, cin, r), out_factor=(r, cout))
-    if format == "tucker2":
-        r_out, r_in = ranks
-        return dict(core=(kh, kw, r_in, r_out), in_factor=(cin, r_in), out_factor=(cout, r_out))
-    (r,) = ranks
-    if format == "cp":
-        return dict(out_factor=(cout, r), in_factor=(cin, r), kh_factor=(kh, r), kw_factor=(kw, r))
-    if format == "cp3":
-        return dict(out_factor=(cout, r), in_factor=(cin, r), spatial_factor=(kh, kw, r))
-    raise ValueError(f"unknown format {format!r}; expected one of {sorted(FORMATS)}")
+    spec = get(format)
+    return spec.factor_shapes(tuple(kernel_shape), spec.normalize_ranks(ranks))
 
 
 def format_of(factorized) -> str:
-    for name, cls in FORMATS.items():
-        if isinstance(factorized, cls):
-            return name
-    raise ValueError(f"expected LowRank, Tucker2, CP or CP3; got {type(factorized).__name__}")
+    return spec_of(factorized).name
 
 
 def ranks_of(factorized) -> tuple:
-    """``(r,)`` for LowRank/CP/CP3, ``(r_out, r_in)`` for Tucker2."""
-    if isinstance(factorized, Tucker2):
-        return tuple(factorized.ranks)
-    return (factorized.rank,)
+    """``(r,)`` for LowRank/CP/CP3, ``(r_out, r_in)`` for Tucker2, the rank tuple otherwise."""
+    return spec_of(factorized).ranks_of(factorized)
 
 
 def check_factorized(factorized) -> None:
@@ -62,7 +44,5 @@ def check_factorized(factorized) -> None:
 
 def placeholder(format: str, kernel_shape, ranks, dtype=jnp.float32):
     """A factorized kernel of zeros with the right shapes (to be overwritten by loaded weights)."""
-    shapes = factor_shapes(format, kernel_shape, ranks)
-    arrays = {k: jnp.zeros(s, dtype) for k, s in shapes.items()}
-    return FORMATS[format](**arrays, kernel_shape=tuple(kernel_shape))
-
+    spec = get(format)
+    return spec.placeholder(kernel_shape, spec.normalize_ranks(ranks), dtype)

@@ -3,7 +3,8 @@
 Entry point: :func:`decompose` ``(kernel, solver, *, cov=None, ...)`` → :class:`Solution`.
 Solvers are frozen configurations: :class:`SVD` (closed form → ``LowRank``),
 :class:`Tucker2ALS` (block ALS → ``Tucker2``) and :class:`CPALS` (block ALS → ``CP``/``CP3``).
-They minimise
+The multilinear engine (:class:`MultilinearALS`, DESIGN.md §5) fits any format declared once
+(:class:`Tucker3ALS`, :class:`TTALS`, :class:`TRALS`; :class:`Tucker2Engine` checks it). They minimise
 ``f(W̃) = tr((W − W̃) cov (W − W̃)ᵀ)`` (Frobenius when ``cov`` is None); :func:`relative_error`
 scores any approximation. :class:`AbstractSolver` and :class:`Problem` are for writing new solvers.
 """
@@ -11,14 +12,24 @@ scores any approximation. :class:`AbstractSolver` and :class:`Problem` are for w
 from sigmadecomp.solvers._base import AbstractSolver, Problem
 from sigmadecomp.solvers._cp import CPALS
 from sigmadecomp.solvers._decompose import decompose, relative_error
+from sigmadecomp.solvers._engine import MultilinearALS
+from sigmadecomp.solvers._engine_tucker2 import Tucker2Engine
 from sigmadecomp.solvers._solution import Solution, Status
 from sigmadecomp.solvers._svd import SVD
+from sigmadecomp.solvers._tr import TRALS
+from sigmadecomp.solvers._tt import TTALS
 from sigmadecomp.solvers._tucker2 import Tucker2ALS
+from sigmadecomp.solvers._tucker3 import Tucker3ALS
 
 __all__ = [
     "CPALS",
     "SVD",
+    "MultilinearALS",
+    "TRALS",
+    "TTALS",
     "Tucker2ALS",
+    "Tucker2Engine",
+    "Tucker3ALS",
     "AbstractSolver",
     "Problem",
     "Solution",

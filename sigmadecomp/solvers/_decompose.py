@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sigmadecomp._factorized import LowRank, Tucker2, CP, CP3, to_dense
+from sigmadecomp._factorized import _TYPES as _FACTORIZED, to_dense
 from sigmadecomp._patches import kernel_to_matrix
 from sigmadecomp.solvers._base import AbstractSolver, Problem
 from sigmadecomp.solvers._numerics import add_ridge, mm
@@ -120,7 +120,7 @@ def relative_error(kernel, approx_kernel, cov=None) -> jax.Array:
     1.0
     """
     kernel = check_kernel(kernel)
-    if isinstance(approx_kernel, (LowRank, Tucker2, CP, CP3)):
+    if isinstance(approx_kernel, _FACTORIZED) or hasattr(approx_kernel, "dense"):
         approx_kernel = to_dense(approx_kernel)
     approx_kernel = jnp.asarray(approx_kernel)
     if approx_kernel.shape != kernel.shape:

@@ -50,12 +50,16 @@ class Solution:
         errors: relative Σ-error (Frobenius when ``cov=None``) of the initial point (index 0) and
             after every sweep (index k); fixed length ``max_steps + 1``, NaN after ``num_steps``.
         num_steps: number of sweeps run (int32 scalar array).
+        stats: solver statistics a user needs to judge a run, e.g. ``"ridge"``, ``"jitter"``,
+            ``"tikhonov"`` and ``"inner_iterations"`` (int32, length ``max_steps``: CG iterations
+            per sweep, 0 where none); empty when a solver reports none.
     """
 
     value: object
     status: jax.Array
     errors: jax.Array
     num_steps: jax.Array
+    stats: dict = dataclasses.field(default_factory=dict)
 
     @property
     def message(self) -> str:
@@ -73,5 +77,5 @@ class Solution:
 
 
 jax.tree_util.register_dataclass(
-    Solution, data_fields=["value", "status", "errors", "num_steps"], meta_fields=[]
+    Solution, data_fields=["value", "status", "errors", "num_steps", "stats"], meta_fields=[]
 )

@@ -10,11 +10,13 @@ Typical use (``factors`` maps each planned path to its factorized kernel, e.g. f
 
 * :func:`plan` / :class:`Plan` / :class:`PlanEntry` — which layers, format, ranks, counts;
   ranks for a target parameter ratio come from :func:`svd_rank_for_ratio`,
-  :func:`tucker2_ranks_for_ratio`, :func:`cp_rank_for_ratio`, :func:`cp3_rank_for_ratio`.
+  :func:`tucker2_ranks_for_ratio`, :func:`cp_rank_for_ratio`, :func:`cp3_rank_for_ratio`,
+  :func:`tucker3_ranks_for_ratio`, :func:`tt_ranks_for_ratio`, :func:`tr_ranks_for_ratio`
+  (each format's rule is read from the format registry, :mod:`sigmadecomp.formats`).
 * :func:`select_ranks` / :class:`RankSelection` — ranks by rule (``uniform``, ``energy``,
   ``vbmf``, ``global`` under one params/FLOPs :class:`Budget`): ``plan(model, format=f,
   ranks=sel, skip=sel.is_dense)``; building blocks :func:`evbmf`, :func:`energy_rank`,
-  :func:`whitened_spectrum`, :func:`layer_sensitivities`, :func:`allocate`.
+  :func:`whitened_spectrum`, :func:`damage_curves`, :func:`layer_sensitivities`, :func:`allocate`.
 * :func:`apply` — a compressed copy with factorized layers (:mod:`sigmadecomp.layers`).
 * :func:`verify` / :class:`Report` — per-layer relative Σ-error on real inputs, end-to-end output
   error and top-1 agreement, parameters and measured MACs.
@@ -22,13 +24,14 @@ Typical use (``factors`` maps each planned path to its factorized kernel, e.g. f
 """
 
 from sigmadecomp.surgery._allocate import (
-    RANK_RULES, Budget, LayerChoice, RankSelection, allocate, layer_sensitivities, select_ranks,
+    RANK_RULES, Budget, LayerChoice, RankSelection, allocate, damage_curves, layer_sensitivities, select_ranks,
 )
 from sigmadecomp.surgery._apply import apply
 from sigmadecomp.surgery._io import FILE_VERSION, load, save
 from sigmadecomp.surgery._plan import FORMAT_NAMES, PLAN_VERSION, Plan, PlanEntry, plan
 from sigmadecomp.surgery._ranks import (
-    cp3_rank_for_ratio, cp_rank_for_ratio, rank_for_ratio, svd_rank_for_ratio, tucker2_ranks_for_ratio,
+    cp3_rank_for_ratio, cp_rank_for_ratio, rank_for_ratio, svd_rank_for_ratio, tr_ranks_for_ratio,
+    tt_ranks_for_ratio, tucker2_ranks_for_ratio, tucker3_ranks_for_ratio,
 )
 from sigmadecomp.surgery._rank_rules import VBMFResult, energy_rank, evbmf, whitened_spectrum
 from sigmadecomp.surgery._verify import LayerReport, Report, verify
@@ -40,6 +43,7 @@ __all__ = [
     "RankSelection",
     "VBMFResult",
     "allocate",
+    "damage_curves",
     "energy_rank",
     "evbmf",
     "layer_sensitivities",
@@ -60,6 +64,9 @@ __all__ = [
     "rank_for_ratio",
     "save",
     "svd_rank_for_ratio",
+    "tr_ranks_for_ratio",
+    "tt_ranks_for_ratio",
     "tucker2_ranks_for_ratio",
+    "tucker3_ranks_for_ratio",
     "verify",
 ]

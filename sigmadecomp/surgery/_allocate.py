@@ -14,10 +14,14 @@ Rules (``ε_ℓ(ρ)`` = layer ``ℓ``'s relative Σ-error at ranks ``ρ`` of the
 * ``vbmf`` — EVBMF on the (whitened) kernel matrix; Tucker-2 on both channel-mode unfoldings.
   No knob: the achieved ratio is whatever the data say.
 * ``global`` — DESIGN §7: candidates ``ρ`` per layer (dense is one) with cost ``c_ℓ(ρ)`` (params
-  or MACs) and damage ``e_ℓ(ρ) = s_ℓ · ε_ℓ(ρ)``; minimise ``Σ e`` subject to ``Σ c ≤ budget`` by
-  Lagrangian bisection (each layer picks ``argmin e + λ c`` independently), then spend what the
-  bisection left on the best damage-per-cost upgrades that still fit. ``s_ℓ`` is measured on
-  calibration images (:func:`layer_sensitivities`). ``ε`` comes from the whitened spectrum for
+  or MACs) and damage ``e_ℓ(ρ)``; minimise ``Σ e`` subject to ``Σ c ≤ budget`` by Lagrangian
+  bisection (each layer picks ``argmin e + λ c`` independently), then spend what the bisection
+  left on the best damage-per-cost upgrades that still fit. The damage is measured on the
+  calibration images: by default ``e_ℓ(ρ) = D_ℓ(ε_ℓ(ρ))`` with ``D_ℓ`` the layer's
+  :func:`damage_curves` (logit change when the layer alone is cut to Σ-error ``ε``, a few levels,
+  interpolated); ``damage="linear"`` uses DESIGN §7's ``s_ℓ · ε_ℓ(ρ)`` with the slope
+  ``s_ℓ`` of :func:`layer_sensitivities`, which cannot see that deep cuts hurt more than
+  linearly and lost 36 points on ResNet-20 Tucker-2 at 0.33 (experiments/rank_selection). ``ε`` comes from the whitened spectrum for
   SVD (exact) and Tucker-2 (output-mode tail + Kronecker-whitened input-mode tail, an
   HOSVD-style proxy), or, with ``proxy="sweeps"`` (the default of every other format), from a
   few ALS sweeps at a grid of parameter ratios.
@@ -47,7 +51,7 @@ from sigmadecomp.surgery._plan import PlanEntry, plan
 from sigmadecomp.surgery._ranks import rank_for_ratio, svd_rank_for_ratio
 from sigmadecomp.surgery._tap import input_spec, intercept
 
-__all__ = ["RANK_RULES", "Budget", "LayerChoice", "RankSelection", "allocate", "layer_sensitivities",
+__all__ = ["RANK_RULES", "Budget", "LayerChoice", "RankSelection", "allocate", "damage_curves", "layer_sensitivities",
            "select_ranks", "truncation_direction"]
 
 RANK_RULES = ("uniform", "energy", "vbmf", "global")
@@ -101,6 +105,7 @@ class LayerChoice:
     params_before: int
     flops: int | None
     flops_before: int | None
+    predicted_damage: float | None = None  # from the measured damage curve (global rule)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self) | {"ranks": None if self.ranks is None else list(self.ranks)}
@@ -143,8 +148,12 @@ class RankSelection(Mapping):
 
     @property
     def predicted_damage(self) -> float | None:
-        """``Σ s_ℓ ε_ℓ``: the predicted relative change of the logits (when both are known)."""
-        terms = [(layer.sensitivity, layer.predicted_error) for layer in self.layers if layer.ranks]
+        """Predicted relative change of the logits: the sum of the layers' damage-curve values
+        (``global``), else ``Σ s_ℓ ε_ℓ`` (when both are known)."""
+        chosen = [layer for layer in self.layers if layer.ranks]
+        if chosen and all(layer.predicted_damage is not None for layer in chosen):
+            return float(sum(layer.predicted_damage for layer in chosen))
+        terms = [(layer.sensitivity, layer.predicted_error) for layer in chosen]
         if not terms or any(s is None or e is None for s, e in terms):
             return None
         return float(sum(s * e for s, e in terms))
@@ -309,6 +318,57 @@ def _truncation_sensitivities(model, chunks, paths, covariances, relative_noise,
     return out
 
 
+DAMAGE_LEVELS = (0.01, 0.03, 0.07, 0.15, 0.25, 0.4, 0.6, 0.8, 1.0)
+
+
+def damage_curves(model: nnx.Module, images, paths: Sequence[str], covariances: Mapping, *,
+                  levels: Sequence[float] = DAMAGE_LEVELS, batch_size: int = 256,
+                  progress: bool = True) -> dict:
+    """``{path: (eps, damage)}``: measured relative logit change ``E‖z̃ − z‖² / E‖z‖²`` when layer
+    ``path`` alone is replaced by its SVD-Σ truncation whose relative Σ-error ``eps`` is nearest
+    below each of ``levels`` (``eps = 1``: the layer's output removed). Increasing in ``eps``
+    (running maximum), starting at ``(0, 0)``; interpolate with ``np.interp``.
+
+    Unlike a slope measured with a small perturbation, the curve sees what a large cut does: the
+    network is not linear in a layer's error, and a deep cut removes the leading directions of the
+    output, which a small perturbation along the tail does not probe.
+
+    >>> from flax import nnx
+    >>> from sigmadecomp.compress import calibrate
+    >>> net = nnx.Sequential(nnx.Linear(4, 6, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(6, 2, rngs=nnx.Rngs(1)))
+    >>> x = jax.random.normal(jax.random.key(0), (32, 4))
+    >>> eps, dmg = damage_curves(net, x, ["layers.0"], calibrate(net, x, progress=False), progress=False)["layers.0"]
+    >>> bool(eps[0] == 0 and dmg[0] == 0 and (np.diff(dmg) >= 0).all())
+    True
+    """
+    images = jnp.asarray(images, input_spec(model, (1,)).dtype)
+    chunks = [images[i : i + batch_size] for i in range(0, images.shape[0], batch_size)]
+    copy = nnx.clone(model)
+    graphdef, _ = nnx.split(copy)
+    forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+    clean = [forward(nnx.state(copy), x) for x in chunks]
+    energy = sum(_sq(z) for z in clean)
+    out = {}
+    for path in tqdm(list(paths), desc="damage curves", disable=not progress, leave=False):
+        layer = get_by_path(copy, path)
+        kernel = layer.kernel[...]
+        w = np.asarray(kernel_to_matrix(np.asarray(kernel, np.float64)), np.float64)
+        cov = np.asarray(covariances[path].cov, np.float64)
+        u, sv, _ = np.linalg.svd(w @ rr._cov_sqrt(cov, w.shape[1]), full_matrices=False)
+        errors = rr.svd_errors(sv)
+        ranks = sorted({int(np.flatnonzero(errors <= level + 1e-12)[0]) for level in levels}, reverse=True)
+        eps, damage = [0.0], [0.0]
+        for r in ranks:
+            approx = u[:, :r] @ (u[:, :r].T @ w)
+            layer.kernel[...] = jnp.asarray(matrix_to_kernel(approx, kernel.shape), kernel.dtype)
+            state = nnx.state(copy)
+            eps.append(float(errors[r]))
+            damage.append(sum(_sq(forward(state, x), z) for x, z in zip(chunks, clean)) / energy)
+        layer.kernel[...] = kernel
+        out[path] = (np.array(eps), np.maximum.accumulate(np.array(damage)))
+    return out
+
+
 def _noisy_forward(graphdef, paths: tuple):
     @jax.jit
     def forward(state, x, scales, key):
@@ -338,6 +398,7 @@ class _Layer:
     cov: np.ndarray
     norm: str
     _spectra: dict = dataclasses.field(default_factory=dict)
+    raw_kernel: object = None  # in the model's dtype, for the registry's rank-for-ratio rules
 
     @property
     def whiten(self):
@@ -376,7 +437,12 @@ class _Layer:
             else self.entry.kernel_shape
         d = kh * kw * cin
         ratio = min(1.0, max(rank, 1) * (d + cout) / (d * cout))
-        return rank_for_ratio(self.entry.format, self.entry.kernel_shape, ratio, groups=self.entry.groups)
+        return self.rank_for_ratio(ratio)
+
+    def rank_for_ratio(self, ratio: float) -> tuple:
+        """The format's own rule (from the registry; spectral rules read the kernel)."""
+        return rank_for_ratio(self.entry.format, self.entry.kernel_shape, ratio, groups=self.entry.groups,
+                              kernel=self.kernel if self.raw_kernel is None else self.raw_kernel)
 
     def counts(self, ranks) -> tuple:
         e = self.entry
@@ -453,6 +519,7 @@ def select_ranks(
     grid: Sequence[float] = DEFAULT_GRID,
     sweeps: int = 3,
     relative_noise: float = 0.01,
+    damage: str = "curve",
     cache: dict | None = None,
     progress: bool = True,
 ) -> RankSelection:
@@ -474,6 +541,9 @@ def select_ranks(
         proxy: ``global`` only: ``"spectrum"`` (SVD, Tucker-2) or ``"sweeps"`` (any format; the
             default for the others): ``sweeps`` ALS sweeps at every ratio of ``grid``.
         relative_noise: ``δ`` of :func:`layer_sensitivities`.
+        damage: ``global`` only: ``"curve"`` (default; ``e_ℓ(ρ)`` = the layer's measured
+            :func:`damage_curves` at ``ε_ℓ(ρ)``) or ``"linear"`` (``s_ℓ · ε_ℓ(ρ)`` with the slope
+            of :func:`layer_sensitivities`; cheaper, but blind to deep cuts: measured worse).
         cache: an optional dict, reused across calls that share ``model``, ``covariances``,
             ``images`` and ``key`` (e.g. several budgets and rules in one experiment): spectra,
             sensitivities and swept candidates are then measured once.
@@ -508,25 +578,33 @@ def select_ranks(
     cache = {} if cache is None else cache
     layers = [_Layer(e, np.asarray(get_by_path(model, e.path).kernel[...], np.float64),
                      np.asarray(covariances[e.path].cov, np.float64), norm,
-                     cache.setdefault(("spectra", e.path, norm), {})) for e in base.entries]
+                     cache.setdefault(("spectra", e.path, norm), {}), get_by_path(model, e.path).kernel[...])
+              for e in base.entries]
     _check_groups(layers)
     options = dict(norm=norm, tau=tau, proxy=proxy, relative_noise=relative_noise)
     sensitivity = None
     if rule == "global":
         if images is None or key is None:
             raise ValueError("rule 'global' measures sensitivities: give images= and key=")
+        if damage not in ("curve", "linear"):
+            raise ValueError(f"damage must be 'curve' or 'linear'; got {damage!r}")
+        if damage == "curve" and "curves" not in cache:
+            cache["curves"] = damage_curves(model, images, base.paths, covariances, progress=progress)
         if ("sensitivity", relative_noise) not in cache:
             cache["sensitivity", relative_noise] = layer_sensitivities(
                 model, images, base.paths, covariances=covariances, relative_noise=relative_noise,
                 progress=progress)
         sensitivity = cache["sensitivity", relative_noise]
-        ranks, errors = _global(layers, sensitivity, budget, proxy, tuple(grid), sweeps, key, progress, cache)
-        options.update(grid=list(grid), sweeps=sweeps)
+        curves = cache["curves"] if damage == "curve" else None
+        ranks, errors = _global(layers, sensitivity, curves, budget, proxy, tuple(grid), sweeps, key, progress,
+                                cache)
+        options.update(grid=list(grid), sweeps=sweeps, damage=damage)
     else:
         ranks = _rule_ranks(rule, layers, budget, tau)
         errors = [None if r is None else layer.predicted_error(r) for layer, r in zip(layers, ranks)]
         sensitivity = cache.get(("sensitivity", relative_noise))  # measured by an earlier global call
-    choices = tuple(_choice(layer, r, err, sensitivity) for layer, r, err in zip(layers, ranks, errors))
+    curves = cache.get("curves") if rule == "global" and damage == "curve" else None
+    choices = tuple(_choice(layer, r, err, sensitivity, curves) for layer, r, err in zip(layers, ranks, errors))
     return RankSelection(rule, budget, choices, options, time.perf_counter() - start)
 
 
@@ -547,12 +625,15 @@ def _check_groups(layers) -> None:
         raise ValueError(f"rank rules read ungrouped layers only; skip the grouped conv(s) {grouped}")
 
 
-def _choice(layer: _Layer, ranks, error, sensitivity) -> LayerChoice:
+def _choice(layer: _Layer, ranks, error, sensitivity, curves) -> LayerChoice:
     params, flops = layer.counts(ranks)
-    return LayerChoice(layer.entry.path, layer.entry.format, None if ranks is None else tuple(int(r) for r in ranks),
+    path = layer.entry.path
+    damage = None if curves is None or error is None else float(np.interp(error, *curves[path]))
+    return LayerChoice(path, layer.entry.format, None if ranks is None else tuple(int(r) for r in ranks),
                        0.0 if ranks is None else error,
-                       None if sensitivity is None else float(sensitivity[layer.entry.path]),
-                       int(params), int(layer.entry.params_before), flops, layer.entry.flops_before)
+                       None if sensitivity is None else float(sensitivity[path]),
+                       int(params), int(layer.entry.params_before), flops, layer.entry.flops_before,
+                       0.0 if ranks is None and curves is not None else damage)
 
 
 def _rule_ranks(rule: str, layers: list, budget: Budget | None, tau) -> list:
@@ -561,8 +642,7 @@ def _rule_ranks(rule: str, layers: list, budget: Budget | None, tau) -> list:
     total = sum(layer.cost(None, budget.kind) for layer in layers) if budget else 0.0
 
     def uniform(ratio):
-        return [rank_for_ratio(layer.entry.format, layer.entry.kernel_shape, ratio, groups=layer.entry.groups)
-                for layer in layers]
+        return [layer.rank_for_ratio(ratio) for layer in layers]
 
     def energy(t):
         return [_or_dense(layer, _energy_ranks(layer, t)) for layer in layers]
@@ -578,7 +658,7 @@ def _rule_ranks(rule: str, layers: list, budget: Budget | None, tau) -> list:
     return _largest_fitting(energy, layers, budget, total, 1e-6, 1.0, "energy")
 
 
-def _global(layers, sensitivity, budget, proxy, grid, sweeps, key, progress, cache) -> tuple[list, list]:
+def _global(layers, sensitivity, curves, budget, proxy, grid, sweeps, key, progress, cache) -> tuple[list, list]:
     costs, damages, options, errors = [], [], [], []
     keys = jax.random.split(jax.random.fold_in(key, 1), len(layers))
     for layer, layer_key in zip(tqdm(layers, desc="candidates", disable=not progress, leave=False), keys):
@@ -590,7 +670,7 @@ def _global(layers, sensitivity, budget, proxy, grid, sweeps, key, progress, cac
         options.append([None] + [r for r, _ in cands])
         errors.append(np.array([0.0] + [e for _, e in cands]))
         costs.append(np.array([layer.cost(r, budget.kind) for r in options[-1]]))
-        damages.append(s * errors[-1])
+        damages.append(s * errors[-1] if curves is None else np.interp(errors[-1], *curves[layer.entry.path]))
     total = sum(c[0] for c in costs)
     picks = allocate(costs, damages, budget.ratio * total)
     return [o[j] for o, j in zip(options, picks)], [float(e[j]) for e, j in zip(errors, picks)]
@@ -611,7 +691,7 @@ def _candidates(layer: _Layer, proxy, grid, sweeps, key) -> list:
     elif proxy == "spectrum":
         raise ValueError(f"proxy 'spectrum' has no closed form for format {fmt!r}; use proxy='sweeps'")
     else:
-        ranks = sorted({rank_for_ratio(fmt, layer.entry.kernel_shape, g, groups=layer.entry.groups) for g in grid})
+        ranks = sorted({layer.rank_for_ratio(g) for g in grid})
     ranks = [r for r in ranks if layer.counts(r)[0] < layer.entry.params_before]
     if proxy == "spectrum":
         return [(r, layer.predicted_error(r)) for r in ranks]

@@ -16,6 +16,7 @@ import jax
 from flax import nnx
 
 from sigmadecomp._paths import find_layers, get_by_path, path_to_str
+from sigmadecomp.formats._registry import format_names, get as get_format
 from sigmadecomp.layers._common import FactorizedLayer
 from sigmadecomp.layers._config import ConvConfig
 from sigmadecomp.layers._counts import count_format
@@ -25,13 +26,16 @@ from sigmadecomp.surgery._tap import input_spec, intercept
 __all__ = ["FORMAT_NAMES", "PLAN_VERSION", "Plan", "PlanEntry", "plan"]
 
 PLAN_VERSION = 1
-FORMAT_NAMES = ("svd", "tucker2", "cp", "cp3")
+# The formats registered when this module was imported; the registry (sigmadecomp.formats) is the
+# source of truth and also holds formats registered later.
+FORMAT_NAMES = format_names()
 
 
 @dataclasses.dataclass(frozen=True)
 class PlanEntry:
     """One layer to replace. ``kernel_shape`` is the layer's Flax kernel; ``ranks`` are per
-    feature group: ``(r,)`` for svd/cp/cp3, ``(r_out, r_in)`` for tucker2. Conv-only fields are
+    feature group, in the order of the format's ``rank_names`` (``(r,)`` for svd/cp/cp3,
+    ``(r_out, r_in)`` for tucker2, ``(r1, r2, r3)`` for tt, ...). Conv-only fields are
     ``None`` for dense layers. ``flops_*`` are MACs per example (``None`` without an input shape)."""
 
     path: str
@@ -195,25 +199,18 @@ def _skip_predicate(skip, layers: dict) -> Callable[[str], bool]:
 
 
 def _normalize_ranks(fmt: str, value, path: str) -> tuple:
-    ranks = (value,) if isinstance(value, int) else tuple(value)
-    if fmt == "tucker2" and len(ranks) == 1:
-        ranks = ranks * 2
-    want = 2 if fmt == "tucker2" else 1
-    if len(ranks) != want or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
-        form = "(r_out, r_in) or one int for both" if fmt == "tucker2" else "one positive int"
-        raise ValueError(f"ranks[{path!r}] for format {fmt!r} must be {form}; got {value!r}")
-    return ranks
+    try:
+        return get_format(fmt).normalize_ranks(value)
+    except ValueError as err:
+        raise ValueError(f"ranks[{path!r}]: {err}") from None
 
 
 def _check_rank_bounds(fmt: str, ranks: tuple, kernel_shape: tuple, groups: int, path: str) -> None:
-    kh, kw, cin, cout = (1, 1) + kernel_shape if len(kernel_shape) == 2 else kernel_shape
-    cout //= groups
-    if fmt == "svd" and ranks[0] > min(cout, kh * kw * cin):
-        raise ValueError(f"rank {ranks[0]} for {path!r} exceeds the full rank min(cout, kh·kw·cin) = "
-                         f"{min(cout, kh * kw * cin)} of its kernel {kernel_shape} (per group)")
-    if fmt == "tucker2" and (ranks[0] > cout or ranks[1] > cin):
-        raise ValueError(f"Tucker-2 ranks (r_out, r_in) = {ranks} for {path!r} exceed the mode sizes "
-                         f"(cout, cin) = {(cout, cin)} of its kernel {kernel_shape} (per group)")
+    group_shape = kernel_shape[:-1] + (kernel_shape[-1] // groups,)
+    try:
+        get_format(fmt).check_ranks(group_shape, ranks)
+    except ValueError as err:
+        raise ValueError(f"ranks for {path!r}: {err}") from None
 
 
 def _layer_info(path: str, layer) -> dict:
@@ -231,9 +228,9 @@ def _layer_info(path: str, layer) -> dict:
 
 def _choose_format(path: str, kind: str, format: str, formats: Mapping) -> str:
     fmt = formats.get(path, format)
-    if fmt not in FORMAT_NAMES:
-        raise ValueError(f"unknown format {fmt!r} for {path!r}; expected one of {FORMAT_NAMES}")
-    if kind == "dense" and fmt != "svd":
+    if fmt not in format_names():
+        raise ValueError(f"unknown format {fmt!r} for {path!r}; expected one of {format_names()}")
+    if kind == "dense" and get_format(fmt).dense_layer is None:
         raise ValueError(
             f"layer {path!r} is dense (nnx.Linear): format {fmt!r} needs a conv kernel; use 'svd' for it "
             f"(formats={{{path!r}: 'svd'}}) or leave it out (skip=[{path!r}])"
@@ -242,8 +239,8 @@ def _choose_format(path: str, kind: str, format: str, formats: Mapping) -> str:
 
 
 def _check_arguments(format, ratio, ranks, formats) -> None:
-    if format not in FORMAT_NAMES:
-        raise ValueError(f"format must be one of {FORMAT_NAMES}; got {format!r}")
+    if format not in format_names():
+        raise ValueError(f"format must be one of {format_names()}; got {format!r}")
     if (ratio is None) == (ranks is None):
         raise ValueError(
             "give exactly one of ratio= (a target parameter ratio for every layer) and ranks= "
@@ -264,10 +261,12 @@ def plan(model: nnx.Module, *, format: str, ratio: Optional[float] = None, ranks
 
     Args:
       model: the uncompressed model (not modified; only read).
-      format: ``"svd"``, ``"tucker2"``, ``"cp"`` or ``"cp3"``; dense layers need ``"svd"``.
+      format: a registered format (:func:`sigmadecomp.formats.format_names`: ``"svd"``,
+        ``"tucker2"``, ``"cp"``, ``"cp3"``, ``"tucker3"``, ``"tt"``, ``"tr"``, ...); dense layers
+        need one with a dense layer (``"svd"``).
       ratio: target parameter ratio per layer, in (0, 1]; ranks from
         :func:`~sigmadecomp.surgery.rank_for_ratio` (one rule per format, see there).
-      ranks: instead of ``ratio``: dict path → rank (``int``) or ``(r_out, r_in)`` for Tucker-2;
+      ranks: instead of ``ratio``: dict path → rank (``int``) or the format's rank tuple;
         it must name every planned layer (skip the others, e.g. ``skip=lambda p: p not in ranks``).
       skip: paths to leave untouched, or a predicate on the path. Skipping the first conv and the
         classifier, as is customary, is one line: ``skip=["conv1", "linear"]``.
@@ -324,7 +323,8 @@ def _entry_spec(path, layer, format, formats, ratio, ranks) -> dict:
         chosen = _normalize_ranks(fmt, ranks[path], path)
         _check_rank_bounds(fmt, chosen, info["kernel_shape"], groups, path)
     else:
-        chosen = rank_for_ratio(fmt, info["kernel_shape"], ratio, groups=groups)
+        kernel = layer.kernel[...][..., : info["kernel_shape"][-1] // groups]  # group 0's weights
+        chosen = rank_for_ratio(fmt, info["kernel_shape"], ratio, groups=groups, kernel=kernel)
     return dict(info, path=path, format=fmt, ranks=chosen)
 
 
