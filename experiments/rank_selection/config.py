@@ -21,6 +21,8 @@ class Config:
     max_steps: int = 10  # ALS sweeps per layer (SVD is closed form)
     grid: tuple = (0.03, 0.05, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.35, 0.42, 0.5, 0.6, 0.7, 0.8, 0.9)
     proxy_sweeps: int = 3  # ALS sweeps per grid point for the CP damage proxy
+    # Ratios at which CP's ε is measured by sweeps (every distinct rank compiles a solver: few points).
+    sweep_grid: tuple = (0.08, 0.16, 0.25, 0.35, 0.5, 0.7)
     skip: tuple = ("conv1", "linear")
     batch_size: int = 256
 

@@ -98,7 +98,7 @@ def measure(arch: Arch, key, test, config) -> dict:
     sel = select_ranks(arch.model, arch.covariances, format=fmt, rule=rule.removesuffix("_linear"), damage=damage,
                        budget=None if budget == "none" else budget, norm=norm, images=arch.calib,
                        key=jax.random.key(config.calib_seed + 1), skip=config.skip, input_shape=INPUT_SHAPE,
-                       grid=config.grid, sweeps=config.proxy_sweeps, cache=arch.cache.setdefault(norm, {}),
+                       grid=config.grid if fmt in ("svd", "tucker2") else config.sweep_grid, sweeps=config.proxy_sweeps, cache=arch.cache.setdefault(norm, {}),
                        progress=False)
     select_seconds = time.perf_counter() - start
     common = dict(format=fmt, ranks=sel, skip=sel.is_dense, key=jax.random.key(config.compress_seed),
@@ -164,7 +164,8 @@ def table(results) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         dense = sum(layer["ranks"] is None for layer in r["layers"])
-        damage = "—" if r["predicted_damage"] is None else f"{r['predicted_damage']:.3f}"
+        damage = ("—" if r["predicted_damage"] is None or not r["rule"].startswith("global")
+                  else f"{r['predicted_damage']:.3f}")
         cal = r["calibration"] if r["norm"] == "sigma" else f"{r['calibration']} (Frobenius)"
         lines.append(f"| ResNet-{r['arch']} | {cal} | {r['format']} | {r['budget']} | {r['rule']} | "
                      f"{100 * r['accuracy']:.1f} | {100 * (r['accuracy'] - r['baseline_accuracy']):+.1f} | "
@@ -175,18 +176,66 @@ def table(results) -> str:
 def versus(results) -> str:
     """global − uniform at the same budget (same arch, format, norm, calibration)."""
     by = {run_key(r): r for r in results["runs"]}
-    lines = ["| model | format | budget | uniform | global | global − uniform (points) | achieved params u / g |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | format | budget | rule | uniform | global | global − uniform (points) | achieved params u / g |",
+             "|---|---|---|---|---|---|---|---|"]
     for key, r in sorted(by.items()):
-        if key[4] != "global":
+        if not key[4].startswith("global"):
             continue
         u = by.get(key[:4] + ("uniform", key[5]))
         if u is None:
             continue
-        lines.append(f"| ResNet-{key[0]} {key[3]} {key[2]} | {key[1]} | {key[5]} | {100 * u['accuracy']:.1f} | "
+        lines.append(f"| ResNet-{key[0]} {key[3]} {key[2]} | {key[1]} | {key[5]} | {key[4]} | {100 * u['accuracy']:.1f} | "
                      f"{100 * r['accuracy']:.1f} | {100 * (r['accuracy'] - u['accuracy']):+.1f} | "
                      f"{u['achieved_params']:.3f} / {r['achieved_params']:.3f} |")
     return "\n".join(lines)
+
+
+def targets(results) -> str:
+    """The issue's targets (ResNet-20, Σ sequential, rule global), each met / missed / not measured."""
+    by = {run_key(r): r for r in results["runs"]}
+
+    def run(fmt, rule, budget):
+        return by.get((20, fmt, "sigma", "sequential", rule, budget))
+
+    lines = ["| target | measured | verdict |", "|---|---|---|"]
+    for budget, slack in (("params=0.5", 0.5), ("params=0.33", 2.0), ("flops=0.5", 1.0)):
+        for fmt in ("tucker2", "cp"):
+            r = run(fmt, "global", budget)
+            if r is None:
+                lines.append(f"| {fmt} {budget}: within {slack} points of dense | not measured | — |")
+                continue
+            drop = 100 * (r["baseline_accuracy"] - r["accuracy"])
+            lines.append(f"| {fmt} {budget}: within {slack} points of dense | −{drop:.1f} points "
+                         f"({100 * r['accuracy']:.1f} vs {100 * r['baseline_accuracy']:.1f}) | "
+                         f"{'met' if drop <= slack else f'missed by {drop - slack:.1f}'} |")
+    for key, g in sorted(by.items()):
+        u = by.get(key[:4] + ("uniform", key[5]))
+        if key[0] != 20 or key[4] != "global" or u is None:
+            continue
+        gain = 100 * (g["accuracy"] - u["accuracy"])
+        need = 3.0 if key[5] == "params=0.33" and key[1] in ("tucker2", "svd") and key[2] == "sigma" else -1.0
+        what = "≥ +3 points over uniform" if need > 0 else "not below uniform by > 1 point"
+        lines.append(f"| {key[1]} {key[2]} {key[3]} {key[5]}: global {what} | {gain:+.1f} points | "
+                     f"{'met' if gain >= need else f'missed by {need - gain:.1f}'} |")
+    return "\n".join(lines)
+
+
+def details(results) -> str:
+    """Per layer of every global run: chosen ranks, predicted ε, measured error (sequential: the
+    cross error E‖W x − W̃ x̂‖² / E‖W x‖², which also holds the drift of the layer's input)."""
+    out = []
+    for r in sorted(results["runs"], key=run_key):
+        if not r["rule"].startswith("global"):
+            continue
+        out += [f"{r['rule']} ResNet-{r['arch']} {r['format']} {r['norm']} {r['calibration']} {r['budget']}:", "",
+                "| layer | ranks | predicted ε | measured error | sensitivity (slope) |", "|---|---|---|---|---|"]
+        for layer in r["layers"]:
+            ranks = "dense" if layer["ranks"] is None else "×".join(map(str, layer["ranks"]))
+            fmt = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
+            out.append(f"| {layer['path']} | {ranks} | {fmt(layer['predicted_error'])} | "
+                       f"{fmt(layer['measured_error'])} | {fmt(layer['sensitivity'])} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def figure(results, path) -> None:
@@ -213,7 +262,8 @@ def figure(results, path) -> None:
         ax.set_title(f"ResNet-20, {fmt}, Σ sequential")
         ax.set_xlabel("achieved whole-model parameter ratio")
     axes[0].set_ylabel("top-1 accuracy, 512 dev images (%)")
-    axes[0].legend(fontsize=7)
+    for ax in axes:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -235,6 +285,10 @@ def main(argv=None):
     print(table(results))
     print()
     print(versus(results))
+    print()
+    print(targets(results))
+    print()
+    print(details(results))
     figure(results, out / "figure.png")
     return 0
 

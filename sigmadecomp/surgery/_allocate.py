@@ -603,7 +603,7 @@ def select_ranks(
         ranks = _rule_ranks(rule, layers, budget, tau)
         errors = [None if r is None else layer.predicted_error(r) for layer, r in zip(layers, ranks)]
         sensitivity = cache.get(("sensitivity", relative_noise))  # measured by an earlier global call
-    curves = cache.get("curves") if rule == "global" and damage == "curve" else None
+    curves = cache.get("curves") if damage == "curve" else None  # measured by this or an earlier global call
     choices = tuple(_choice(layer, r, err, sensitivity, curves) for layer, r, err in zip(layers, ranks, errors))
     return RankSelection(rule, budget, choices, options, time.perf_counter() - start)
 
