@@ -7,11 +7,18 @@ stage-1-sized patch chunk, the ceiling for the tall-skinny products the covarian
 
     .venv/bin/python benchmarks/covariance.py                 # ResNet-56, 512 CIFAR-10 images
     .venv/bin/python benchmarks/covariance.py --quick         # ResNet-20, 64 images, seconds
+
+Writes every number, the date and the load average to ``benchmarks/covariance_results.json``
+(``--out``) and prints the RESULTS.md section rendered from that file; ``--write-md`` also puts it
+into ``benchmarks/RESULTS.md``, ``--table`` re-renders from the file without measuring.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import os
 import pathlib
 import time
 
@@ -19,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+HERE = pathlib.Path(__file__).resolve().parent
 
 
 def _timed(fn, repeats: int) -> float:
@@ -80,9 +89,22 @@ def main(argv=None) -> None:
     parser.add_argument("--depth", type=int, default=56)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="ResNet-20, 64 images, 1 repeat")
+    parser.add_argument("--out", type=pathlib.Path, default=HERE / "covariance_results.json",
+                        help="results file (default benchmarks/covariance_results.json)")
+    parser.add_argument("--write-md", action="store_true",
+                        help="also rewrite the covariance section of benchmarks/RESULTS.md from the results")
+    parser.add_argument("--table", action="store_true",
+                        help="only print (and with --write-md, write) the section from an existing --out")
     args = parser.parse_args(argv)
+    if args.table:
+        section = render(json.loads(args.out.read_text()))
+        print(section)
+        if args.write_md:
+            write_results_md(section)
+        return
     if args.quick:
         args.images, args.depth, args.repeats, args.batch_size = 64, 20, 1, 32
+    load_before = os.getloadavg()
 
     from sigmadecomp._paths import find_layers
     from sigmadecomp.covariance import collect_covariances
@@ -106,23 +128,59 @@ def main(argv=None) -> None:
     flops = xtx_flops(covs)
     mm = matmul_gflops(1024, max(args.repeats, 3))
     gram = gram_gflops(8192, 144, max(args.repeats, 3))
-    rate = flops / seconds / 1e9
-    print(f"ResNet-{args.depth}, {weights_note}")
-    print(f"{len(covs)} convs, {args.images} CIFAR-10 images in batches of {args.batch_size}, "
-          f"accumulation dtype {next(iter(covs.values())).cov.dtype}, device {jax.devices()[0].device_kind}")
-    print("flops counted: xᵀx only (2·n·d² per layer); forward pass and patch extraction are timed, not counted")
-    print()
-    print("| measurement | seconds | GFLOP/s | vs square matmul |")
-    print("|---|---|---|---|")
-    print(f"| collect_covariances, first call (compile included) | {first:.2f} | {flops / first / 1e9:.1f} | "
-          f"{flops / first / 1e9 / mm:.0%} |")
-    print(f"| collect_covariances, steady (best of {args.repeats}) | {seconds:.2f} | {rate:.1f} | {rate / mm:.0%} |")
-    print(f"| forward pass alone (jit, same batches) | {forward_s:.2f} | | |")
-    print(f"| square matmul 1024³ float32 HIGHEST | | {mm:.1f} | 100% |")
-    print(f"| bare gram PPᵀ, P 144×8192 float32 | | {gram:.1f} | {gram / mm:.0%} |")
-    print()
-    print(f"total xᵀx work {flops / 1e9:.1f} GFLOP; target ≥ 30% of the square-matmul rate: "
-          f"{'met' if rate / mm >= 0.3 else 'NOT met'} ({rate / mm:.0%})")
+    results = dict(
+        depth=args.depth, weights=weights_note, convs=len(covs), images=args.images,
+        batch_size=args.batch_size, repeats=args.repeats, quick=args.quick,
+        dtype=str(next(iter(covs.values())).cov.dtype), device=jax.devices()[0].device_kind,
+        xtx_gflop=flops / 1e9, first_seconds=first, steady_seconds=seconds, forward_seconds=forward_s,
+        matmul_gflops=mm, gram_gflops=gram, jax=jax.__version__,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        load_average_before=load_before, load_average_after=os.getloadavg(), cpus=os.cpu_count(),
+    )
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(render(results))
+    if args.write_md:
+        write_results_md(render(results))
+
+
+MARK_BEGIN, MARK_END = "<!-- covariance:begin -->", "<!-- covariance:end -->"
+
+
+def render(r: dict) -> str:
+    """The RESULTS.md section, from a results file only (every number comes from it)."""
+    flops, mm = r["xtx_gflop"], r["matmul_gflops"]
+    rate, first = flops / r["steady_seconds"], flops / r["first_seconds"]
+    load = ", ".join(f"{x:.1f}" for x in r["load_average_before"])
+    return "\n".join([
+        f"ResNet-{r['depth']} ({r['weights']}), {r['convs']} convs, {r['images']} CIFAR-10 images in batches of "
+        f"{r['batch_size']}, accumulation dtype {r['dtype']}, device {r['device']}, {r['cpus']} CPUs, jax {r['jax']}, "
+        f"{r['date']}. Load average (1, 5, 15 min) before the run: {load}"
+        + (" — the machine was shared, so absolute times are inflated; the matmul reference was timed in "
+           "the same run under the same load, so the ratio column is the comparable number." if
+           r["load_average_before"][0] > 0.5 * r["cpus"] else "."),
+        f"Flops counted: xᵀx only (2·n·d² per layer, {flops:.1f} GFLOP in total); the forward pass and patch "
+        "extraction are timed, not counted. Results file: `benchmarks/covariance_results.json`.",
+        "",
+        "| measurement | seconds | GFLOP/s | vs square matmul |",
+        "|---|---|---|---|",
+        f"| collect_covariances, first call (compile included) | {r['first_seconds']:.2f} | {first:.1f} | {first / mm:.0%} |",
+        f"| collect_covariances, steady (best of {r['repeats']}) | {r['steady_seconds']:.2f} | {rate:.1f} | "
+        f"**{rate / mm:.0%}** |",
+        f"| forward pass alone (jit, same batches) | {r['forward_seconds']:.2f} | | |",
+        f"| square matmul 1024³ float32 HIGHEST | | {mm:.1f} | 100% |",
+        f"| bare gram PPᵀ, P 144×8192 float32 | | {r['gram_gflops']:.1f} | {r['gram_gflops'] / mm:.0%} |",
+        "",
+        f"Target ≥ 30% of the square-matmul rate in steady state: **{'met' if rate / mm >= 0.3 else 'NOT met'}** "
+        f"({rate / mm:.0%}; {first / mm:.0%} including compilation).",
+    ])
+
+
+def write_results_md(section: str, path: pathlib.Path = HERE / "RESULTS.md") -> None:
+    """Replace the text between the covariance markers of RESULTS.md with ``section``."""
+    text = path.read_text()
+    head, rest = text.split(MARK_BEGIN)
+    _, tail = rest.split(MARK_END)
+    path.write_text(f"{head}{MARK_BEGIN}\n{section}\n{MARK_END}{tail}")
 
 
 if __name__ == "__main__":

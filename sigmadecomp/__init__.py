@@ -8,6 +8,7 @@ input patches. The pieces, in the order data flows:
 * :mod:`sigmadecomp.solvers`    — pure-JAX SVD / Tucker-2 / CP solvers, Frobenius and Σ;
 * :mod:`sigmadecomp.layers`     — factorized NNX layers built from the solvers' pytrees;
 * :mod:`sigmadecomp.surgery`    — plan / apply / verify / save compressed models;
+* :mod:`sigmadecomp.latency`    — measured latency and latency-aware implementation choices;
 * :mod:`sigmadecomp.models`, :mod:`sigmadecomp.data` — CIFAR ResNets with PyTorch weight import,
   CIFAR-10 / MNIST / digits loaders.
 """
@@ -21,8 +22,12 @@ import os as _os
 # takes effect when sigmadecomp is imported before NumPy/SciPy load OpenBLAS.
 _os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from sigmadecomp import covariance, data, formats, layers, models, solvers, surgery
+from sigmadecomp import covariance, data, formats, latency, layers, models, solvers, surgery
 from sigmadecomp._factorized import CP, CP3, TR, TT, Factorized, LowRank, Tucker2, Tucker3, num_params, to_dense
+from sigmadecomp._ttmatrix import (
+    TTMatrix, balanced_modes, max_tt_ranks, padded_modes, tt_num_params, tt_rank_for_ratio, tt_ranks_for_tolerance,
+    tt_svd, tt_to_dense,
+)
 from sigmadecomp._patches import extract_patches, kernel_to_matrix, matrix_to_kernel
 from sigmadecomp.covariance import *  # noqa: F403
 from sigmadecomp.layers import *  # noqa: F403
@@ -41,6 +46,15 @@ __all__ = [
     "TT",
     "Tucker2",
     "Tucker3",
+    "TTMatrix",
+    "balanced_modes",
+    "max_tt_ranks",
+    "padded_modes",
+    "tt_num_params",
+    "tt_rank_for_ratio",
+    "tt_ranks_for_tolerance",
+    "tt_svd",
+    "tt_to_dense",
     "extract_patches",
     "kernel_to_matrix",
     "matrix_to_kernel",

@@ -1,22 +1,29 @@
 """The ``sigmadecomp`` command line (also ``python -m sigmadecomp``).
 
-Two commands:
+Three commands:
 
 * ``sigmadecomp demo`` — nothing to download: train a small CNN on scikit-learn's digits, then
   compress it with classic (Frobenius) and Σ decompositions and print/plot the comparison.
-* ``sigmadecomp compress`` — compress a pretrained CIFAR-10 ResNet with one format, norm and
-  parameter ratio; print a summary and optionally write JSON and the compressed model.
+* ``sigmadecomp compress`` — compress a pretrained CIFAR-10 ResNet (``--arch``) or your own Flax
+  model (``--model MODULE:FACTORY``, NNX or linen) with one format, norm and parameter ratio,
+  calibrated on CIFAR-10, an image folder or an ``.npz``; print a summary and optionally write
+  JSON and the compressed model.
+* ``sigmadecomp finetune`` — distil a saved compressed model from its dense teacher.
 
-Errors the user can fix (bad values, missing files) end in a one-line message on stderr and a
-non-zero exit code, never a traceback.
+Errors the user can fix (bad values, missing files, unwritable outputs) end in a one-line message
+on stderr and a non-zero exit code, never a traceback; the cheap ones are found before any long
+work starts. An unexpected internal exception (one not raised by sigmadecomp's own checks) keeps
+its traceback, so a bug is never disguised as a user error.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
+import traceback
 from collections.abc import Sequence
 
 from sigmadecomp.formats import format_names
@@ -54,6 +61,17 @@ def _budget(text: str) -> str:
     return text
 
 
+def _arch(text: str) -> str:
+    """``resnetN`` for any CIFAR ResNet depth ``N = 6n + 2``."""
+    from sigmadecomp.compress import resnet_depth  # noqa: PLC0415 - light module-level import
+
+    try:
+        resnet_depth(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -61,6 +79,42 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _ints(count: int):
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(int(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {count} comma-separated integers, got {text!r}") from None
+        if len(values) != count or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"expected {count} positive comma-separated integers, got {text!r}")
+        return values
+
+    return parse
+
+
+def _floats(text: str) -> tuple:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _devices(text: str):
+    if text == "all":
+        return text
+    return _positive_int(text)
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {value}")
     return value
 
 
@@ -89,7 +143,7 @@ def _add_demo(commands) -> None:
 def _add_compress(commands) -> None:
     compress = commands.add_parser(
         "compress",
-        help="compress a pretrained CIFAR-10 ResNet and evaluate it",
+        help="compress a pretrained CIFAR-10 ResNet or your own Flax model and evaluate it",
         description=(
             "Calibrate on --calib training images of --data (sampled with --key), decompose every "
             "3x3 conv of the ResNet with --format at --ratio of its parameters (the first conv, "
@@ -99,16 +153,44 @@ def _add_compress(commands) -> None:
             "tr(ΔW cov ΔWᵀ)/tr(W cov Wᵀ) with each layer's calibration cov for parallel "
             "calibration (both norms, so they are comparable); with sequential calibration it is "
             "the cross error E‖W x − W̃ x̂‖²/E‖W x‖², which also contains the drift of each layer's "
-            "input caused by the earlier compressed layers."
+            "input caused by the earlier compressed layers. With --model (your NNX or linen model), "
+            "an image folder or an .npz, the same report comes from sigmadecomp.user_model: the first "
+            "conv/dense layer run and the last (the classifier) stay dense, images are scaled to "
+            "[0, 1] then normalised with --mean/--std, and unlabelled evaluation images give the "
+            "top-1 agreement and the output error only."
         ),
     )
-    compress.add_argument("--arch", required=True, choices=("resnet20", "resnet32", "resnet56"))
-    compress.add_argument("--weights", required=True, type=pathlib.Path,
-                          help="PyTorch state_dict in safetensors, e.g. resnet20_cifar10.safetensors")
+    which = compress.add_mutually_exclusive_group(required=True)
+    which.add_argument("--arch", type=_arch,
+                       help="resnetN, any CIFAR ResNet depth N = 6n+2 (resnet20, resnet32, "
+                            "resnet44, resnet56, resnet110, ...); must match --weights")
+    which.add_argument("--model", metavar="MODULE:FACTORY",
+                       help="your model: a function (imported like a console-script target, "
+                            "package.module:function, from sys.path) returning an NNX model with its "
+                            "weights loaded, or a tuple (linen module, variables); the first conv/dense "
+                            "layer run (unless --no-skip-first) and the last (the classifier) stay dense")
+    compress.add_argument("--weights", type=pathlib.Path,
+                          help="with --arch: PyTorch state_dict in safetensors, e.g. resnet20_cifar10.safetensors")
     compress.add_argument("--data", required=True, type=pathlib.Path,
-                          help="CIFAR-10 python-version folder (data_batch_1..5, test_batch)")
+                          help="CIFAR-10 python-version folder (data_batch_1..5, test_batch), an image "
+                               "folder (one sub-folder per class; sorted names = label ids; PNG/JPEG) or "
+                               "an .npz with 'images' (N, H, W, C) and optional 'labels'")
     compress.add_argument("--eval-data", type=pathlib.Path, default=None,
-                          help="folder holding test_batch for evaluation (default: --data)")
+                          help="evaluation images, same kinds as --data (default: --data; for a CIFAR-10 "
+                               "folder its test_batch). Without labels only the top-1 agreement and the "
+                               "output error are reported")
+    compress.add_argument("--image-size", type=_ints(2), default=None, metavar="H,W",
+                          help="resize the images of an image folder to H,W (bilinear)")
+    compress.add_argument("--mean", type=_floats, default=None, metavar="R,G,B",
+                          help="per-channel mean subtracted after scaling pixels to [0, 1] "
+                               "(default: none; CIFAR-10's for --arch)")
+    compress.add_argument("--std", type=_floats, default=None, metavar="R,G,B",
+                          help="per-channel std dividing after the mean (default: none; CIFAR-10's for --arch)")
+    compress.add_argument("--devices", default=None, type=_devices, metavar="N|all",
+                          help="calibrate data-parallel and solve layers in parallel on N devices (or "
+                               "all of jax.devices()); parallel calibration only (default: one device)")
+    compress.add_argument("--save-format", default="safetensors", choices=("safetensors", "orbax"),
+                          help="file format of --save (default: safetensors)")
     compress.add_argument("--format", default="tucker2", choices=format_names(),
                           help="decomposition of every compressed conv, from the format registry "
                                "(default: tucker2)")
@@ -149,6 +231,17 @@ def _add_compress(commands) -> None:
                           help="shift each compressed layer's mean output on the calibration images "
                                "back to the original's (recommended with sequential only: it hurt "
                                "parallel calibration in experiments/sequential)")
+    _add_finetune_options(compress)
+    compress.add_argument("--implementation", default="auto", choices=("auto", "factorized", "dense"),
+                          help="auto: time every planned layer here (at --deploy-batch) and run each the faster "
+                               "way, factorized or with the kernel rebuilt from the factors; a layer "
+                               "neither faster nor smaller when factorized stays dense. factorized/dense: "
+                               "force one (default: auto)")
+    compress.add_argument("--deploy-batch", type=_positive_int, default=128,
+                          help="batch size at which --implementation auto times the layers (default: 128)")
+    compress.add_argument("--latency-repeats", type=_nonnegative_int, default=5,
+                          help="interleaved rounds timing both models at batch 1 and 128 for latency_ms, "
+                               "baseline_latency_ms and speedup in the JSON; 0 skips it (default: 5)")
     compress.add_argument("--json", type=pathlib.Path, default=None,
                           help="write the results and the configuration to this JSON file")
     compress.add_argument("--save", type=pathlib.Path, default=None,
@@ -156,6 +249,59 @@ def _add_compress(commands) -> None:
     compress.add_argument("--no-progress", dest="progress", action="store_false",
                           help="hide the progress bars")
     compress.set_defaults(run=_run_compress)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _add_finetune_options(compress) -> None:
+    compress.add_argument("--finetune-epochs", type=int, default=0, metavar="E",
+                          help="after compressing, distil the compressed model from the dense one for E "
+                               "epochs over the training batches of --finetune-data (default: 0, none); "
+                               "the JSON then holds accuracy_before_finetune, finetune_seconds, "
+                               "finetune_epochs")
+    compress.add_argument("--finetune-lr", type=_positive_float, default=None, metavar="LR",
+                          help="peak learning rate of the warm-up + cosine schedule (default: 0.02)")
+    compress.add_argument("--finetune-data", type=pathlib.Path, default=None, metavar="DIR",
+                          help="CIFAR-10 folder whose data_batch_* files are the fine-tuning images "
+                               "(default: --data; its test_batch is never used for training)")
+
+
+def _add_finetune(commands) -> None:
+    tune = commands.add_parser(
+        "finetune",
+        help="distil a model saved by 'compress --save' from its dense teacher",
+        description=(
+            "Load a compressed model saved by 'sigmadecomp compress --save', distil it from the "
+            "pretrained dense ResNet (loss T²·KL(teacher‖student), random crop + flip, SGD with "
+            "warm-up + cosine) on the training batches of --data, and evaluate it on test_batch of "
+            "--eval-data before and after."
+        ),
+    )
+    tune.add_argument("--model", required=True, type=pathlib.Path, help="folder written by compress --save")
+    tune.add_argument("--teacher-arch", required=True, choices=("resnet20", "resnet32", "resnet56"))
+    tune.add_argument("--teacher-weights", required=True, type=pathlib.Path,
+                      help="the dense model's PyTorch state_dict in safetensors")
+    tune.add_argument("--data", required=True, type=pathlib.Path,
+                      help="CIFAR-10 folder: data_batch_* are the training images")
+    tune.add_argument("--eval-data", type=pathlib.Path, default=None,
+                      help="folder holding test_batch for evaluation (default: --data)")
+    tune.add_argument("--epochs", type=_positive_int, default=1, help="passes over the images (default: 1)")
+    tune.add_argument("--lr", type=_positive_float, default=0.02, help="peak learning rate (default: 0.02)")
+    tune.add_argument("--key", type=int, default=0, help="seed of the shuffles and augmentations")
+    tune.add_argument("--checkpoint-dir", type=pathlib.Path, default=None,
+                      help="save the training state here every epoch; a rerun resumes from it")
+    tune.add_argument("--save", type=pathlib.Path, default=None, help="write the fine-tuned model here")
+    tune.add_argument("--json", type=pathlib.Path, default=None, help="write the results to this JSON file")
+    tune.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    tune.set_defaults(run=_run_finetune)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_demo(commands)
     _add_compress(commands)
+    _add_finetune(commands)
     return parser
 
 
@@ -176,21 +323,86 @@ def _run_demo(args) -> int:
     return 0
 
 
+def _is_cifar(folder: pathlib.Path) -> bool:
+    return (folder / "data_batch_1").is_file() or (folder / "test_batch").is_file()
+
+
 def _check_paths(args) -> None:
     """Fail fast, before any computation, on paths that cannot work."""
-    if not args.weights.is_file():
+    if args.arch is not None and args.weights is None:
+        raise ValueError("--arch needs --weights (the pretrained state_dict in safetensors)")
+    if args.model is not None and args.weights is not None:
+        raise ValueError("--weights is for --arch; a --model factory loads its own weights")
+    if args.weights is not None and not args.weights.is_file():
         raise FileNotFoundError(f"--weights: no such file: {args.weights}")
-    for flag, folder, name in (("--data", args.data, "data_batch_1"),
-                               ("--eval-data", args.eval_data or args.data, "test_batch")):
-        if not (folder / name).is_file():
+    for flag, path, name in (("--data", args.data, "data_batch_1"),
+                             ("--eval-data", args.eval_data or args.data, "test_batch")):
+        if path.is_dir() and _is_cifar(path) and not (path / name).is_file():
+            raise FileNotFoundError(f"{flag}: the CIFAR-10 folder {path} has no {name}")
+        if not (path.is_dir() or (path.is_file() and path.suffix == ".npz")):
             raise FileNotFoundError(
-                f"{flag}: {folder} has no {name}; point it at a CIFAR-10 python-version folder "
-                "(data_batch_1..5, test_batch)"
+                f"{flag}: {path} is not a folder or an .npz file; expected a CIFAR-10 python-version "
+                "folder (data_batch_1..5, test_batch), an image folder (one sub-folder per class) or "
+                "an .npz with 'images' and optional 'labels'"
             )
+
+
+def _cifar_only(args) -> bool:
+    """The original ResNet path: --arch on CIFAR-10 folders, none of the new options."""
+    folders = (args.data, args.eval_data or args.data)
+    return (args.arch is not None and all(f.is_dir() and _is_cifar(f) for f in folders)
+            and args.image_size is None and args.mean is None and args.std is None
+            and args.devices is None and args.save_format == "safetensors")
+
+
+def _run_user_model(args) -> dict:
+    from sigmadecomp.user_model import compress_user_model
+
+    model = None
+    if args.arch is not None:
+        from sigmadecomp.compress import resnet_depth
+        from sigmadecomp.models import pretrained_resnet
+
+        model = pretrained_resnet(resnet_depth(args.arch), args.weights)
+    return compress_user_model(
+        model=model, model_spec=args.model, arch=args.arch, data=args.data, eval_data=args.eval_data,
+        image_size=args.image_size, mean=args.mean, std=args.std, format=args.format, norm=args.norm,
+        ratio=args.ratio, calib=args.calib, key=args.key, max_steps=args.max_steps,
+        skip_first=args.skip_first, batch_size=args.batch_size, save_dir=args.save,
+        save_format=args.save_format, calibration=args.calibration,
+        bias_correction=args.bias_correction, progress=args.progress, devices=args.devices,
+    )
+
+
+def _check_writable(flag: str, path: pathlib.Path, *, folder: bool) -> None:
+    """``path`` can be created (or overwritten): its nearest existing ancestor is a writable
+    folder and ``path`` itself is not of the wrong kind."""
+    if path.exists() and path.is_dir() != folder:
+        kind = "a folder" if path.is_dir() else "a file"
+        raise ValueError(f"{flag}: {path} is {kind}; give a {'folder' if folder else 'file'} path")
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{flag}: cannot create {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}: cannot create {path}: {ancestor} is not writable")
 
 
 def _run_compress(args) -> int:
     _check_paths(args)
+    if args.finetune_epochs < 0:
+        raise ValueError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
+    if args.finetune_data is not None and not (args.finetune_data / "data_batch_1").is_file():
+        raise FileNotFoundError(f"--finetune-data: {args.finetune_data} has no data_batch_1")
+    if args.json is not None:
+        _check_writable("--json", args.json, folder=False)
+    if args.save is not None:
+        _check_writable("--save", args.save, folder=True)
+    if not _cifar_only(args):
+        if args.finetune_epochs:
+            raise ValueError("--finetune-* applies to --arch on CIFAR-10 folders only, for now")
+        return _finish(args, _run_user_model(args))
     from sigmadecomp.compress import compress_pretrained, summary
 
     report = compress_pretrained(
@@ -199,12 +411,43 @@ def _run_compress(args) -> int:
         ratio=args.ratio, calib=args.calib, key=args.key, max_steps=args.max_steps,
         skip_first=args.skip_first, batch_size=args.batch_size, save_dir=args.save,
         calibration=args.calibration, bias_correction=args.bias_correction,
-        rank_rule=args.rank_rule, budget=args.budget, tau=args.tau, progress=args.progress,
+        rank_rule=args.rank_rule, budget=args.budget, tau=args.tau,
+        finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+        finetune_data=args.finetune_data, progress=args.progress, implementation=args.implementation,
+        latency_repeats=args.latency_repeats, deploy_batch=args.deploy_batch,
     )
+    return _finish(args, report)
+
+
+def _finish(args, report: dict) -> int:
+    from sigmadecomp.compress import summary
+
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(summary(report))
+    return 0
+
+
+def _run_finetune(args) -> int:
+    for flag, path, name in (("--model", args.model, "plan.json"), ("--data", args.data, "data_batch_1"),
+                             ("--eval-data", args.eval_data or args.data, "test_batch")):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{flag}: {path} has no {name}")
+    if not args.teacher_weights.is_file():
+        raise FileNotFoundError(f"--teacher-weights: no such file: {args.teacher_weights}")
+    from sigmadecomp.finetune import finetune_saved
+
+    report = finetune_saved(
+        model_dir=args.model, teacher_arch=args.teacher_arch, teacher_weights=args.teacher_weights,
+        data_dir=args.data, eval_dir=args.eval_data, epochs=args.epochs, learning_rate=args.lr, key=args.key,
+        save_dir=args.save, checkpoint_dir=args.checkpoint_dir, progress=args.progress)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"fine-tuned {report['finetune_epochs']} epoch(s) in {report['finetune_seconds']:.1f} s: accuracy "
+          f"{report['accuracy_before_finetune']:.2%} -> {report['accuracy']:.2%} "
+          f"(dense teacher {report['baseline_accuracy']:.2%}, {report['num_eval_images']} test images)")
     return 0
 
 
@@ -225,6 +468,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, KeyError, OSError) as error:
+    except (ValueError, KeyError, OSError) as error:
+        if not _is_user_error(error):
+            raise  # an internal error: keep the traceback
         print(f"sigmadecomp {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
+
+
+_PACKAGE = pathlib.Path(__file__).resolve().parent
+
+
+def _is_user_error(error: BaseException) -> bool:
+    """A file-system error, or a ValueError/KeyError raised by sigmadecomp's own checks (the
+    innermost frame is in the package); anything raised inside JAX, NumPy, Flax, ... is internal."""
+    if isinstance(error, OSError):
+        return True
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and _PACKAGE in pathlib.Path(frames[-1].filename).resolve().parents

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from functools import partial
 
@@ -31,6 +33,7 @@ import sigmadecomp as sd
 from sigmadecomp._paths import get_by_path
 from sigmadecomp.formats import get as get_format
 from sigmadecomp.data import batches
+from sigmadecomp.layers._config import canonical_convs
 
 __all__ = [
     "ARCHS",
@@ -43,7 +46,11 @@ __all__ = [
     "compress_pretrained",
     "count_params",
     "evaluate_agreement",
+    "checked_fit",
+    "keep_dense",
     "predict_labels",
+    "resnet_depth",
+    "rejection",
     "solver_for",
     "summary",
 ]
@@ -64,6 +71,17 @@ class LayerReport:
     relative_error: float  # relative Σ-error w.r.t. the layer's calibration cov (both norms)
     status: str  # the solver's Status name
     num_steps: int
+    max_increase: float = 0.0  # largest rise of the solver's error history in one sweep, relative
+    # to its first value (0 when the history never increases)
+
+
+def history_increase(solution) -> float:
+    """Largest rise of ``solution.errors`` from one sweep to the next, relative to the first
+    value (0.0 when non-increasing, as every exact block-ALS solver must be)."""
+    errors = np.asarray(solution.errors)[: int(solution.num_steps) + 1]
+    if len(errors) < 2 or not errors[0] > 0:
+        return 0.0
+    return float(max(0.0, np.max(np.diff(errors)) / errors[0]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +89,10 @@ class Compressed:
     """The compressed model (a new module; the input model is untouched) and per-layer reports."""
 
     model: nnx.Module
-    plan: object
+    plan: object  # the layers actually replaced (kept-dense layers are left out)
     layers: tuple[LayerReport, ...]
     seconds: float
+    kept_dense: tuple = ()  # {"path", "status", "reason"} of planned layers left dense
 
     @property
     def mean_relative_error(self) -> float:
@@ -100,7 +119,7 @@ def _argmax_logits(graphdef, state, images):
 def predict_labels(model: nnx.Module, images, *, batch_size: int = 256) -> np.ndarray:
     """Top-1 predicted class of every image, in batches (the last one padded: one compilation)."""
     images = np.asarray(images)
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(canonical_convs(model))
     size = min(batch_size, images.shape[0])
     out = []
     for start in range(0, images.shape[0], size):
@@ -131,14 +150,15 @@ def calibrate(
     layers: Sequence[str] | None = None,
     batch_size: int = 256,
     progress: bool = True,
+    devices=None,
 ) -> dict:
     """``{path: LayerCovariance}`` of ``layers`` (default: every conv/dense) on ``images``.
 
     A thin wrapper of :func:`sigmadecomp.collect_covariances` over fixed-order batches, so the same
-    images always give the same statistics.
+    images always give the same statistics; ``devices`` splits each batch over several devices.
     """
     stream = list(batches(images, batch_size=batch_size))
-    return sd.collect_covariances(model, stream, layers=layers, progress=progress)
+    return sd.collect_covariances(model, stream, layers=layers, progress=progress, devices=devices)
 
 
 def solver_for(entry, *, max_steps: int | None = None) -> sd.AbstractSolver:
@@ -152,6 +172,41 @@ def _check_norm(norm: str) -> None:
         raise ValueError(f"norm must be one of {NORMS}; got {norm!r}")
 
 
+def rejection(solution) -> str | None:
+    """Why ``solution`` must not be inserted into a model, or ``None`` when it may be.
+
+    A non-finite solve (status ``NONFINITE``), an invalid metric (``NOT_PSD``) or any non-finite
+    factor entry disqualifies it; ``MAX_STEPS`` and ``INNER_NOT_CONVERGED`` do not (the error
+    never increased, the factors are usable). Host function (call outside ``jit``).
+    """
+    status = sd.Status(int(solution.status))
+    if status in (sd.Status.NONFINITE, sd.Status.NOT_PSD):
+        return f"status {status.name}: {status.message}"
+    leaves = jax.tree_util.tree_leaves(solution.value)
+    if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in leaves):
+        return f"status {status.name} but the factors have non-finite entries"
+    return None
+
+
+def keep_dense(path: str, status: str, reason: str) -> dict:
+    """Warn once that layer ``path`` stays dense, and return its ``kept_dense`` record."""
+    warnings.warn(f"layer {path!r} kept dense: {reason}", RuntimeWarning, stacklevel=3)
+    return {"path": path, "status": status, "reason": reason}
+
+
+def checked_fit(path: str, fit):
+    """``(solution, None)`` from ``fit()``, or ``(None, kept_dense record)`` when the solve is
+    unusable (:func:`rejection`) or its ``cov`` is not PSD (:class:`sigmadecomp.NotPSDError`)."""
+    try:
+        solution = fit()
+    except sd.NotPSDError as error:
+        return None, keep_dense(path, sd.Status.NOT_PSD.name, " ".join(str(error).split()))
+    reason = rejection(solution)
+    if reason is not None:
+        return None, keep_dense(path, sd.Status(int(solution.status)).name, reason)
+    return solution, None
+
+
 def _decompose_layer(model, entry, cov, *, norm, key, max_steps) -> tuple[object, LayerReport]:
     if entry.groups != 1:
         raise ValueError(
@@ -159,9 +214,17 @@ def _decompose_layer(model, entry, cov, *, norm, key, max_steps) -> tuple[object
             "decomposes ungrouped layers only: skip it"
         )
     kernel = get_by_path(model, entry.path).kernel[...]
-    solution = sd.decompose(
-        kernel, solver_for(entry, max_steps=max_steps), cov=cov if norm == "sigma" else None, key=key
-    )
+
+    def fit():
+        solution = sd.decompose(kernel, solver_for(entry, max_steps=max_steps),
+                                cov=cov if norm == "sigma" else None, key=key)
+        if cov is not None:  # also validates cov for the Frobenius fit's Σ-error report
+            sd.solvers._validation.check_second_moments(kernel, cov, None, None)
+        return solution
+
+    solution, kept = checked_fit(entry.path, fit)
+    if kept is not None:
+        return kept, None
     layer_result = LayerReport(
         path=entry.path,
         format=entry.format,
@@ -171,8 +234,9 @@ def _decompose_layer(model, entry, cov, *, norm, key, max_steps) -> tuple[object
         relative_error=float(sd.relative_error(kernel, solution.value, cov)),
         status=sd.Status(int(solution.status)).name,
         num_steps=int(solution.num_steps),
+        max_increase=history_increase(solution),
     )
-    return solution.value, layer_result
+    return solution, layer_result
 
 
 def compress_model(
@@ -190,6 +254,7 @@ def compress_model(
     input_shape: Sequence[int] | None = None,
     batch_size: int = 256,
     progress: bool = True,
+    devices=None,
 ) -> Compressed:
     """Calibrate, plan, decompose every planned layer and rebuild the model.
 
@@ -206,9 +271,16 @@ def compress_model(
             compare several formats/norms/ratios on the same statistics.
         input_shape: e.g. ``(1, 32, 32, 3)`` for the plan's FLOP counts; default: one
             calibration image, or no FLOPs when only ``covariances`` is given.
+        devices: ``None`` (one device), ``"all"``, a count or a list of devices: calibration
+            data-parallel over them and the layers' solves spread over them
+            (:mod:`sigmadecomp.distributed`); same results as one device up to rounding of the
+            covariance sums.
 
     Returns:
         A :class:`Compressed`: the new model, the plan and one :class:`LayerReport` per layer.
+        A layer whose solve is unusable (:func:`rejection`: non-finite, or ``cov`` not PSD) is
+        not inserted: it stays dense, a ``RuntimeWarning`` names it and the reason, and it is
+        listed in ``kept_dense`` instead of ``layers`` (and left out of the returned ``plan``).
 
     >>> import jax, numpy as np
     >>> from flax import nnx
@@ -224,31 +296,80 @@ def compress_model(
     """
     start = time.perf_counter()
     _check_norm(norm)
+    model = canonical_convs(model)
     if input_shape is None and calib_images is not None:
         input_shape = (1, *np.shape(calib_images)[1:])
     layer_plan = sd.plan(model, format=format, ratio=ratio, ranks=ranks, skip=skip,
                          input_shape=input_shape)
     if len(layer_plan) == 0:
         raise ValueError("the plan is empty: every eligible layer is skipped; skip fewer layers")
-    covariances = _covariances_for(model, layer_plan, calib_images, covariances, batch_size, progress)
-    factorized, reports = {}, []
+    covariances = _covariances_for(model, layer_plan, calib_images, covariances, batch_size, progress,
+                                   devices)
+    if devices is not None:  # independent layers spread over devices (sigmadecomp.distributed)
+        factorized, reports = _decompose_on_devices(model, layer_plan, covariances, norm=norm, key=key,
+                                                    max_steps=max_steps, devices=devices)
+        compressed = sd.apply(model, layer_plan, factorized)
+        return Compressed(compressed, layer_plan, reports, time.perf_counter() - start)
+    factorized, reports, kept = {}, [], []
     keys = jax.random.split(key, len(layer_plan))
     entries = tqdm(layer_plan.entries, desc=f"{format}/{norm}", disable=not progress, leave=False)
     for entry, layer_key in zip(entries, keys):
-        factorized[entry.path], report = _decompose_layer(
+        solution, report = _decompose_layer(
             model, entry, covariances[entry.path].cov, norm=norm, key=layer_key, max_steps=max_steps
         )
+        if report is None:  # `solution` is the kept_dense record
+            kept.append(solution)
+            continue
+        factorized[entry.path] = solution.value
         reports.append(report)
-    compressed = sd.apply(model, layer_plan, factorized)
-    return Compressed(compressed, layer_plan, tuple(reports), time.perf_counter() - start)
+    used = sd.Plan(tuple(e for e in layer_plan.entries if e.path in factorized), layer_plan.input_shape)
+    compressed = sd.apply(model, used, factorized)
+    return Compressed(compressed, used, tuple(reports), time.perf_counter() - start, tuple(kept))
 
 
-def _covariances_for(model, layer_plan, calib_images, covariances, batch_size, progress) -> Mapping:
+def _decompose_on_devices(model, layer_plan, covariances, *, norm, key, max_steps, devices):
+    """Every planned layer solved with :func:`sigmadecomp.distributed.solve_layers` (same keys and
+    solvers as the one-device loop, so the same results)."""
+    from sigmadecomp.distributed import solve_layers
+
+    for entry in layer_plan.entries:
+        if entry.groups != 1:
+            raise ValueError(f"layer {entry.path!r} is a grouped conv (groups={entry.groups}); the pipeline "
+                             "decomposes ungrouped layers only: skip it")
+    kernels = {e.path: get_by_path(model, e.path).kernel[...] for e in layer_plan.entries}
+    solutions = solve_layers(
+        [kernels[e.path] for e in layer_plan.entries],
+        [solver_for(e, max_steps=max_steps) for e in layer_plan.entries],
+        [covariances[e.path].cov if norm == "sigma" else None for e in layer_plan.entries],
+        list(jax.random.split(key, len(layer_plan))), devices=devices)
+    here = jax.local_devices()[0]
+    factorized = {e.path: jax.device_put(s.value, here) for e, s in zip(layer_plan.entries, solutions)}
+    return factorized, _reports(layer_plan, kernels, covariances, solutions)
+
+
+def _reports(layer_plan, kernels, covariances, solutions) -> tuple[LayerReport, ...]:
+    """One :class:`LayerReport` per plan entry, from its kernel, calibration cov and solution
+    (gathered on one local device: solves and statistics may live on others)."""
+    here = jax.local_devices()[0]
+    reports = []
+    for e, s in zip(layer_plan.entries, solutions):
+        kernel, value, cov = jax.device_put((kernels[e.path], s.value, covariances[e.path].cov), here)
+        reports.append(LayerReport(
+            path=e.path, format=e.format, rank=e.ranks[0] if len(e.ranks) == 1 else tuple(e.ranks),
+            params=e.params_after, baseline_params=e.params_before,
+            relative_error=float(sd.relative_error(kernel, value, cov)),
+            status=sd.Status(int(s.status)).name, num_steps=int(s.num_steps),
+            max_increase=history_increase(s)))
+    return tuple(reports)
+
+
+def _covariances_for(model, layer_plan, calib_images, covariances, batch_size, progress,
+                     devices=None) -> Mapping:
     if covariances is None:
         if calib_images is None:
             raise ValueError("give calib_images (to calibrate) or precomputed covariances")
         return calibrate(model, calib_images, layers=layer_plan.paths, batch_size=batch_size,
-                         progress=progress)
+                         progress=progress, devices=devices)
     missing = [p for p in layer_plan.paths if p not in covariances]
     if missing:
         raise ValueError(f"covariances has no entry for planned layer(s) {missing}; calibrate them "
@@ -256,7 +377,21 @@ def _covariances_for(model, layer_plan, calib_images, covariances, batch_size, p
     return covariances
 
 
-ARCHS = {"resnet20": 20, "resnet32": 32, "resnet56": 56}
+ARCHS = {"resnet20": 20, "resnet32": 32, "resnet56": 56}  # the data kit's pretrained ones
+
+
+def resnet_depth(arch: str) -> int:
+    """The depth ``N`` of ``"resnetN"`` for any CIFAR ResNet depth ``N = 6n + 2`` (``n >= 1``).
+
+    >>> resnet_depth("resnet44")
+    44
+    """
+    match = re.fullmatch(r"resnet(\d+)", str(arch))
+    depth = int(match.group(1)) if match else None
+    if depth is None or depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"arch must be resnetN with N = 6n+2 (resnet8, resnet14, resnet20, ..., "
+                         f"resnet56, resnet110, ...); got {arch!r}")
+    return depth
 
 
 def _whole_model_counts(model, compressed, layer_plan, images) -> tuple[dict, dict]:
@@ -289,7 +424,13 @@ def compress_pretrained(
     rank_rule: str = "uniform",
     budget: str | None = None,
     tau: float | None = None,
+    finetune_epochs: int = 0,
+    finetune_lr: float | None = None,
+    finetune_data=None,
     progress: bool = True,
+    implementation: str = "auto",
+    latency_repeats: int = 5,
+    deploy_batch: int = 128,
 ) -> dict:
     """Compress a pretrained CIFAR-10 ResNet and evaluate it: what ``sigmadecomp compress`` runs.
 
@@ -317,14 +458,30 @@ def compress_pretrained(
     original network's statistics, before any layer is fitted (also under sequential
     calibration). The report then has a ``rank_selection`` entry (rule, achieved budget,
     predicted damage) and each layer its ``predicted_error`` and ``sensitivity``.
+
+    ``implementation``: ``"auto"`` times every planned layer on this machine (at ``deploy_batch``) and runs
+    each the faster way, factorized or with the kernel rebuilt from the factors; a layer whose
+    factorized form is neither faster nor smaller stays dense (``left_dense`` in the report, with
+    the reason). ``"factorized"`` / ``"dense"`` force one implementation. With
+    ``latency_repeats > 0`` the report gains ``latency_ms`` and ``baseline_latency_ms`` (median
+    ms of a jitted forward pass at batch 1 and 128, both models interleaved, on this machine),
+    ``speedup`` (baseline / compressed) and ``latency_load`` (``os.getloadavg()``).
+
+    ``finetune_epochs > 0`` then distils the compressed model from the dense one for that many
+    epochs over the training batches of ``finetune_data`` (default ``data_dir``; never a test
+    batch) with learning rate ``finetune_lr`` (:func:`sigmadecomp.finetune.distill_on_cifar10`);
+    the report's ``accuracy`` is after fine-tuning and ``accuracy_before_finetune`` before it.
     """
     start = time.perf_counter()
     calibration = _check_calibration(calibration, norm)
-    if arch not in ARCHS:
-        raise ValueError(f"arch must be one of {tuple(ARCHS)}; got {arch!r}")
-    model = sd.models.pretrained_resnet(ARCHS[arch], weights)
+    if implementation not in sd.latency.MODES:
+        raise ValueError(f"implementation must be one of {sd.latency.MODES}; got {implementation!r}")
+    model = sd.models.pretrained_resnet(resnet_depth(arch), weights)
     calib_key, solve_key = jax.random.split(jax.random.key(key))
     train_images, _ = sd.data.load_cifar10(data_dir, "train")
+    if calib > len(train_images):
+        raise ValueError(f"calib = {calib} is more than the {len(train_images)} training images in "
+                         f"{data_dir}; use --calib {len(train_images)} or fewer")
     test_images, test_labels = sd.data.load_cifar10(eval_dir or data_dir, "test")
     calib_images = sd.data.cifar10_normalize(sd.data.sample(train_images, None, calib, key=calib_key))
     skip = ("conv1", "linear") if skip_first else ("linear",)
@@ -336,6 +493,15 @@ def compress_pretrained(
         ratio, ranks, skip = None, selection, selection.is_dense
     elif budget is not None:
         ratio = sd.surgery.Budget.parse(budget).ratio
+    chosen = sd.latency.choose_implementations(
+        model, sd.plan(model, format=format, ratio=ratio, ranks=ranks, skip=skip, input_shape=_INPUT_SHAPE),
+        mode=implementation, batch_size=deploy_batch)
+    slow = tuple(path for path, _ in chosen.left_dense)
+    if selection is not None:  # the selection's dense layers, and those the latency check keeps dense
+        ranks = {p: r for p, r in selection.items() if p not in slow}
+        skip = lambda path: path not in ranks  # noqa: E731
+    else:
+        skip = skip + slow
     if calibration == "sequential":
         result = sd.calibration.compress_sequential(
             model, calib_images, format=format, ratio=ratio, ranks=ranks, skip=skip, key=solve_key,
@@ -350,8 +516,12 @@ def compress_pretrained(
                                                     plan=result.plan, batch_size=batch_size,
                                                     progress=progress)
             result = dataclasses.replace(result, model=corrected)
-    scores = evaluate_agreement(model, result.model, sd.data.cifar10_normalize(test_images),
-                                test_labels, batch_size=batch_size)
+    result = _with_implementations(result, chosen)
+    test_images = sd.data.cifar10_normalize(test_images)
+    result, tuned = _maybe_finetune(model, result, test_images, test_labels, epochs=finetune_epochs,
+                                    lr=finetune_lr, data_dir=finetune_data or data_dir, key=key,
+                                    batch_size=batch_size, progress=progress)
+    scores = evaluate_agreement(model, result.model, test_images, test_labels, batch_size=batch_size)
     counts, in_model = _whole_model_counts(model, result.model, result.plan, calib_images[:8])
     if save_dir is not None:
         sd.save(save_dir, result.model, result.plan)
@@ -359,16 +529,26 @@ def compress_pretrained(
                   eval_data=str(eval_dir or data_dir), format=format, norm=norm, ratio=ratio,
                   calib=calib, key=key, max_steps=max_steps, skip_first=skip_first,
                   calibration=calibration, bias_correction=bias_correction, rank_rule=rank_rule,
-                  budget=budget, tau=tau, save=None if save_dir is None else str(save_dir))
-    layers = [dict(dataclasses.asdict(layer), in_model_relative_error=in_model.get(layer.path))
-              for layer in result.layers]
+                  budget=budget, tau=tau,
+                  finetune_lr=finetune_lr, finetune_data=str(finetune_data or data_dir),
+                  save=None if save_dir is None else str(save_dir), implementation=implementation,
+                  deploy_batch=deploy_batch)
+    how = {e.path: dict(implementation=e.implementation, implementation_reason=e.reason)
+           for e in result.plan.entries}
+    layers = [dict(dataclasses.asdict(layer), in_model_relative_error=in_model.get(layer.path),
+                   **how.get(layer.path, {})) for layer in result.layers]
     extra = {}
     if selection is not None:
         extra["rank_selection"] = selection.to_dict()
-        chosen = {c.path: c for c in selection.layers}
-        layers = [dict(layer, predicted_error=chosen[layer["path"]].predicted_error,
-                       sensitivity=chosen[layer["path"]].sensitivity) for layer in layers]
-    return dict(scores, **counts, **extra, mean_relative_error=result.mean_relative_error,
+        picked = {c.path: c for c in selection.layers}
+        layers = [dict(layer, predicted_error=picked[layer["path"]].predicted_error,
+                       sensitivity=picked[layer["path"]].sensitivity) for layer in layers]
+    latency = _latency_report(model, result.model, latency_repeats)
+    tuned.setdefault("accuracy_before_finetune", scores["accuracy"])
+    return dict(scores, **tuned, **counts, **latency, **extra,
+                left_dense=[list(p) for p in result.plan.left_dense],
+                kept_dense=list(result.kept_dense),
+                mean_relative_error=result.mean_relative_error,
                 num_eval_images=int(len(test_labels)), decompose_seconds=result.seconds,
                 seconds=time.perf_counter() - start, config=config, layers=layers)
 
@@ -380,6 +560,48 @@ def _select(model, calib_images, *, format, norm, rule, budget, tau, skip, key, 
     return sd.surgery.select_ranks(model, covariances, format=format, rule=rule, budget=budget, tau=tau,
                                    norm=norm, images=calib_images, key=key, skip=skip,
                                    input_shape=(1, *np.shape(calib_images)[1:]), progress=progress)
+def _maybe_finetune(model, result, test_images, test_labels, *, epochs, lr, data_dir, key, batch_size,
+                    progress) -> tuple[Compressed, dict]:
+    """Distil ``result.model`` from ``model`` when ``epochs > 0``; the report fields either way."""
+    if not epochs:
+        return result, dict(finetune_epochs=0, finetune_seconds=0.0)
+    from sigmadecomp.finetune import FinetuneConfig, distill_on_cifar10
+
+    before = evaluate_agreement(model, result.model, test_images, test_labels, batch_size=batch_size)
+    run = distill_on_cifar10(result.model, model, data_dir, epochs=epochs,
+                             learning_rate=FinetuneConfig.learning_rate if lr is None else lr,
+                             key=jax.random.fold_in(jax.random.key(key), 1), progress=progress)
+    return dataclasses.replace(result, model=run.model), dict(
+        accuracy_before_finetune=before["accuracy"], finetune_epochs=epochs,
+        finetune_seconds=run.seconds, finetune_steps=run.steps)
+
+
+_INPUT_SHAPE = (1, 32, 32, 3)
+LATENCY_BATCHES = (1, 128)
+
+
+def _with_implementations(result: Compressed, chosen) -> Compressed:
+    """The compressed result with the chosen implementation per layer, in its model and plan."""
+    by_path = {e.path: e for e in chosen.entries}
+    entries = tuple(dataclasses.replace(e, implementation=by_path[e.path].implementation,
+                                        reason=by_path[e.path].reason) for e in result.plan.entries)
+    plan = dataclasses.replace(result.plan, entries=entries, left_dense=chosen.left_dense)
+    return dataclasses.replace(result, model=sd.latency.set_implementations(result.model, plan), plan=plan)
+
+
+def _latency_report(model, compressed, repeats: int) -> dict:
+    """Median forward latency (ms) of both models at batch 1 and 128, interleaved, on this machine."""
+    if repeats < 1:
+        return {}
+    load = sd.latency.machine_load()
+    timings = sd.latency.model_latency({"baseline": model, "compressed": compressed}, _INPUT_SHAPE,
+                                       batch_sizes=LATENCY_BATCHES, repeats=repeats)
+    base = {str(b): t["baseline"].median_ms for b, t in timings.items()}
+    comp = {str(b): t["compressed"].median_ms for b, t in timings.items()}
+    return dict(latency_ms=comp, baseline_latency_ms=base,
+                speedup={b: base[b] / comp[b] for b in base},
+                latency_load=dict(before=load, after=sd.latency.machine_load()),
+                latency_device=str(jax.devices()[0]))
 
 
 def _check_calibration(calibration: str | None, norm: str) -> str:
@@ -408,16 +630,31 @@ def _ranks_text(config: dict, report: dict) -> str:
 def summary(report: dict) -> str:
     """A few human-readable lines of a :func:`compress_pretrained` report."""
     c = report["config"]
+    if report["accuracy"] is not None:
+        scores = (f"  accuracy  {report['accuracy']:.2%}  (uncompressed {report['baseline_accuracy']:.2%}, "
+                  f"top-1 agreement {report['agreement']:.2%}, {report['num_eval_images']} test images)")
+    else:  # unlabelled evaluation images (sigmadecomp.user_model)
+        agreement = "n/a" if report["agreement"] is None else f"{report['agreement']:.2%}"
+        scores = (f"  top-1 agreement {agreement}, output relative error "
+                  f"{report['output_relative_error']:.4g} ({report['num_eval_images']} unlabelled images)")
     return "\n".join([
         f"{c['arch']} {c['format']}/{c['norm']} ({c.get('calibration', 'parallel')} calibration) "
         f"{_ranks_text(c, report)} ({len(report['layers'])} layers, "
+        f"{c.get('arch') or c.get('model')} {c['format']}/{c['norm']} "
+        f"({c.get('calibration', 'parallel')} calibration) "
+        f"ratio {c['ratio']} ({len(report['layers'])} layers, "
         f"{c['calib']} calibration images, key {c['key']})",
-        f"  accuracy  {report['accuracy']:.2%}  (uncompressed {report['baseline_accuracy']:.2%}, "
-        f"top-1 agreement {report['agreement']:.2%}, {report['num_eval_images']} test images)",
+        scores,
         f"  params    {report['params']:,} / {report['baseline_params']:,} "
         f"({report['params'] / report['baseline_params']:.2f}x)",
         f"  MACs      {report['flops']:,} / {report['baseline_flops']:,} "
         f"({report['flops'] / report['baseline_flops']:.2f}x)",
+        *([f"  fine-tuned {report['finetune_epochs']} epoch(s) in {report['finetune_seconds']:.1f} s: "
+           f"accuracy {report['accuracy_before_finetune']:.2%} -> {report['accuracy']:.2%}"]
+          if report.get("finetune_epochs") else []),
+        *([f"  latency   " + ", ".join(
+            f"batch {b}: {report['latency_ms'][b]:.1f} ms vs {report['baseline_latency_ms'][b]:.1f} ms "
+            f"({report['speedup'][b]:.2f}x)" for b in report["latency_ms"])] if "latency_ms" in report else []),
         f"  mean relative {'cross' if c.get('calibration') == 'sequential' else 'Σ'}-error "
         f"{report['mean_relative_error']:.4f}   "
         f"time {report['seconds']:.1f} s",

@@ -44,9 +44,18 @@ def test_compress_resnet20_sigma_beats_frobenius(data_dir, tmp_path, capsys):
     assert len(sigma["layers"]) == 18
     assert {layer["path"] for layer in sigma["layers"]}.isdisjoint({"conv1", "linear"})
     assert any((tmp_path / "model").iterdir())
+    # latency measured on this machine, both models interleaved (values depend on the load)
+    assert set(sigma["latency_ms"]) == set(sigma["baseline_latency_ms"]) == {"1", "128"}
+    assert sigma["speedup"]["128"] == pytest.approx(
+        sigma["baseline_latency_ms"]["128"] / sigma["latency_ms"]["128"])
+    assert sigma["config"]["implementation"] == "auto" and sigma["left_dense"] == []  # all smaller
+    assert all(layer["implementation"] in ("factorized", "dense") and " ms" in layer["implementation_reason"]
+               for layer in sigma["layers"])
 
-    frobenius = compress_pretrained(weights=weights, data_dir=cifar, norm="frobenius",
-                                    progress=False, **SETTINGS)
+    frobenius = compress_pretrained(weights=weights, data_dir=cifar, norm="frobenius", progress=False,
+                                    implementation="factorized", latency_repeats=0, **SETTINGS)
+    assert "latency_ms" not in frobenius
+    assert {layer["implementation"] for layer in frobenius["layers"]} == {"factorized"}
     assert frobenius["params"] == sigma["params"]
     # (mean_relative_error is not compared: with sequential calibration it is the cross error
     # E‖W x − W̃ x̂‖² / E‖W x‖², which includes the input drift, while the Frobenius run reports the

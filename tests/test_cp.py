@@ -187,8 +187,12 @@ def test_identity_cov_equals_frobenius_twin(dtype, tol):
     solver = CPALS(RANK, max_steps=SHORT, rtol=0.0)
     frob = sd.decompose(kernel, solver, key=jax.random.key(0))
     sigma = sd.decompose(kernel, solver, cov=jnp.eye(D, dtype=dtype), key=jax.random.key(0))
-    np.testing.assert_allclose(sigma.errors, frob.errors, rtol=50 * tol)
-    np.testing.assert_allclose(sd.to_dense(sigma.value), sd.to_dense(frob.value), rtol=0, atol=1e3 * tol)
+    # Same problem by two arithmetic paths: the gap is rounding, scaled to the kernel (float32 was
+    # allowed 0.2 absolute before, ~100x the planted noise).
+    rtol, scale = (1e-3, 1e-3) if dtype == "float32" else (50 * tol, 1e3 * tol)
+    np.testing.assert_allclose(sigma.errors, frob.errors, rtol=rtol)
+    dense = np.asarray(sd.to_dense(frob.value))
+    np.testing.assert_allclose(sd.to_dense(sigma.value), dense, rtol=0, atol=scale * np.abs(dense).max())
 
 
 def _dense_als(problem, cp, sweeps):
@@ -249,8 +253,8 @@ def test_dense_and_cg_paths_agree():
     kernel, _ = planted(jnp.float64, noise=0.3)
     cov = make_cov("relu", jnp.float64)
     for merged in (False, True):
-        dense = CPALS(RANK, merge_spatial=merged, max_steps=SHORT, rtol=0.0)
-        cg = dataclasses.replace(dense, dense_threshold=1, cg_tol=1e-12)
+        dense = CPALS(RANK, merge_spatial=merged, max_steps=SHORT, rtol=0.0, dense_threshold=2048)
+        cg = dataclasses.replace(dense, dense_threshold=1, cg_tol=1e-12, cg_forcing=0.0)  # exact CG
         a = sd.decompose(kernel, dense, cov=cov, key=jax.random.key(0))
         b = sd.decompose(kernel, cg, cov=cov, key=jax.random.key(0))
         assert int(b.status) == sd.Status.MAX_STEPS
@@ -272,9 +276,11 @@ def test_cross_covariance_form_with_equal_moments_equals_plain(dtype, tol):
     solver = CPALS(RANK, max_steps=SHORT, rtol=0.0, ridge=0.0)  # so that T = W·cov in both forms
     plain = sd.decompose(kernel, solver, cov=cov, key=jax.random.key(0))
     cross = sd.decompose(kernel, solver, cov=cov, cross_cov=cov, target_cov=cov, key=jax.random.key(0))
-    np.testing.assert_allclose(sd.to_dense(cross.value), sd.to_dense(plain.value), rtol=0, atol=1e3 * tol)
+    scale = 1e-3 if dtype == "float32" else 1e3 * tol
+    dense = np.asarray(sd.to_dense(plain.value))
+    np.testing.assert_allclose(sd.to_dense(cross.value), dense, rtol=0, atol=scale * np.abs(dense).max())
     # The cross form's error is the expanded (cancelling) formula: compare at its precision.
-    np.testing.assert_allclose(cross.errors, plain.errors, rtol=0, atol=1e3 * tol * float(plain.errors[0]))
+    np.testing.assert_allclose(cross.errors, plain.errors, rtol=0, atol=1e3 * np.finfo(dtype).eps)
 
 
 # ------------------------------------------------------------------------ jit and the loop

@@ -29,6 +29,7 @@ def smoke(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("sigma_vs_frobenius")
     proc = _run("--smoke", "--data", str(data_dir), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (out / "args.json").write_text(json.dumps({"data": str(data_dir)}))
     return out, proc
 
 
@@ -73,3 +74,48 @@ def test_smoke_prints_table_and_resumes(smoke):
 def test_bad_filter_is_rejected(tmp_path):
     proc = _run("--smoke", "--formats", "tt", "--out", str(tmp_path))
     assert proc.returncode != 0 and "--formats" in proc.stderr
+
+
+def test_resumes_after_a_partial_run(smoke, tmp_path):
+    """A run missing from results.json (an interrupted session) is the only one redone, and it
+    comes back with bit-identical numbers."""
+    out, _ = smoke
+    results = json.loads((out / "results.json").read_text())
+    dropped = next(r for r in results["runs"] if r["calibration"] == "sequential")
+    partial = dict(results, runs=[r for r in results["runs"] if r is not dropped])
+    (tmp_path / "results.json").write_text(json.dumps(partial))
+    proc = _run("--smoke", "--out", str(tmp_path), "--data", str(out.parent / "unused"),
+                "--calibrations", "parallel")  # the dropped run is filtered out: nothing to do
+    assert proc.returncode == 0 and "0 run(s) to do, 3 already" in proc.stdout, proc.stderr[-3000:]
+    data = json.loads((out / "args.json").read_text())["data"]
+    proc = _run("--smoke", "--out", str(tmp_path), "--data", data, "--calibrations", "sequential")
+    assert proc.returncode == 0 and "1 run(s) to do, 3 already" in proc.stdout, proc.stderr[-3000:]
+    redone = [r for r in json.loads((tmp_path / "results.json").read_text())["runs"]
+              if r["calibration"] == "sequential"]
+    assert len(redone) == 1
+    for field in ("accuracy", "agreement", "mean_relative_error", "layer_errors"):
+        assert redone[0][field] == dropped[field], field
+
+
+def test_refuses_to_resume_with_other_settings(smoke, tmp_path):
+    out, _ = smoke
+    results = json.loads((out / "results.json").read_text())
+    results["meta"]["config"]["calib_images"] += 1
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    proc = _run("--smoke", "--out", str(tmp_path), "--data", str(tmp_path / "unused"))
+    assert proc.returncode != 0 and "other settings (calib_images" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_sequential_experiment_smoke(data_dir, tmp_path):
+    script = ROOT / "experiments" / "sequential" / "main.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--data", str(data_dir), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["calibration"] for r in rows] == [
+        "parallel", "parallel + bias", "sequential", "sequential + bias", "parallel (warm repeat)"]
+    assert all(0 <= r["accuracy"] <= 1 for r in rows)
+    # the warm repeat is the same computation: bit-identical accuracy and error
+    assert rows[4]["accuracy"] == rows[0]["accuracy"]
+    assert rows[4]["mean_relative_error"] == rows[0]["mean_relative_error"]
+    assert "| sequential |" in proc.stdout

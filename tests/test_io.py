@@ -26,7 +26,7 @@ def compressed_tiny(dtype="float32", fmt="cp"):
     return model, p, apply(model, p, random_factors(p, seed=3, dtype=dtype))
 
 
-@pytest.mark.parametrize("fmt", ["cp", "tucker2", "tucker3", "tt", "tr"])
+@pytest.mark.parametrize("fmt", ["cp", "cp3", "svd", "tucker2", "tucker3", "tt", "tr"])
 def test_round_trip_is_bit_identical(tmp_path, dtype, fmt):
     model, p, compressed = compressed_tiny(dtype, fmt)
     save(tmp_path / "model", compressed, p)

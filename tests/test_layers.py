@@ -14,6 +14,7 @@ from sigmadecomp import CP, CP3, TR, TT, LowRank, Tucker2, Tucker3, to_dense
 from sigmadecomp.layers import (
     CP3Conv, CPConv, LowRankConv, LowRankDense, TRConv, TTConv, Tucker2Conv, Tucker3Conv, count_format, factor_shapes, factorize_layer,
 )
+from sigmadecomp.layers._ops import LOWERINGS, use_lowering
 
 FORMATS = {"svd": (LowRank, LowRankConv, (3,)), "tucker2": (Tucker2, Tucker2Conv, (3, 2)),
            "cp": (CP, CPConv, (4,)), "cp3": (CP3, CP3Conv, (4,)),
@@ -82,6 +83,20 @@ def both(layer, reference, x):
     return jax.jit(lambda x: (layer(x), reference(x)))(x)
 
 
+def every_implementation(layer, x):
+    """name → output of every way the layer can run: the nnx.Conv chain, the factorized chain with
+    each lowering, the dense kernel rebuilt from the factors; one jit for all."""
+
+    def run(x):
+        outs = dict(reference=layer.reference(x), dense=layer.dense_call(x))
+        for lowering in LOWERINGS:
+            with use_lowering(lowering):
+                outs[f"factorized/{lowering}"] = layer.factorized_call(x)
+        return outs
+
+    return jax.jit(run)(x)
+
+
 def assert_close(got, want, tol):
     scale = float(jnp.max(jnp.abs(want)))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol, atol=tol * scale)
@@ -98,7 +113,11 @@ def test_conv_layers_equal_dense_conv(fmt, dtype, tol):
         conv = reference_conv(ks, strides, padding, dilation, groups, cin, cout, parts, i, dtype)
         layer = FORMATS[fmt][1].from_layer(conv, parts if groups > 1 else parts[0])
         assert layer.in_conv.kernel[...].dtype == jnp.dtype(dtype)
-        assert_close(*both(layer, conv, x), tol)
+        got, want = both(layer, conv, x)
+        assert_close(got, want, tol)
+        for name, out in every_implementation(layer, x).items():
+            assert out.dtype == want.dtype, name
+            assert_close(out, want, tol)
 
 
 def test_lowrank_dense_equals_linear(dtype, tol):
@@ -211,7 +230,7 @@ def measured(layer, x, monkeypatch):
             return y
 
         monkeypatch.setattr(cls, "__call__", counting)
-    y = jax.eval_shape(layer, x)  # the counting runs at trace time: no compute needed
+    y = jax.eval_shape(getattr(layer, "reference", layer), x)  # counted at trace time: no compute
     monkeypatch.undo()
     params = sum(v.size for v in jax.tree_util.tree_leaves(nnx.state(layer, nnx.Param)))
     return params, sum(macs), y

@@ -314,3 +314,43 @@ def test_bad_inputs():
         compress_sequential(net, np.zeros((0, 8, 8, 3)), format="svd", ratio=0.5, key=jax.random.key(0))
     with pytest.raises(ValueError, match="plan must be"):
         correct_bias(net, net, images(), plan={"conv1": 2})
+
+
+# ----------------------------------------------------------------------------- (6) compile once per shape
+
+
+def _count_compiles(fn):
+    """(result, number of XLA backend compilations while running ``fn``)."""
+    count = [0]
+
+    def listener(event, duration, **_):
+        count[0] += event == "/jax/core/compile/backend_compile_duration"
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        out = fn()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return out, count[0]
+
+
+def test_identical_blocks_compile_once():
+    """Stage and cross-statistics functions are keyed on the block's own structure and the layer's
+    path inside it: after compressing blocks 0 and 1 of a stage, compressing blocks 0 and 2 (an
+    identical block, reached through the untouched block 1) triggers no XLA compilation at all."""
+    model, x = CifarResNet(20, dtype=F64, rngs=nnx.Rngs(0)), images(n=4, size=8)
+    common = dict(format="tucker2", key=jax.random.key(0), max_steps=2, progress=False, batch_size=4)
+
+    def run(blocks, **kw):
+        ranks = {f"layer1.{b}.conv{c}": (4, 4) for b in blocks for c in (1, 2)}
+        return compress_sequential(model, x, ranks=ranks, skip=lambda path: path not in ranks, **common, **kw)
+
+    first, _ = _count_compiles(lambda: run((0, 1)))
+    other, compiles = _count_compiles(lambda: run((0, 2)))
+    assert compiles == 0
+    assert [r.path for r in other.layers] == ["layer1.0.conv1", "layer1.0.conv2", "layer1.2.conv1", "layer1.2.conv2"]
+    # block 2 is really fitted (to other inputs than block 1), and the cached block-wise stages equal
+    # the full forward pass
+    assert other.layers[2].relative_error != first.layers[2].relative_error
+    full = run((0, 2), cache_activations=False)
+    np.testing.assert_allclose(other.model(x), full.model(x), rtol=1e-10, atol=1e-12)

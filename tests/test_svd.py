@@ -29,8 +29,11 @@ def test_sigma_svd_equals_whitened_optimum(kind, dtype, tol):
     best, _ = oracles.best_rank_sigma(w @ metric, metric, RANK)
     want = oracles.sigma_error(w, best, metric)
     assert sol.value.out_factor.dtype == jnp.dtype(dtype) and int(sol.num_steps) == 0
-    assert sol.final_error == pytest.approx(want, rel=100 * tol, abs=100 * tol)
-    assert oracles.sigma_error(w, _approx(sol.value), metric) == pytest.approx(want, rel=1e3 * tol)
+    # The optimum's error `want` is the problem's floor: both checks are relative to it, with a
+    # dtype-scaled slack (float32 whitening by a Cholesky factor loses ~cond·eps).
+    rel = 1e-3 if dtype == "float32" else 1e-8
+    assert sol.final_error == pytest.approx(want, rel=rel)
+    assert oracles.sigma_error(w, _approx(sol.value), metric) == pytest.approx(want, rel=10 * rel)
 
 
 def test_no_local_search_beats_it():
@@ -55,10 +58,11 @@ def test_frobenius_is_truncated_svd_and_planted_recovery(dtype, tol):
     w = oracles.planted_lowrank(COUT, D, RANK, seed=6)
     kernel = jnp.asarray(oracles.matrix_to_conv(w, KH, KW), dtype)
     sol = sd.decompose(kernel, sd.SVD(RANK))
-    np.testing.assert_allclose(_approx(sol.value), w, atol=100 * tol * np.abs(w).max())
+    eps = float(np.finfo(dtype).eps)  # w has exactly rank RANK: the floor is rounding
+    np.testing.assert_allclose(_approx(sol.value), w, atol=1e3 * eps * np.abs(w).max())
     s = np.linalg.svd(w, compute_uv=False)
     sol = sd.decompose(kernel, sd.SVD(1))
-    assert sol.final_error == pytest.approx(np.sum(s[1:] ** 2) / np.sum(s**2), rel=100 * tol)
+    assert sol.final_error == pytest.approx(np.sum(s[1:] ** 2) / np.sum(s**2), rel=1e3 * eps)
 
 
 def test_cross_covariance_form():

@@ -50,8 +50,11 @@ def test_planted_recovery(kind, dtype, tol):
     truth = oracles.sigma_error(w, oracles.tucker2_matrix(u, g, x, P), oracles.ridged(cov))
     ours = oracles.sigma_error(w, _approx(sol.value), oracles.ridged(cov))
     assert sol.value.core.dtype == jnp.dtype(dtype)
-    assert ours <= truth * (1 + 1e-3) + 50 * tol, (ours, truth)
-    assert abs(sol.final_error - ours) <= 1e-3 * ours + 50 * tol
+    # `truth` (the planted factors' error, ~1e-4 here) is the noise floor: slack is a fraction
+    # of it (float32: 5%, the rounding of the solver's Gram/Cholesky steps), not an absolute 1e-2.
+    rel = 5e-2 if dtype == "float32" else 1e-3
+    assert ours <= truth * (1 + rel), (ours, truth)
+    assert abs(sol.final_error - ours) <= rel * truth, (sol.final_error, ours)
 
 
 def _run_blocks(problem, state, sweeps, dense_threshold):
@@ -90,7 +93,7 @@ def test_cov_identity_is_frobenius_twin(dtype, tol):
     solver = _solver(rtol=1e-10)
     frob = sd.decompose(_kernel(w, dtype), solver)
     sigma = sd.decompose(_kernel(w, dtype), solver, cov=jnp.eye(CIN * P, dtype=dtype))
-    assert abs(frob.final_error - sigma.final_error) <= 1e-4 * frob.final_error + 100 * tol
+    assert abs(frob.final_error - sigma.final_error) <= 1e-4 * frob.final_error + 1e3 * np.finfo(dtype).eps
     np.testing.assert_allclose(_approx(frob.value), _approx(sigma.value), atol=1e-3, rtol=0)
 
 
@@ -144,8 +147,8 @@ def test_dense_and_cg_paths_agree():
     cov = jnp.asarray(oracles.random_cov("ill", CIN * P, seed=13))
     dense = sd.decompose(_kernel(w, "float64"), _solver(),
                          cov=cov)
-    cg = sd.decompose(_kernel(w, "float64"), _solver(dense_threshold=0, cg_tol=1e-12),
-                      cov=cov)
+    cg = sd.decompose(_kernel(w, "float64"), _solver(dense_threshold=0, cg_tol=1e-12, cg_forcing=0.0),
+                      cov=cov)  # exact CG (no forcing term): the same iterates as the dense path
     assert int(dense.num_steps) == int(cg.num_steps)
     np.testing.assert_allclose(np.asarray(dense.errors), np.asarray(cg.errors), rtol=1e-7)
     np.testing.assert_allclose(_approx(dense.value), _approx(cg.value), atol=1e-6)
@@ -216,9 +219,9 @@ def test_dense_kernel_and_random_init(dtype, tol):
     w = oracles.planted_lowrank(12, 10, 3, noise=0.05, seed=24)
     kernel = jnp.asarray(w.T, dtype)  # dense (in, out)
     cov = jnp.asarray(oracles.random_cov("diagonal", 10, seed=25), dtype)
-    sol = sd.decompose(kernel, sd.Tucker2ALS((3, 4), init="random"), cov=cov,
+    sol = sd.decompose(kernel, sd.Tucker2ALS((3, 3), init="random"), cov=cov,
                        key=jax.random.key(7))
-    assert sol.value.core.shape == (1, 1, 4, 3) and sd.to_dense(sol.value).shape == (10, 12)
+    assert sol.value.core.shape == (1, 1, 3, 3) and sd.to_dense(sol.value).shape == (10, 12)
     assert sol.final_error < 0.01
 
 

@@ -25,7 +25,8 @@ class Config:
     calib_seed: int = 0
     compress_seed: int = 0  # PRNG key of compress_model (random padding / init of the solvers)
     # ALS sweeps per layer (SVD is closed form). Both norms get the same budget; rtol stops earlier.
-    max_steps: tuple[tuple[str, int], ...] = (("tucker2", 30), ("cp", 30))
+    max_steps: tuple[tuple[str, int], ...] = (("tucker2", 30), ("cp", 30), ("tucker3", 30), ("tt", 30),
+                                              ("tr", 30))
     # Customary: the first conv (3 input channels) and the classifier stay dense.
     skip: tuple[str, ...] = ("conv1", "linear")
     batch_size: int = 256
@@ -48,6 +49,14 @@ class Config:
 
 FULL = Config()
 
+# Issue 14: the engine formats, at the issue's ratios, sequential Σ at all three of them.
+ENGINE = Config(
+    formats=("tucker3", "tt", "tr"),
+    ratios=(0.5, 0.33, 0.25),
+    calibrations=("parallel", "sequential"),
+    sequential_ratios=(0.5, 0.33, 0.25),
+)
+
 # For CI: ResNet-20, one format (SVD: closed form, the least compilation), both norms, one ratio,
 # few images and sweeps (the sweeps apply when --formats picks an ALS format).
 SMOKE = Config(
@@ -56,5 +65,5 @@ SMOKE = Config(
     ratios=(0.5,),
     calib_images=32,
     test_images=128,
-    max_steps=(("tucker2", 3), ("cp", 3)),
+    max_steps=(("tucker2", 3), ("cp", 3), ("tucker3", 3), ("tt", 3), ("tr", 3)),
 )

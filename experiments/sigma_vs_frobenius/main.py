@@ -39,7 +39,7 @@ from sigmadecomp.data import cifar10_normalize, load_cifar10, sample  # noqa: E4
 from sigmadecomp.models import pretrained_resnet  # noqa: E402
 from sigmadecomp.surgery import FORMAT_NAMES, plan  # noqa: E402
 
-from config import FULL, SMOKE, Config  # noqa: E402
+from config import ENGINE, FULL, SMOKE, Config  # noqa: E402
 
 INPUT_SHAPE = (1, 32, 32, 3)
 ARCHS = (20, 32, 56)  # the pretrained weights of the data kit
@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=pathlib.Path, help="where results.json and figure.png go (default: this "
                    "folder; with --smoke a folder in the system's temporary directory)")
     p.add_argument("--smoke", action="store_true", help="tiny configuration for CI (seconds)")
+    p.add_argument("--engine", action="store_true", help="the engine formats' configuration (issue 14: "
+                   "tucker3, tt, tr × both norms × parallel/sequential × ratios 0.5/0.33/0.25)")
     p.add_argument("--force", action="store_true", help="redo runs already in results.json")
     p.add_argument("--table", action="store_true", help="print the table (and figure) from results.json only")
     p.add_argument("--archs", type=int, nargs="+", help="subset of depths, e.g. 20 32")
@@ -100,6 +102,28 @@ def save_results(results: dict, path: pathlib.Path) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
     os.replace(tmp, path)
+
+
+# Settings that change every number but are not axes of the run key: a results file holds runs of
+# one value of each, and resuming with other values is refused (the key would not tell them apart).
+SETTINGS = ("calib_images", "test_images", "calib_seed", "compress_seed", "max_steps", "skip", "batch_size")
+
+
+def settings_of(config: dict) -> dict:
+    return {name: json.loads(json.dumps(config[name])) for name in SETTINGS}
+
+
+def check_resumable(results: dict, base: Config, path: pathlib.Path) -> None:
+    """Exit with a one-line error when ``path`` holds runs made with other settings."""
+    old = results.get("meta", {}).get("config")
+    if not results["runs"] or old is None:
+        return
+    new = settings_of(dataclasses.asdict(base))
+    changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+    if changed:
+        what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise SystemExit(f"{path} holds {len(results['runs'])} run(s) made with other settings ({what}); "
+                         f"refusing to mix them: use another --out, or delete the file to start over")
 
 
 def add_run(results: dict, record: dict) -> None:
@@ -167,6 +191,9 @@ def measure(arch: Arch, key: tuple, test, config: Config) -> dict:
         layer_errors=[round(layer.relative_error, 6) for layer in result.layers],
         statuses=dict(collections.Counter(layer.status for layer in result.layers)),
         max_steps=config.sweeps(format), mean_steps=float(np.mean([layer.num_steps for layer in result.layers])),
+        max_history_increase=max(layer.max_increase for layer in result.layers),
+        loadavg=[round(x, 2) for x in os.getloadavg()],
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
         compress_seconds=round(result.seconds, 2), seconds=round(time.perf_counter() - start, 2),
         calib_images=config.calib_images, test_images=len(test[1]),
     )
@@ -259,7 +286,8 @@ def figure(runs: list[dict], path: pathlib.Path) -> None:
 
     archs = sorted({r["arch"] for r in runs})
     fig, axes = plt.subplots(1, len(archs), figsize=(5 * len(archs), 4), squeeze=False, sharey=True)
-    colors = {"svd": "tab:blue", "tucker2": "tab:orange", "cp": "tab:green", "cp3": "tab:red"}
+    colors = {"svd": "tab:blue", "tucker2": "tab:orange", "cp": "tab:green", "cp3": "tab:red",
+              "tucker3": "tab:purple", "tt": "tab:brown", "tr": "tab:pink"}
     for ax, arch in zip(axes[0], archs):
         mine = [r for r in runs if r["arch"] == arch]
         for (calibration, format, norm) in sorted({(r["calibration"], r["format"], r["norm"]) for r in mine}):
@@ -282,27 +310,97 @@ def figure(runs: list[dict], path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def statistics(runs: list[dict]) -> str:
+    """The statistics quoted in the README prose, computed from the runs (paste them from here)."""
+    by = {run_key(r): r for r in runs}
+    lines = []
+    gains, losses = [], []
+    for (arch, calibration, fmt, norm, ratio), r in sorted(by.items()):
+        par = by.get((arch, "parallel", fmt, "sigma", ratio))
+        if calibration == "sequential" and par is not None:
+            gains.append(100 * (r["accuracy"] - par["accuracy"]))
+            if r["accuracy"] < par["accuracy"]:
+                losses.append(f"ResNet-{arch} {fmt} {ratio:g} ({_pct(par['accuracy'])} → {_pct(r['accuracy'])})")
+    if gains:
+        g = np.asarray(gains)
+        lines.append(f"sequential vs parallel Σ: better in {int(np.sum(g > 0))} of {len(g)} pairs, tied in "
+                     f"{int(np.sum(g == 0))}, worse in {int(np.sum(g < 0))}; by {g.min():+.1f} to {g.max():+.1f} "
+                     f"points (median {np.median(g):+.1f}); losses: {', '.join(losses) or 'none'}")
+    factors, wins, ties, fits, exceptions = [], 0, 0, 0, []
+    for (arch, calibration, fmt, norm, ratio), r in sorted(by.items()):
+        frob = by.get((arch, calibration, fmt, "frobenius", ratio))
+        if calibration != "parallel" or norm != "sigma" or frob is None:
+            continue
+        factors.append(frob["mean_relative_error"] / r["mean_relative_error"])
+        for i, (s, f) in enumerate(zip(r["layer_errors"], frob["layer_errors"])):
+            fits, wins, ties = fits + 1, wins + (s < f), ties + (s == f)
+            if s >= f:
+                exceptions.append(f"ResNet-{arch} {fmt} {ratio:g} layer {i}")
+    if factors:
+        lines.append(f"mean Σ-error, Frobenius / Σ fit: {min(factors):.2f}–{max(factors):.2f} (median "
+                     f"{np.median(factors):.2f}) over {len(factors)} pairs, Σ lower in "
+                     f"{sum(f > 1 for f in factors)}")
+        lines.append(f"layer fits where the Σ fit has the strictly lower Σ-error (6 decimals as recorded): "
+                     f"{wins} of {fits}; ties {ties}; exceptions: {', '.join(exceptions) or 'none'}")
+    return "\n".join(lines)
+
+
+ENGINE_FORMATS = ("tucker3", "tt", "tr")
+
+
+def engine_targets(runs: list[dict]) -> str:
+    """Issue 14's targets, from the recorded runs: per layer, is the Σ fit's Σ-error <= the
+    Frobenius fit's (parallel calibration, same ranks)? Did any error history rise? How far is
+    sequential Σ at ratio 0.5 from the dense accuracy?"""
+    cells = {(r["arch"], r["calibration"], r["format"], r["norm"], r["ratio"]): r for r in runs}
+    lines = ["| model | format | ratio | layers Σ-err(Σ fit) <= Σ-err(F fit) | worst Σ/F layer ratio "
+             "| max history rise (Σ, F) |", "|---|---|---|---|---|---|"]
+    for (arch, cal, fmt, norm, ratio), r in sorted(cells.items()):
+        if fmt not in ENGINE_FORMATS or cal != "parallel" or norm != "sigma":
+            continue
+        f = cells.get((arch, cal, fmt, "frobenius", ratio))
+        if f is None:
+            continue
+        pairs = list(zip(r["layer_errors"], f["layer_errors"]))
+        wins = sum(s <= fr for s, fr in pairs)
+        worst = max(s / fr for s, fr in pairs if fr > 0)
+        rises = (r.get("max_history_increase"), f.get("max_history_increase"))
+        lines.append(f"| ResNet-{arch} | {fmt} | {ratio:g} | {wins}/{len(pairs)} | {worst:.3f} | "
+                     f"{rises[0]:.2g}, {rises[1]:.2g} |")
+    lines += ["", "| model | format | calibration | ratio | accuracy % | dense % | gap (points) |",
+              "|---|---|---|---|---|---|---|"]
+    for (arch, cal, fmt, norm, ratio), r in sorted(cells.items()):
+        if fmt in ENGINE_FORMATS and cal == "sequential":
+            gap = 100 * (r["baseline_accuracy"] - r["accuracy"])
+            lines.append(f"| ResNet-{arch} | {fmt} | {cal} | {ratio:g} | {_pct(r['accuracy'])} | "
+                         f"{_pct(r['baseline_accuracy'])} | {gap:.1f} |")
+    return "\n".join(lines)
+
+
 def report(results: dict, out_dir: pathlib.Path) -> None:
     runs = results["runs"]
     if not runs:
         print("no runs in results.json yet")
         return
-    print(accuracy_table(runs), "\n", detail_table(runs), sep="\n")
+    print(accuracy_table(runs), "\n", detail_table(runs), "\n", statistics(runs), sep="\n")
+    if any(r["format"] in ENGINE_FORMATS for r in runs):
+        print("\n" + engine_targets(runs))
     figure(runs, out_dir / "figure.png")
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    base = SMOKE if args.smoke else FULL
+    base = SMOKE if args.smoke else ENGINE if args.engine else FULL
     config = select(base, args)
     if args.out is None:
         args.out = pathlib.Path(tempfile.gettempdir()) / "sigma_vs_frobenius_smoke" if args.smoke else HERE
     out = args.out / "results.json"
     results = load_results(out)
     if not args.table:
+        check_resumable(results, base, out)
         start = time.perf_counter()
-        results["meta"] = dict(config=dataclasses.asdict(base), machine=machine(), jax=jax.__version__,
-                               smoke=args.smoke)
+        meta = dict(config=dataclasses.asdict(base), machine=machine(), jax=jax.__version__, smoke=args.smoke)
+        results["meta_engine" if args.engine else "meta"] = meta
         session = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), argv=sys.argv[1:])
         run_all(config, args, results, out)
         session["wall_seconds"] = round(time.perf_counter() - start, 1)

@@ -29,12 +29,15 @@ import numpy as np
 from flax import nnx
 
 from sigmadecomp.covariance._collect import LayerTap, _layer_inputs, layer_chunks
+from sigmadecomp._paths import find_layers, get_by_path
 from sigmadecomp.covariance._stats import MomentState, accumulate_chunks
 from sigmadecomp.models._resnet import CifarResNet
 from sigmadecomp.surgery._plan import eligible_layers
 from sigmadecomp.surgery._tap import intercept
 
-__all__ = ["check_stages", "execution_order", "forward_stages", "stage_layers"]
+__all__ = [
+    "advance_stage", "check_stages", "execution_order", "forward_stages", "stage_layers", "stage_split",
+]
 
 
 def whole_model(model, x):
@@ -55,7 +58,11 @@ class _ResNetBlock:
     index: int
 
     def __call__(self, model, h):
-        return getattr(model, self.name)[self.index](h)
+        return self.submodule(model)(h)
+
+    def submodule(self, model):
+        """The block this stage runs: jitted work is keyed on its own graphdef (below)."""
+        return getattr(model, self.name)[self.index]
 
 
 def _resnet_head(model, h):
@@ -95,11 +102,34 @@ def advance(graphdef, stage: Callable, state, h):
     return stage(nnx.merge(graphdef, state), h)
 
 
+def _call_module(module, h):
+    return module(h)
+
+
+def stage_split(stage: Callable, model: nnx.Module):
+    """``(runner, graphdef, state)`` with ``advance(graphdef, runner, state, h) == stage(model, h)``.
+
+    Why: a stage with a ``submodule(model)`` method (a CifarResNet block) reads only that module,
+    so it is split and run alone. Its graphdef is the block's own, the same for every block of
+    one structure and unchanged when layers elsewhere in the model are replaced, so identical
+    blocks share one compilation. Any other stage is keyed on the whole model, as before.
+    """
+    submodule = getattr(stage, "submodule", None)
+    if submodule is None:
+        return (stage, *nnx.split(model))
+    return (_call_module, *nnx.split(submodule(model)))
+
+
+def advance_stage(stage: Callable, model: nnx.Module, h):
+    """``stage(model, h)`` in jit, compiled once per module structure (:func:`stage_split`)."""
+    runner, graphdef, state = stage_split(stage, model)
+    return advance(graphdef, runner, state, h)
+
+
 def run_stages(model: nnx.Module, stages: Sequence[Callable], x):
     """``x`` through every stage in turn (what sequential calibration computes)."""
-    graphdef, state = nnx.split(model)
     for stage in stages:
-        x = advance(graphdef, stage, state, x)
+        x = advance_stage(stage, model, x)
     return x
 
 
@@ -182,12 +212,14 @@ def execution_order(model: nnx.Module, x, *, stages: Sequence[Callable] | None =
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _cross_update(stage, tap: LayerTap, graph_orig, graph_comp, state_orig, state_comp,
+def _cross_update(runner, tap: LayerTap, graph_orig, graph_comp, state_orig, state_comp,
                   stats: MomentState, h, h_hat) -> MomentState:
     """Add the patches of ``tap``'s input in the original (``x``) and compressed (``y = x̂``)
-    networks, both running ``stage`` on their cached activations; calls are paired in order."""
-    xs = _layer_inputs(graph_orig, (tap.path,), stage, state_orig, h)[tap.path]
-    ys = _layer_inputs(graph_comp, (tap.path,), stage, state_comp, h_hat)[tap.path]
+    networks, both running ``runner`` on their cached activations; calls are paired in order.
+    ``tap.path`` is relative to the split module (:func:`stage_split`), so the same layer of
+    identical blocks shares one compilation."""
+    xs = _layer_inputs(graph_orig, (tap.path,), runner, state_orig, h)[tap.path]
+    ys = _layer_inputs(graph_comp, (tap.path,), runner, state_comp, h_hat)[tap.path]
     if len(xs) != len(ys) or not xs:
         raise ValueError(f"layer {tap.path!r} was called {len(xs)} time(s) in the original network and "
                          f"{len(ys)} in the compressed one; sequential calibration pairs the calls")
@@ -197,12 +229,26 @@ def _cross_update(stage, tap: LayerTap, graph_orig, graph_comp, state_orig, stat
     return stats
 
 
+def _relative_path(module: nnx.Module, layer: nnx.Module, path: str) -> str:
+    """The path of ``layer`` inside ``module`` (found by identity)."""
+    if module is layer:
+        raise ValueError(f"stage submodule is the tapped layer {path!r} itself; return its parent")
+    for rel, node in find_layers(module):
+        if node is layer:
+            return rel
+    raise ValueError(f"layer {path!r} is not inside the module its stage runs; check forward_stages()")
+
+
 def cross_statistics(stage, tap: LayerTap, original, compressed, stats: MomentState, cache) -> MomentState:
     """Accumulate ``tap``'s cross statistics over every cached batch ``(h, h_hat)`` of ``cache``."""
-    graph_orig, state_orig = nnx.split(original)
-    graph_comp, state_comp = nnx.split(compressed)
+    runner, graph_orig, state_orig = stage_split(stage, original)
+    _, graph_comp, state_comp = stage_split(stage, compressed)
+    if runner is not stage:  # the stage runs one submodule: tap the layer by its path inside it
+        sub = stage.submodule(original)
+        rel = _relative_path(sub, get_by_path(original, tap.path), tap.path)
+        tap = dataclasses.replace(tap, path=rel)
     for h, h_hat in cache:
-        stats = _cross_update(stage, tap, graph_orig, graph_comp, state_orig, state_comp, stats, h, h_hat)
+        stats = _cross_update(runner, tap, graph_orig, graph_comp, state_orig, state_comp, stats, h, h_hat)
     return stats
 
 

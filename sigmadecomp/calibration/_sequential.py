@@ -32,11 +32,12 @@ from sigmadecomp._factorized import to_dense
 from sigmadecomp._paths import get_by_path
 from sigmadecomp._patches import kernel_to_matrix
 from sigmadecomp.calibration._activations import (
-    advance, check_stages, cross_statistics, forward_stages, input_batches, stage_layers, whole_model,
+    advance_stage, check_stages, cross_statistics, forward_stages, input_batches, stage_layers, whole_model,
 )
 from sigmadecomp.calibration._bias import apply_shift, bias_sites, output_shift
-from sigmadecomp.compress import Compressed, LayerReport, solver_for
+from sigmadecomp.compress import Compressed, LayerReport, checked_fit, history_increase, solver_for
 from sigmadecomp.covariance._collect import layer_tap
+from sigmadecomp.layers._config import canonical_convs
 from sigmadecomp.surgery._plan import Plan
 from sigmadecomp.surgery._tap import input_spec
 
@@ -93,10 +94,7 @@ def _walk(schedule: _Schedule, original, compressed, planned, on_layer: Callable
 
 
 def _advance_cache(stage, original, compressed, cache) -> list:
-    graph_orig, state_orig = nnx.split(original)
-    graph_comp, state_comp = nnx.split(compressed)
-    return [(advance(graph_orig, stage, state_orig, h), advance(graph_comp, stage, state_comp, h_hat))
-            for h, h_hat in cache]
+    return [(advance_stage(stage, original, h), advance_stage(stage, compressed, h_hat)) for h, h_hat in cache]
 
 
 # ----------------------------------------------------------------------------- one layer
@@ -146,6 +144,7 @@ def _report(entry, solution, error: float) -> LayerReport:
         rank=entry.ranks[0] if len(entry.ranks) == 1 else tuple(entry.ranks),
         params=entry.params_after, baseline_params=entry.params_before, relative_error=error,
         status=sd.Status(int(solution.status)).name, num_steps=int(solution.num_steps),
+        max_increase=history_increase(solution),
     )
 
 
@@ -209,6 +208,7 @@ def compress_sequential(
     ['layers.0', 'layers.2']
     """
     start = time.perf_counter()
+    model = canonical_convs(model)  # one normalised conv configuration for every jitted stage
     layer_plan = sd.plan(model, format=format, ratio=ratio, ranks=ranks, skip=skip,
                          input_shape=(1, *np.shape(calib_images)[1:]))
     if len(layer_plan) == 0:
@@ -218,12 +218,16 @@ def compress_sequential(
                          cache_activations=cache_activations)
     sites = schedule.sites(model, layer_plan.paths) if bias_correction else {}
     keys = dict(zip(layer_plan.paths, jax.random.split(key, len(layer_plan))))
-    reports, replaced = {}, []
+    reports, replaced, kept = {}, [], []
 
     def on_layer(compressed, path, stats):
         entry, kernel = layer_plan[path], get_by_path(model, path).kernel[...]
         same = not replaced or _same_inputs(stats)
-        solution = _fit(kernel, entry, stats, same=same, key=keys[path], max_steps=max_steps)
+        solution, dense = checked_fit(path, lambda: _fit(kernel, entry, stats, same=same, key=keys[path],
+                                                          max_steps=max_steps))
+        if dense is not None:  # stays dense; later layers see this layer's true output
+            kept.append(dense)
+            return compressed
         compressed = sd.apply(compressed, Plan((entry,), layer_plan.input_shape), {path: solution.value})
         approx, shift = to_dense(solution.value), None
         if path in sites:
@@ -236,8 +240,9 @@ def compress_sequential(
 
     compressed = _walk(schedule, model, nnx.clone(model), set(layer_plan.paths), on_layer,
                        progress=progress, desc=f"{format}/sequential")
-    layers = tuple(reports[p] for p in layer_plan.paths)
-    return Compressed(compressed, layer_plan, layers, time.perf_counter() - start)
+    layers = tuple(reports[p] for p in layer_plan.paths if p in reports)
+    used = Plan(tuple(e for e in layer_plan.entries if e.path in reports), layer_plan.input_shape)
+    return Compressed(compressed, used, layers, time.perf_counter() - start, tuple(kept))
 
 
 def correct_bias(
@@ -282,6 +287,7 @@ def correct_bias(
     if not isinstance(plan, Plan):
         raise ValueError(f"plan must be the sigmadecomp.Plan that made `compressed`; got {type(plan).__name__}")
     _check_groups(plan)
+    original, compressed = canonical_convs(original), canonical_convs(compressed)
     schedule = _schedule(original, calib_images, plan.paths, batch_size=batch_size,
                          cache_activations=cache_activations)
     sites = schedule.sites(original, plan.paths)

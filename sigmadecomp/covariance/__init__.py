@@ -12,6 +12,7 @@
 """
 
 from sigmadecomp.covariance._collect import LayerTap, collect_covariances, layer_tap
+from sigmadecomp.covariance._tokens import collect_token_counts
 from sigmadecomp.covariance._stats import LayerCovariance, MomentState, finalize, init, merge, update
 
 # The streaming functions keep their short names and are used qualified
@@ -22,5 +23,6 @@ __all__ = [
     "LayerTap",
     "MomentState",
     "collect_covariances",
+    "collect_token_counts",
     "layer_tap",
 ]

@@ -28,11 +28,11 @@ from collections.abc import Callable, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.nnx.nn.linear import canonicalize_padding
 from jax import lax
 from tqdm.auto import tqdm
 
 from sigmadecomp._paths import find_layers, get_by_path
+from sigmadecomp.layers._config import ConvConfig, canonical_convs
 from sigmadecomp.covariance._stats import (
     LayerCovariance,
     MomentState,
@@ -44,6 +44,7 @@ from sigmadecomp.covariance._stats import (
     finalize,
     init,
 )
+from sigmadecomp.distributed._covariance import batch_pieces
 
 __all__ = ["LayerTap", "collect_covariances", "layer_tap"]
 
@@ -71,42 +72,24 @@ class LayerTap:
         return self.in_features // self.groups * self.kernel_size[0] * self.kernel_size[1]
 
 
-def _pair(v, name: str, path: str) -> tuple:
-    v = 1 if v is None else v
-    v = (v, v) if isinstance(v, int) else tuple(int(e) for e in v)
-    if len(v) != 2:
-        raise ValueError(f"layer {path!r}: {name} {v} is not 2-D; only 2-D convs are supported.")
-    return v
-
-
 def layer_tap(path: str, layer: nnx.Module) -> LayerTap:
     """The :class:`LayerTap` of an ``nnx.Conv`` (2-D) or ``nnx.Linear``; ``ValueError`` otherwise."""
     if isinstance(layer, nnx.Linear):
         return LayerTap(path, int(layer.in_features), dense=True)
     if not isinstance(layer, nnx.Conv):
         raise ValueError(f"layer {path!r} is a {type(layer).__name__}; expected nnx.Conv or nnx.Linear.")
-    if len(layer.kernel_size) != 2:
-        raise ValueError(
-            f"layer {path!r} has kernel_size {layer.kernel_size}: only 2-D convs are supported; "
-            "leave it out with layers=[...]."
-        )
-    if _pair(layer.input_dilation, "input_dilation", path) != (1, 1):
-        raise ValueError(
-            f"layer {path!r} has input_dilation {layer.input_dilation}; only 1 is supported "
-            "(a transposed-conv-like layer has no patch covariance of this form)."
-        )
-    padding = canonicalize_padding(layer.padding, 2)
-    if padding == "CAUSAL":
-        raise ValueError(f"layer {path!r}: CAUSAL padding is 1-D only (Flax rejects it for 2-D).")
-    padding = padding if isinstance(padding, str) else tuple(tuple(int(e) for e in p) for p in padding)
+    try:  # the package's one conv-configuration normaliser (also used by surgery and layers)
+        config = ConvConfig.from_conv(layer)
+    except ValueError as error:
+        raise ValueError(f"layer {path!r}: {error}; leave it out with layers=[...].") from None
     return LayerTap(
         path,
         int(layer.in_features),
         kernel_size=tuple(int(k) for k in layer.kernel_size),
-        strides=_pair(layer.strides, "strides", path),
-        padding=padding,
-        dilation=_pair(layer.kernel_dilation, "kernel_dilation", path),
-        groups=int(layer.feature_group_count),
+        strides=config.strides,
+        padding=config.padding,
+        dilation=config.kernel_dilation,
+        groups=config.groups,
     )
 
 
@@ -294,6 +277,7 @@ def collect_covariances(
     forward: Callable | None = None,
     dtype=None,
     jit: bool = True,
+    devices=None,
 ) -> dict[str, LayerCovariance]:
     """Input-patch statistics ``cov = E[x xᵀ]`` of every ``nnx.Conv`` / ``nnx.Linear`` of ``model``.
 
@@ -312,6 +296,11 @@ def collect_covariances(
         geometry (default; keep batches one size, a smaller last batch compiles once more, and
         pass the same ``forward`` object across calls to reuse compilations). ``False`` runs
         eagerly, for debugging.
+      devices: ``None`` (one device), ``"all"`` (``jax.devices()``, every host after
+        ``jax.distributed.initialize``), a count or a list of devices: each batch is split over
+        them and the per-device moments merged (:mod:`sigmadecomp.distributed`); equal to the
+        one-device result up to rounding. A flax **linen** module is accepted too: pass
+        ``collect_covariances((module, variables), batches)`` (see :mod:`sigmadecomp.linen`).
 
     Returns:
       ``{path: LayerCovariance}`` in the order of :func:`sigmadecomp._paths.find_layers`. Convs
@@ -325,9 +314,17 @@ def collect_covariances(
     >>> covs["layers.0"].cov.shape
     (27, 27)
     """
+    if isinstance(model, tuple):  # (linen module, variables)
+        from sigmadecomp.linen import collect_covariances as collect_linen
+
+        if forward is not None:
+            raise ValueError("forward= is for NNX models; a linen model runs module.apply(variables, x)")
+        return collect_linen(*model, batches, layers=layers, progress=progress, max_batches=max_batches,
+                             dtype=dtype, jit=jit, devices=devices)
     if max_batches is not None and int(max_batches) < 1:
         raise ValueError(f"max_batches must be a positive int or None; got {max_batches!r}.")
     explicit = layers is not None
+    model = canonical_convs(model)  # list-valued conv settings would make the graphdef unhashable
     taps = tuple(layer_tap(path, layer) for path, layer in _select(model, layers))
     dtype = _check_dtype(_default_dtype() if dtype is None else jnp.dtype(dtype))
     graphdef, state = nnx.split(model)
@@ -336,16 +333,29 @@ def collect_covariances(
     total = _length(batches)
     total = max_batches if total is None else min(total, max_batches or total)
     stats = None
+    single = functools.partial(layer_inputs, graphdef, paths, forward, state)
+    parallel = _data_parallel(devices, functools.partial(_layer_inputs, graphdef, paths, forward), state,
+                              cache_key=(graphdef, paths, forward))
     for batch in tqdm(itertools.islice(batches, max_batches), total=total, disable=not progress,
                       desc="covariance"):
-        inputs = layer_inputs(graphdef, paths, forward, state, _as_input(batch))
-        if stats is None:
-            taps = _called(taps, inputs, explicit)
-            stats = {t.path: init(t.dim, groups=t.groups, dtype=dtype) for t in taps}
-        stats = _update_all(taps, stats, inputs, layer_update)
+        for inputs, update in batch_pieces(_as_input(batch), parallel, single, layer_update):
+            if stats is None:
+                taps = _called(taps, inputs, explicit)
+                stats = {t.path: init(t.dim, groups=t.groups, dtype=dtype) for t in taps}
+            stats = _update_all(taps, stats, inputs, update)
     if stats is None:
         raise ValueError("batches was empty: give at least one batch of inputs.")
     return {path: finalize(s) for path, s in stats.items()}
+
+
+def _data_parallel(devices, inputs_fn, params, *, cache_key=None):
+    """A :class:`sigmadecomp.distributed.DataParallel` for several devices, else ``None``."""
+    from sigmadecomp.distributed import DataParallel, resolve_devices
+
+    devices = resolve_devices(devices)
+    if devices is None:
+        return None
+    return DataParallel(devices, inputs_fn, params, _layer_update, cache_key=cache_key)
 
 
 def _length(batches) -> int | None:

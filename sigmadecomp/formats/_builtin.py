@@ -46,6 +46,10 @@ def _check_tucker2(kernel_shape, ranks):
     if ranks[0] > cout or ranks[1] > cin:
         raise ValueError(f"Tucker-2 ranks (r_out, r_in) = {tuple(ranks)} exceed the mode sizes "
                          f"(cout, cin) = {(cout, cin)} of the kernel {tuple(kernel_shape)} (per group)")
+    if ranks[0] > ranks[1] * kh * kw or ranks[1] > ranks[0] * kh * kw:
+        raise ValueError(f"Tucker-2 ranks (r_out, r_in) = {tuple(ranks)}: neither may exceed the other "
+                         f"times kh·kw = {kh * kw} (the core unfolding; the excess is wasted and makes "
+                         f"the fit singular); lower the larger one")
 
 
 def _shapes(fn):
@@ -112,3 +116,4 @@ register(FormatSpec(
     solver=lambda ranks, **options: TRALS(tuple(ranks), **options), check_ranks=_solver_check(TRALS),
     description="tensor ring (closing rank r0): 1×1 to r0·r1, kh×1, 1×kw shared over r0, 1×1",
 ))
+from sigmadecomp.formats import _ttmatrix  # noqa: E402,F401  (tt-matrix: dense layers, issue 16)

@@ -18,13 +18,18 @@ Build one with ``Layer.from_layer(original, factorized)`` (copies bias, strides,
 dilation, groups, dtype and precision) or :func:`factorize_layer`. A grouped conv
 (``feature_group_count = g``) takes a list of ``g`` factorized kernels, one per group, each of
 kernel shape ``(kh, kw, cin // g, cout // g)`` and the same ranks; the sub-convs are grouped.
+Every layer takes ``implementation="factorized"`` (the chain above, lowered the fast way for the
+backend: on CPU shift-and-add depthwise convs, ``dot_general`` 1×1 convs and CP's two depthwise
+convs merged into one ``kh×kw`` pass) or ``"dense"`` (one conv with the kernel rebuilt from the
+factors); both equal the dense conv to float tolerance, :meth:`FactorizedLayer.reference` is the
+literal chain of ``nnx.Conv`` sub-layers.
 Counts come from one function per format: :func:`count_dense`, :func:`count_lowrank`,
 :func:`count_tucker2`, :func:`count_cp`, :func:`count_cp3`, :func:`count_tucker3`, :func:`count_tt`,
 :func:`count_tr`; :func:`count_format` dispatches through the format registry.
 """
 
 from sigmadecomp.layers._common import FactorizedLayer
-from sigmadecomp.layers._config import ConvConfig
+from sigmadecomp.layers._config import ConvConfig, canonical_convs
 from sigmadecomp.layers._counts import (
     Counts, count_cp, count_cp3, count_dense, count_format, count_lowrank, count_tucker2,
 )
@@ -36,6 +41,10 @@ from sigmadecomp.layers._tr import TRConv, count_tr
 from sigmadecomp.layers._tt import TTConv, count_tt
 from sigmadecomp.layers._tucker2 import Tucker2Conv
 from sigmadecomp.layers._tucker3 import Tucker3Conv, count_tucker3
+from sigmadecomp.layers._ttmatrix import (
+    GRU, TTEmbed, TTGRU, TTLinear, count_tt_embed, count_tt_matrix, kept_ranks, prune_ranks, rank_penalty,
+    tt_init_cores, tt_matmul,
+)
 
 __all__ = [
     "CP3Conv",
@@ -49,7 +58,19 @@ __all__ = [
     "TRConv",
     "TTConv",
     "Tucker2Conv",
+    "canonical_convs",
     "Tucker3Conv",
+    "GRU",
+    "TTEmbed",
+    "TTGRU",
+    "TTLinear",
+    "count_tt_embed",
+    "count_tt_matrix",
+    "kept_ranks",
+    "prune_ranks",
+    "rank_penalty",
+    "tt_init_cores",
+    "tt_matmul",
     "count_cp",
     "count_cp3",
     "count_dense",

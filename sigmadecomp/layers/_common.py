@@ -10,11 +10,22 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sigmadecomp._factorized import to_dense
+from sigmadecomp.layers import _ops
 from sigmadecomp.layers._config import ConvConfig
 from sigmadecomp.layers._counts import Counts, count_format
 from sigmadecomp.layers._shapes import check_factorized
 
-__all__ = ["FactorizedLayer"]
+__all__ = ["IMPLEMENTATIONS", "FactorizedLayer"]
+
+IMPLEMENTATIONS = ("factorized", "dense")
+
+
+def check_implementation(implementation: str) -> str:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} ('factorized': the chain of "
+                         f"small layers; 'dense': one conv with the kernel rebuilt from the factors); "
+                         f"got {implementation!r}")
+    return implementation
 
 
 def _const(value):
@@ -102,11 +113,45 @@ class FactorizedLayer(nnx.Module):
 
     Attributes set by every subclass: ``format`` (``"svd"``, ``"tucker2"``, ``"cp"``, ``"cp3"``),
     ``kernel_shape`` (the full kernel of the layer it replaces, ``(kh, kw, cin // groups, cout)``
-    or ``(in, out)``), ``groups``, ``ranks`` (a tuple, per group) and ``use_bias``.
+    or ``(in, out)``), ``groups``, ``ranks`` (a tuple, per group), ``use_bias``, the computation
+    ``dtype`` and ``precision``, and ``implementation``:
+
+    * ``"factorized"`` (default): the chain of small layers, each lowered the fast way for the
+      backend (:mod:`sigmadecomp.layers._ops`: shift-and-add depthwise and ``dot_general`` 1×1
+      convs on CPU, CP's two depthwise convs merged into one ``kh×kw`` pass there);
+    * ``"dense"``: one conv with the dense kernel rebuilt from the factors at every call. Same
+      parameters (the factors are what is stored), same outputs to float tolerance, the speed of
+      the dense layer: for layers whose factorized chain is slower than the dense conv.
+
+    Both compute the same function; :meth:`reference` is the literal chain of the ``nnx.Conv``
+    sub-layers (what the counts describe). The attribute may be changed after construction.
     """
 
     format: str = ""
     factorized_type: type = type(None)
+    implementation: str = "factorized"
+
+    def _set_runtime(self, dtype, precision, implementation) -> None:
+        self.dtype, self.precision = dtype, precision
+        self.implementation = check_implementation(implementation)
+
+    def __call__(self, x):
+        if check_implementation(self.implementation) == "dense":
+            return self.dense_call(x)
+        return self.factorized_call(x)
+
+    def reference(self, x):
+        """The literal chain of sub-layers; layers with fast lowerings override it."""
+        return self.factorized_call(x)
+
+    def dense_call(self, x):
+        """The layer as one conv with :meth:`dense_kernel`, the original configuration and bias."""
+        bias = None if self.out_conv.bias is None else self.out_conv.bias[...]
+        return _ops.conv(x, self.dense_kernel(), config=self.config, bias=bias, dtype=self.dtype,
+                         precision=self.precision)
+
+    def _runtime(self) -> dict:
+        return dict(dtype=self.dtype, precision=self.precision)
 
     def counts(self, in_spatial=None, out_spatial=None) -> Counts:
         """Parameters and MACs per example (see :mod:`sigmadecomp.layers._counts`)."""

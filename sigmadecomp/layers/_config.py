@@ -12,7 +12,7 @@ from typing import Union
 
 from flax import nnx
 
-__all__ = ["ConvConfig"]
+__all__ = ["ConvConfig", "canonical_convs"]
 
 Padding = Union[str, tuple[tuple[int, int], tuple[int, int]]]
 _STRING_PADDINGS = ("SAME", "VALID", "CIRCULAR", "REFLECT")
@@ -107,3 +107,46 @@ class ConvConfig:
     def from_dict(cls, data: dict) -> ConvConfig:
         return cls(tuple(data["strides"]), data["padding"], tuple(data["kernel_dilation"]), data["groups"])
 
+
+
+_CONV_ATTRS = ("kernel_size", "strides", "padding", "kernel_dilation", "input_dilation")
+
+
+def _freeze(value):
+    """Lists (at any depth) → tuples: the same configuration, but hashable."""
+    return tuple(_freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _conv_issues(model: nnx.Module):
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Conv):
+            for name in _CONV_ATTRS:
+                value = getattr(node, name, None)
+                if _freeze(value) != value or type(_freeze(value)) is not type(value):
+                    yield node
+                    break
+
+
+def canonical_convs(model: nnx.Module) -> nnx.Module:
+    """``model`` itself when every ``nnx.Conv`` configuration is hashable, else a copy whose convs
+    hold their ``kernel_size``/``strides``/``padding``/``kernel_dilation``/``input_dilation`` as
+    tuples (same layer, same outputs).
+
+    Why: Flax accepts lists there (``padding=[(1, 1), (1, 1)]`` is a documented form), but a list
+    inside a module makes its ``nnx.graphdef`` unhashable, and every jitted pass of the package
+    (covariance taps, sequential stages, evaluation) takes the graphdef as a static argument. This
+    is the one place that normalises it; :class:`ConvConfig` then reads the values.
+
+    >>> from flax import nnx
+    >>> conv = nnx.Conv(3, 4, (3, 3), padding=[(1, 1), (1, 1)], strides=[1, 1], rngs=nnx.Rngs(0))
+    >>> canonical_convs(conv).padding
+    ((1, 1), (1, 1))
+    """
+    if next(_conv_issues(model), None) is None:
+        return model
+    copy = nnx.clone(model)
+    for node in list(_conv_issues(copy)):
+        for name in _CONV_ATTRS:
+            if hasattr(node, name):
+                setattr(node, name, _freeze(getattr(node, name)))
+    return copy

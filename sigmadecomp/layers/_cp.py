@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from sigmadecomp._factorized import CP, CP3
+from sigmadecomp.layers import _ops
 from sigmadecomp.layers._common import (
     FactorizedLayer, as_groups, conv_groups, cat, check_bias, full_kernel_shape, make_conv, split,
 )
@@ -19,6 +20,14 @@ def _ends(layer, parts, pdtype, bias, dtype, precision):
     layer.in_conv = make_conv(cat([p.in_factor for p in parts], pdtype)[None, None], **common)
     out_kernel = cat([p.out_factor.T for p in parts], pdtype)[None, None]
     layer.out_conv = make_conv(out_kernel, bias=check_bias(bias, layer.kernel_shape[-1], pdtype), **common)
+
+
+def _ends_call(layer, x, middle):
+    """``in_conv``, then ``middle`` on the ``R`` channels, then ``out_conv``, all as fast primitives."""
+    run = layer._runtime()
+    y = middle(_ops.pointwise(x, layer.in_conv.kernel[...][0, 0], groups=layer.groups, **run))
+    bias = None if layer.out_conv.bias is None else layer.out_conv.bias[...]
+    return _ops.pointwise(y, layer.out_conv.kernel[...][0, 0], groups=layer.groups, bias=bias, **run)
 
 
 def _depthwise(kernel, **kwargs):
@@ -43,7 +52,8 @@ class CPConv(FactorizedLayer):
     factorized_type = CP
 
     def __init__(self, factorized, *, bias=None, strides=1, padding="SAME", kernel_dilation=1,
-                 dtype=None, precision=None):
+                 dtype=None, precision=None, implementation="factorized"):
+        self._set_runtime(dtype, precision, implementation)
         parts = conv_groups(factorized, CP)
         self.groups, self.kernel_shape = len(parts), full_kernel_shape(parts)
         self.config = ConvConfig(strides, padding, kernel_dilation, self.groups)
@@ -55,8 +65,23 @@ class CPConv(FactorizedLayer):
         self.kh_conv = _depthwise(rows, **self.config.rows(), dtype=dtype, precision=precision)
         self.kw_conv = _depthwise(cols, **self.config.cols(), dtype=dtype, precision=precision)
 
-    def __call__(self, x):
+    def reference(self, x):
+        """The chain of ``nnx.Conv`` sub-layers."""
         return self.out_conv(self.kw_conv(self.kh_conv(self.in_conv(x))))
+
+    def factorized_call(self, x):
+        return _ends_call(self, x, self._spatial)
+
+    def _spatial(self, y):
+        rows, cols = self.kh_conv.kernel[...][:, 0, 0], self.kw_conv.kernel[...][0, :, 0]
+        run, lowering = self._runtime(), _ops.default_lowering()
+        if lowering == "cpu":
+            # Merged into one kh×kw shift-and-add: one pass over the R-channel map instead of two
+            # (the map is what costs on CPU; kh·kw taps instead of kh + kw are cheap beside it).
+            return _ops.depthwise(y, rows[:, None, :] * cols[None, :, :], config=self.config,
+                                  lowering=lowering, **run)
+        y = _ops.depthwise(y, rows[:, None, :], config=ConvConfig(**self.config.rows()), lowering=lowering, **run)
+        return _ops.depthwise(y, cols[None], config=ConvConfig(**self.config.cols()), lowering=lowering, **run)
 
     def to_factorized(self):
         """The :class:`CP` kernel (a list, one per group, for a grouped conv)."""
@@ -85,7 +110,8 @@ class CP3Conv(FactorizedLayer):
     factorized_type = CP3
 
     def __init__(self, factorized, *, bias=None, strides=1, padding="SAME", kernel_dilation=1,
-                 dtype=None, precision=None):
+                 dtype=None, precision=None, implementation="factorized"):
+        self._set_runtime(dtype, precision, implementation)
         parts = conv_groups(factorized, CP3)
         self.groups, self.kernel_shape = len(parts), full_kernel_shape(parts)
         self.config = ConvConfig(strides, padding, kernel_dilation, self.groups)
@@ -95,8 +121,13 @@ class CP3Conv(FactorizedLayer):
         spatial = cat([p.spatial_factor for p in parts], pdtype)
         self.spatial_conv = _depthwise(spatial, **self.config.spatial(), dtype=dtype, precision=precision)
 
-    def __call__(self, x):
+    def reference(self, x):
+        """The chain of ``nnx.Conv`` sub-layers."""
         return self.out_conv(self.spatial_conv(self.in_conv(x)))
+
+    def factorized_call(self, x):
+        spatial = self.spatial_conv.kernel[...][:, :, 0]
+        return _ends_call(self, x, lambda y: _ops.depthwise(y, spatial, config=self.config, **self._runtime()))
 
     def to_factorized(self):
         """The :class:`CP3` kernel (a list, one per group, for a grouped conv)."""

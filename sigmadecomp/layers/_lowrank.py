@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.nn import dtypes
 
 from sigmadecomp._factorized import LowRank
+from sigmadecomp.layers import _ops
 from sigmadecomp.layers._common import (
     FactorizedLayer, _bias, _cast, as_groups, conv_groups, cat, check_bias, full_kernel_shape,
     make_conv, make_linear, split,
@@ -30,7 +33,8 @@ class LowRankConv(FactorizedLayer):
     factorized_type = LowRank
 
     def __init__(self, factorized, *, bias=None, strides=1, padding="SAME", kernel_dilation=1,
-                 dtype=None, precision=None):
+                 dtype=None, precision=None, implementation="factorized"):
+        self._set_runtime(dtype, precision, implementation)
         parts = conv_groups(factorized, LowRank)
         self.groups, self.kernel_shape = len(parts), full_kernel_shape(parts)
         if len(self.kernel_shape) != 4:
@@ -44,8 +48,14 @@ class LowRankConv(FactorizedLayer):
         out_kernel = cat([p.out_factor for p in parts], pdtype)[None, None]
         self.out_conv = make_conv(out_kernel, bias=check_bias(bias, self.kernel_shape[-1], pdtype), **common)
 
-    def __call__(self, x):
+    def reference(self, x):
+        """The chain of ``nnx.Conv`` sub-layers."""
         return self.out_conv(self.in_conv(x))
+
+    def factorized_call(self, x):
+        y = _ops.conv(x, self.in_conv.kernel[...], config=self.config, **self._runtime())
+        return _ops.pointwise(y, self.out_conv.kernel[...][0, 0], groups=self.groups,
+                              bias=_value(self.out_conv.bias), **self._runtime())
 
     def to_factorized(self):
         """The :class:`LowRank` kernel (a list, one per group, for a grouped conv)."""
@@ -70,7 +80,8 @@ class LowRankDense(FactorizedLayer):
     format = "svd"
     factorized_type = LowRank
 
-    def __init__(self, factorized, *, bias=None, dtype=None, precision=None):
+    def __init__(self, factorized, *, bias=None, dtype=None, precision=None, implementation="factorized"):
+        self._set_runtime(dtype, precision, implementation)
         (f,) = as_groups(factorized, LowRank)
         if len(f.kernel_shape) != 2 or f.in_kernel.shape[:2] != (1, 1):
             raise ValueError(
@@ -84,8 +95,18 @@ class LowRankDense(FactorizedLayer):
         bias = check_bias(bias, self.kernel_shape[-1], pdtype)
         self.out_dense = make_linear(f.out_factor, bias=bias, dtype=dtype, precision=precision)
 
-    def __call__(self, x):
+    def reference(self, x):
+        """The chain of ``nnx.Linear`` sub-layers."""
         return self.out_dense(self.in_dense(x))
+
+    def factorized_call(self, x):
+        return self.reference(x)  # two matrix products already: nothing faster to lower to
+
+    def dense_call(self, x):
+        x, kernel, bias = dtypes.promote_dtype((x, self.dense_kernel(), _value(self.out_dense.bias)),
+                                               dtype=self.dtype)
+        y = jnp.einsum("...i,io->...o", x, kernel, precision=self.precision)
+        return y if bias is None else y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
 
     def to_factorized(self) -> LowRank:
         """The :class:`LowRank` kernel."""
@@ -93,9 +114,9 @@ class LowRankDense(FactorizedLayer):
         return LowRank(in_kernel, self.out_dense.kernel[...], kernel_shape=self.kernel_shape)
 
     @classmethod
-    def from_layer(cls, layer, factorized):
+    def from_layer(cls, layer, factorized, **kwargs):
         """The replacement of ``layer`` (an ``nnx.Linear``): bias, dtype and precision copied,
-        factors cast to the dtype of its kernel."""
+        factors cast to the dtype of its kernel; ``kwargs`` (``implementation``) go to the layer."""
         if not isinstance(layer, nnx.Linear):
             raise ValueError(f"LowRankDense.from_layer needs an nnx.Linear; got {type(layer).__name__}")
         (f,) = as_groups(factorized, LowRank)
@@ -103,4 +124,8 @@ class LowRankDense(FactorizedLayer):
             raise ValueError(f"LowRankDense: the layer's kernel is {tuple(layer.kernel.shape)} but the "
                              f"factorized kernel_shape is {tuple(f.kernel_shape)}")
         f = _cast(f, layer.kernel[...].dtype)
-        return cls(f, bias=_bias(layer), dtype=layer.dtype, precision=layer.precision)
+        return cls(f, bias=_bias(layer), dtype=layer.dtype, precision=layer.precision, **kwargs)
+
+
+def _value(variable):
+    return None if variable is None else variable[...]

@@ -21,9 +21,10 @@ __all__ = ["FACTORIZED_LAYERS", "factorize_layer"]
 FACTORIZED_LAYERS = (LowRankConv, LowRankDense, Tucker2Conv, CPConv, CP3Conv, Tucker3Conv, TTConv, TRConv)
 
 
-def factorize_layer(layer: nnx.Module, factorized) -> FactorizedLayer:
+def factorize_layer(layer: nnx.Module, factorized, *, implementation: str = "factorized") -> FactorizedLayer:
     """The factorized layer that replaces ``layer`` (``nnx.Conv`` or ``nnx.Linear``), built from
-    ``factorized`` (one kernel, or a list with one per feature group) with ``from_layer``.
+    ``factorized`` (one kernel, or a list with one per feature group) with ``from_layer``;
+    ``implementation`` as in :class:`FactorizedLayer` (``"factorized"`` or ``"dense"``).
 
     >>> import jax.numpy as jnp
     >>> from flax import nnx
@@ -35,10 +36,12 @@ def factorize_layer(layer: nnx.Module, factorized) -> FactorizedLayer:
     """
     first = factorized[0] if isinstance(factorized, (list, tuple)) and factorized else factorized
     spec = spec_of(first)
+    # Only passed when not the default, so layers without the option still build.
+    options = {} if implementation == "factorized" else {"implementation": implementation}
     if isinstance(layer, nnx.Linear):
         if spec.dense_layer is None:
             raise ValueError(f"a dense layer (nnx.Linear) can only use the 'svd' format (LowRank); got {spec.name!r}")
-        return spec.dense_layer.from_layer(layer, factorized)
+        return spec.dense_layer.from_layer(layer, factorized, **options)
     if isinstance(layer, nnx.Conv):
-        return spec.layer.from_layer(layer, factorized)
+        return spec.layer.from_layer(layer, factorized, **options)
     raise ValueError(f"only nnx.Conv and nnx.Linear layers can be factorized; got {type(layer).__name__}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from sigmadecomp._factorized import Tucker2
+from sigmadecomp.layers import _ops
 from sigmadecomp.layers._common import (
     FactorizedLayer, as_groups, conv_groups, cat, check_bias, full_kernel_shape, make_conv, split,
 )
@@ -29,7 +30,8 @@ class Tucker2Conv(FactorizedLayer):
     factorized_type = Tucker2
 
     def __init__(self, factorized, *, bias=None, strides=1, padding="SAME", kernel_dilation=1,
-                 dtype=None, precision=None):
+                 dtype=None, precision=None, implementation="factorized"):
+        self._set_runtime(dtype, precision, implementation)
         parts = conv_groups(factorized, Tucker2)
         self.groups, self.kernel_shape = len(parts), full_kernel_shape(parts)
         self.config = ConvConfig(strides, padding, kernel_dilation, self.groups)
@@ -41,8 +43,16 @@ class Tucker2Conv(FactorizedLayer):
         out_kernel = cat([p.out_factor.T for p in parts], pdtype)[None, None]
         self.out_conv = make_conv(out_kernel, bias=check_bias(bias, self.kernel_shape[-1], pdtype), **common)
 
-    def __call__(self, x):
+    def reference(self, x):
+        """The chain of ``nnx.Conv`` sub-layers."""
         return self.out_conv(self.core_conv(self.in_conv(x)))
+
+    def factorized_call(self, x):
+        g, run = self.groups, self._runtime()
+        y = _ops.pointwise(x, self.in_conv.kernel[...][0, 0], groups=g, **run)
+        y = _ops.conv(y, self.core_conv.kernel[...], config=self.config, **run)
+        bias = None if self.out_conv.bias is None else self.out_conv.bias[...]
+        return _ops.pointwise(y, self.out_conv.kernel[...][0, 0], groups=g, bias=bias, **run)
 
     def to_factorized(self):
         """The :class:`Tucker2` kernel (a list, one per group, for a grouped conv)."""

@@ -53,7 +53,8 @@ class Tucker3Conv(FactorizedLayer):
     factorized_type = Tucker3
 
     def __init__(self, factorized, *, bias=None, strides=1, padding="SAME", kernel_dilation=1,
-                 dtype=None, precision=None):
+                 dtype=None, precision=None, implementation="factorized"):
+        self._set_runtime(dtype, precision, implementation)
         parts = conv_groups(factorized, Tucker3)
         self.groups, self.kernel_shape = len(parts), full_kernel_shape(parts)
         self.config = ConvConfig(strides, padding, kernel_dilation, self.groups)
@@ -73,7 +74,7 @@ class Tucker3Conv(FactorizedLayer):
         y = self.spatial_conv(fold_channels(x, self.groups, 1))
         return unfold_channels(y, x.shape[0], self.groups)
 
-    def __call__(self, x):
+    def factorized_call(self, x):
         x = self.in_conv(x)
         x = _with_batch(x, self._spatial)
         return self.out_conv(self.mix_conv(x))
@@ -97,7 +98,7 @@ def count_tucker3(kernel_shape, ranks, *, groups: int = 1, bias: bool = False,
     """Tucker-3 layer, ``ranks = (r_out, r_in, r_space)``.
 
     >>> count_tucker3((3, 3, 16, 32), (8, 4, 3), in_spatial=(8, 8), out_spatial=(8, 8))
-    Counts(params=443, flops=22528)
+    Counts(params=443, flops=33536)
     """
     kh, kw, cin_g, cout, _ = _split(kernel_shape, groups)
     r_out, r_in, r_space = ranks

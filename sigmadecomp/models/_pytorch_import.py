@@ -128,8 +128,9 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray]) -> 
     state_dict = _strip_module_prefix(state_dict)
     problems = _mismatch_report(slots, state_dict)
     if problems:
+        shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
         raise ValueError(f"state_dict does not match the model ({len(problems)} problems):\n  "
-                         + "\n  ".join(problems))
+                         + "\n  ".join(shown))
     for name, (variable, convert) in slots.items():
         array = convert(np.asarray(state_dict[name]))
         variable.set_value(jnp.asarray(array, dtype=variable.get_value().dtype))

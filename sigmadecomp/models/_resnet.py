@@ -8,6 +8,7 @@ Attribute names mirror the PyTorch reference implementation, so layer paths read
 from __future__ import annotations
 
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -120,5 +121,33 @@ def pretrained_resnet(depth: int, weights_path: str | pathlib.Path, *, num_class
     # Abstract (shape-only) construction: random init would compile one RNG kernel per weight
     # shape (~15 s for ResNet-56 on 2 CPU cores) only for the values to be overwritten.
     model = nnx.eval_shape(lambda: CifarResNet(depth, num_classes=num_classes, rngs=nnx.Rngs(0)))
+    if suffix == ".safetensors":
+        _check_depth(depth, weights_path)
     load = load_safetensors if suffix == ".safetensors" else load_pytorch_checkpoint
     return load(model, weights_path)
+
+
+def state_dict_depth(names) -> int | None:
+    """The CIFAR ResNet depth ``6n+2`` of a state_dict from its tensor names (``n`` = blocks in
+    ``layer1``), or ``None`` when the names are not those of such a ResNet."""
+    blocks = {int(m.group(1)) for m in map(re.compile(r"(?:module\.)?layer1\.(\d+)\.").match, names) if m}
+    return 6 * len(blocks) + 2 if blocks else None
+
+
+def _check_depth(depth: int, weights_path) -> None:
+    """A one-line error when the file holds a ResNet of another depth (before the long list of
+    mismatched tensors that :func:`load_state_dict` would give)."""
+    from safetensors import safe_open
+
+    path = pathlib.Path(weights_path)
+    if not path.is_file():
+        return  # load_safetensors says so
+    try:
+        with safe_open(path, "numpy") as f:
+            found = state_dict_depth(list(f.keys()))
+    except Exception:  # noqa: BLE001 - not a safetensors file: load_safetensors reports it
+        return
+    if found is not None and found != depth:
+        raise ValueError(f"{path} holds a ResNet-{found} ({(found - 2) // 6} blocks per stage), but a "
+                         f"ResNet-{depth} was asked for: use --arch resnet{found} (or the weights of a "
+                         f"ResNet-{depth})")

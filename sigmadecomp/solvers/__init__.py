@@ -19,7 +19,9 @@ from sigmadecomp.solvers._svd import SVD
 from sigmadecomp.solvers._tr import TRALS
 from sigmadecomp.solvers._tt import TTALS
 from sigmadecomp.solvers._tucker2 import Tucker2ALS
+from sigmadecomp.solvers._validation import NotPSDError
 from sigmadecomp.solvers._tucker3 import Tucker3ALS
+from sigmadecomp.solvers._ttmatrix import TTMatrixALS, solve_tt_diagonal
 
 __all__ = [
     "CPALS",
@@ -30,7 +32,10 @@ __all__ = [
     "Tucker2ALS",
     "Tucker2Engine",
     "Tucker3ALS",
+    "TTMatrixALS",
+    "solve_tt_diagonal",
     "AbstractSolver",
+    "NotPSDError",
     "Problem",
     "Solution",
     "Status",

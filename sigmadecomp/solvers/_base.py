@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from sigmadecomp.solvers._numerics import mm
 from sigmadecomp.solvers._validation import check_factorized_shapes
 
-__all__ = ["AbstractSolver", "Problem", "problem_error"]
+__all__ = ["AbstractSolver", "Problem", "problem_error", "solution_stats"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,7 @@ class Problem:
     energy: jax.Array  # scalar > 0
     direct: bool  # static: T == W M exactly, so f = tr(Δ M Δᵀ) can be used (no cancellation)
     kernel_shape: tuple  # static: (kh, kw, cin, cout) or (in, out)
+    ridge: Optional[jax.Array] = None  # the ridge added to M, absolute (ridge·tr cov/d); None = 0
 
     @property
     def conv_shape(self) -> tuple[int, int, int, int]:
@@ -47,9 +48,18 @@ class Problem:
 
 jax.tree_util.register_dataclass(
     Problem,
-    data_fields=["matrix", "target", "metric", "energy"],
+    data_fields=["matrix", "target", "metric", "energy", "ridge"],
     meta_fields=["direct", "kernel_shape"],
 )
+
+
+def solution_stats(problem: Problem, jitter=None, tikhonov=None) -> dict:
+    """``Solution.stats`` of a solve of ``problem``: ``ridge`` (absolute), ``jitter`` (relative,
+    largest used), ``tikhonov`` (absolute ``τ``), each a scalar of the problem's dtype."""
+    zero = jnp.zeros((), problem.matrix.dtype)
+    as_scalar = lambda x: zero if x is None else jnp.asarray(x, zero.dtype)  # noqa: E731
+    return {"ridge": as_scalar(problem.ridge), "jitter": as_scalar(jitter),
+            "tikhonov": as_scalar(tikhonov)}
 
 
 def problem_error(problem: Problem, approx):
@@ -79,6 +89,10 @@ class AbstractSolver(abc.ABC):
     ``M = cov + ridge·(tr cov / d)·I``), implement :meth:`check` and :meth:`solve`, and, to accept
     a warm start, :meth:`init_shapes`.
     """
+
+    def needs_key(self, kernel_shape: tuple) -> bool:
+        """Whether the default start draws random numbers (then ``decompose`` requires ``key``)."""
+        return False
 
     def init_shapes(self, kernel_shape: tuple):
         """The solver's format with shape tuples in place of arrays (e.g.

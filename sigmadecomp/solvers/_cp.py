@@ -16,13 +16,15 @@ nothing extra):
 * out:  ``A = (T Z)(Zᵀ M Z + τ I)⁻¹``.
 * in:   ``H(X) = rhs`` with ``H(X)[c, r] = Σ_p φ_r[p] [M lift(X) Q]_{(c,p), r} + τ X[c, r]``,
   ``Q = AᵀA``, ``φ_r = C[:, r] ⊗ E[:, r]``, ``rhs[c, r] = Σ_p φ_r[p] (TᵀA)_{(c,p), r}``. Dense
-  Cholesky when ``cin·R <= dense_threshold``; else PCG warm-started from the current ``B``,
-  preconditioned by the Kronecker approximation ``M ≈ M_chan ⊗ M_spat`` under which
-  ``H ≈ (φᵀ M_spat φ ⊙ Q) ⊗ M_chan + τ I`` has a closed-form inverse (two ``eigh``).
+  Cholesky when cheaper by estimated flops; else PCG warm-started from the current ``B`` (its
+  starting residual from the last sweep's ``M Z``, no extra ``d²R`` product), stopped at a
+  forcing tolerance (``cg_forcing``: truncated, still monotone), preconditioned by the Kronecker
+  approximation ``M ≈ M_chan ⊗ M_spat`` under which ``H ≈ (φᵀ M_spat φ ⊙ Q) ⊗ M_chan + τ I``
+  has a closed-form inverse (two ``eigh``).
 * kh / kw: the same with the roles of the modes exchanged, built from
   ``Y = M (B ⊗ I_P)`` (``d × P × R``, computed once per sweep and shared by the kh, kw and out
-  updates); dense when ``kh·R <= dense_threshold`` else PCG with a per-component block-Jacobi
-  preconditioner.
+  updates); dense when ``kh·R <= dense_threshold`` (2048 by default) else PCG with a
+  per-component block-Jacobi preconditioner.
 
 ``τ = tikhonov · energy / ‖W‖_F^{2/N}`` (``N`` = number of factors, 4 or 3): the optional
 Tikhonov term ``τ Σ_k ‖X_k‖²`` added to ``f``. The scaling makes ``tikhonov`` dimensionless
@@ -39,15 +41,19 @@ import jax
 import jax.numpy as jnp
 
 from sigmadecomp._factorized import CP, CP3
-from sigmadecomp.solvers._base import AbstractSolver, Problem, problem_error
+from sigmadecomp.solvers._base import AbstractSolver, Problem, problem_error, solution_stats
 from sigmadecomp.solvers._driver import iterate
 from sigmadecomp.solvers._numerics import (
     HIGHEST,
     cholesky_solve,
+    forcing_tol,
     kronecker_factors,
+    logged_jitter,
     mm,
     pcg,
+    record_jitter,
     safe_cholesky,
+    solve_by_dense,
 )
 from sigmadecomp.solvers._solution import Solution
 
@@ -83,13 +89,18 @@ class CPALS(AbstractSolver):
         cg_tol: relative residual tolerance of the conjugate-gradient solves.
         cg_max_steps: iteration cap of each CG solve; hitting it is reported as
             ``Status.INNER_NOT_CONVERGED``.
-        dense_threshold: a mode update with ``n_mode·R`` unknowns at most this many is solved by a
-            dense Cholesky; above it, matrix-free PCG.
+        dense_threshold: ``None`` (default): each input-side update is solved by a dense Cholesky
+            when its estimated flops are below those of CG, else by matrix-free PCG; an integer:
+            dense when the update has at most this many (``n_mode·R``) unknowns.
+        cg_forcing: the in-factor CG stops at ``min(½, cg_forcing·√(last relative decrease))`` of
+            its starting residual (or at ``cg_tol``): few steps in early sweeps, more later, and
+            still monotone (truncated CG from the current factor never increases the objective).
+            0 solves to ``cg_tol``. ``Solution.stats["inner_iterations"]`` counts the steps.
         init: ``"svd"`` (leading singular vectors of each input mode's unfolding, deterministic
             except for random padding when ``R`` exceeds a mode) or ``"random"`` (from ``key``).
             The out factor then starts at its exact optimum.
 
-    ``rtol``, ``tikhonov`` and ``cg_tol`` are traced: changing them never recompiles.
+    ``rtol``, ``tikhonov``, ``cg_tol`` and ``cg_forcing`` are traced: changing them never recompiles.
 
     >>> import jax, jax.numpy as jnp, sigmadecomp as sd
     >>> kernel = jax.random.normal(jax.random.key(0), (3, 3, 8, 6))
@@ -107,17 +118,20 @@ class CPALS(AbstractSolver):
     tikhonov: float = 0.0
     cg_tol: float = 1e-7
     cg_max_steps: int = 200
-    dense_threshold: int = 2048
+    dense_threshold: int | None = None
     init: str = "svd"
+    cg_forcing: float = 1.0
 
     def __post_init__(self):
-        for name in ("rank", "max_steps", "cg_max_steps", "dense_threshold"):
+        optional = ("dense_threshold",) if self.dense_threshold is not None else ()
+        for name in ("rank", "max_steps", "cg_max_steps") + optional:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"CPALS: {name} must be an integer >= 1; got {value!r}.")
         if not isinstance(self.merge_spatial, bool):
             raise ValueError(f"CPALS: merge_spatial must be True or False; got {self.merge_spatial!r}.")
-        for name, positive in (("rtol", False), ("ridge", False), ("tikhonov", False), ("cg_tol", True)):
+        for name, positive in (("rtol", False), ("ridge", False), ("tikhonov", False), ("cg_tol", True),
+                               ("cg_forcing", False)):
             value = getattr(self, name)
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
             ok = ok and math.isfinite(value) and (value > 0 if positive else value >= 0)
@@ -167,12 +181,12 @@ class CPALS(AbstractSolver):
             key = jax.random.key(0)  # never used for randomness on this path
         dtype = problem.matrix.dtype
         init = self.check_init(init, problem.kernel_shape, dtype)
-        knobs = {n: jnp.asarray(getattr(self, n), dtype) for n in ("rtol", "tikhonov", "cg_tol")}
+        knobs = {n: jnp.asarray(getattr(self, n), dtype) for n in ("rtol", "tikhonov", "cg_tol", "cg_forcing")}
         return _solve(self._static(), problem, key, init, knobs)
 
     def _static(self) -> "CPALS":
         """This configuration with the traced knobs zeroed: the jit cache key."""
-        return dataclasses.replace(self, rtol=0.0, ridge=0.0, tikhonov=0.0, cg_tol=1.0)
+        return dataclasses.replace(self, rtol=0.0, ridge=0.0, tikhonov=0.0, cg_tol=1.0, cg_forcing=0.0)
 
 
 def _conv_shape(kernel_shape) -> tuple[int, int, int, int]:
@@ -284,19 +298,20 @@ class _Frobenius:
         A, B, C, E = f
         return problem_error(self.problem, mm(A, _lift(B, _spatial(C, E)).T))
 
-    def sweep(self, f):
+    def sweep(self, f, mz, start_tol):
+        del start_tol
         V = self.base(f[0])
         f = self.update_in(f, V)
         f = self.update_kh(f, V)
         if not self.dims.merged:
             f = self.update_kw(f, V)
         f = self.update_out(f)
-        return f, self.error(f), jnp.bool_(True)
+        return f, self.error(f), jnp.bool_(True), jnp.int32(0), mz
 
     def start(self, f, fit_out: bool):
         if fit_out:
             f = self.update_out(f)
-        return f, self.error(f)
+        return f, self.error(f), jnp.zeros((), f[0].dtype)
 
 
 # ------------------------------------------------------------------------------------------- Σ
@@ -311,7 +326,7 @@ class _Sigma:
     tau: jax.Array
     cg_tol: jax.Array
     cg_max_steps: int
-    dense_threshold: int
+    dense_threshold: int | None
     chan_eig: tuple  # eigh of the channel factor of M ≈ M_chan ⊗ M_spat (fixed per solve)
     spat: jax.Array  # M_spat (P × P)
 
@@ -319,6 +334,20 @@ class _Sigma:
     def build(cls, problem, dims, tau, cg_tol, cg_max_steps, dense_threshold):
         chan, spat = kronecker_factors(problem.metric, dims.cin)
         return cls(problem, dims, tau, cg_tol, cg_max_steps, dense_threshold, jnp.linalg.eigh(chan), spat)
+
+    def in_dense(self) -> bool:
+        """Static: dense Cholesky for the in-factor update (by flops unless a threshold is set)."""
+        n = self.dims
+        size = n.cin * n.rank
+        if self.dense_threshold is not None:
+            return size <= self.dense_threshold
+        dense = 2.0 * n.cin**2 * n.p * n.rank * (n.p + n.rank) + size**3 / 3.0
+        cg_step = 2.0 * n.d * n.d * n.rank + 2.0 * n.d * n.rank * n.rank + 4.0 * size * (n.cin + n.rank)
+        return solve_by_dense(dense, cg_step)
+
+    def spatial_dense(self, size: int) -> bool:
+        """Static: the kh / kw updates are tiny (``kh·R``); dense unless a threshold says not."""
+        return size <= (2048 if self.dense_threshold is None else self.dense_threshold)
 
     # -- shared products ---------------------------------------------------------------------
     def target_out(self, A):
@@ -334,21 +363,28 @@ class _Sigma:
         return y.reshape(n.cin, n.kh, n.kw, n.kh, n.kw, n.rank)
 
     # -- in (B) ------------------------------------------------------------------------------
-    def update_in(self, f, G):
+    def update_in(self, f, G, mz=None, start_tol=0.0):
+        """Returns ``(factors, ok, cg_steps)``; ``mz = M Z`` for the current ``B, C, E`` (from the
+        last sweep) gives CG's starting residual without a ``d²R`` product."""
         A, B, C, E = f
         n, phi, Q = self.dims, _spatial(C, E), mm(A.T, A)
         rhs = _einsum("apr,pr->ar", G.reshape(n.cin, n.p, n.rank), phi)
-        if n.cin * n.rank <= self.dense_threshold:
-            return (A, _solve_dense(self._in_dense(phi, Q), rhs), C, E), jnp.bool_(True)
+        if self.in_dense():
+            return (A, _solve_dense(self._in_dense(phi, Q), rhs), C, E), jnp.bool_(True), jnp.int32(0)
         matvec = partial(self._in_matvec, phi=phi, Q=Q)
+        ax0 = None if mz is None else self._in_contract(mm(mz, Q), B, phi)
         precond = self._in_precond(phi, Q)
-        B, ok, _ = pcg(matvec, rhs, B, precond=precond, tol=self.cg_tol, max_steps=self.cg_max_steps)
-        return (A, B, C, E), ok
+        B, ok, steps = pcg(matvec, rhs, B, precond=precond, tol=self.cg_tol, max_steps=self.cg_max_steps,
+                           start_tol=start_tol, ax0=ax0)
+        return (A, B, C, E), ok, steps
 
     def _in_matvec(self, X, *, phi, Q):
+        return self._in_contract(mm(mm(self.problem.metric, _lift(X, phi)), Q), X, phi)
+
+    def _in_contract(self, u, X, phi):
+        """``Σ_p φ_r[p] u[(c,p),r] + τ X``: the last step of the in-factor matvec."""
         n = self.dims
-        u = mm(mm(self.problem.metric, _lift(X, phi)), Q).reshape(n.cin, n.p, n.rank)
-        return _einsum("apr,pr->ar", u, phi) + self.tau * X
+        return _einsum("apr,pr->ar", u.reshape(n.cin, n.p, n.rank), phi) + self.tau * X
 
     def _in_dense(self, phi, Q):
         n = self.dims
@@ -385,7 +421,7 @@ class _Sigma:
 
     def _spatial_solve(self, own, psi, y_o, Q, rhs):
         size = own.size
-        if size <= self.dense_threshold:
+        if self.spatial_dense(size):
             h = _einsum("ajr,aijks->irks", psi, y_o) * Q[None, :, None, :]
             return _solve_dense(h.reshape(size, size) + self.tau * _eye(size, h.dtype), rhs), jnp.bool_(True)
 
@@ -396,7 +432,7 @@ class _Sigma:
         # Block-Jacobi over components: each component's own (n_own × n_own) spatial system.
         blocks = _einsum("ajr,aijkr->rik", psi, y_o) * jnp.diagonal(Q)[:, None, None]
         blocks = blocks + self.tau * _eye(own.shape[0], own.dtype)[None]
-        chol = jax.vmap(safe_cholesky)(0.5 * (blocks + blocks.transpose(0, 2, 1)))
+        chol = jax.vmap(partial(safe_cholesky, record=False))(0.5 * (blocks + blocks.transpose(0, 2, 1)))
         precond = lambda r: jax.vmap(cholesky_solve)(chol, r.T[:, :, None])[:, :, 0].T  # noqa: E731
         x, ok, _ = pcg(matvec, rhs, own, precond=precond, tol=self.cg_tol, max_steps=self.cg_max_steps)
         return x, ok
@@ -432,9 +468,11 @@ class _Sigma:
             val = jnp.maximum(quad - 2.0 * jnp.sum(A * mm(p.target, z)) + p.energy, 0.0)
         return val / p.energy
 
-    def sweep(self, f):
+    def sweep(self, f, mz, start_tol):
+        """One sweep from factors ``f`` with ``mz = M Z(f)``; returns ``(f, error, ok, cg_steps,
+        M Z)`` (the last for the next sweep's starting residual)."""
         G = self.target_out(f[0])
-        f, ok_in = self.update_in(f, G)
+        f, ok_in, steps = self.update_in(f, G, mz, start_tol)
         Y = self.metric_in(f[1])
         f, ok_kh = self.update_spatial(f, G, Y, "kh")
         ok_kw = jnp.bool_(True)
@@ -442,13 +480,13 @@ class _Sigma:
             f, ok_kw = self.update_spatial(f, G, Y, "kw")
         mz = self.metric_lift(f, Y)
         f = self.update_out(f, mz)
-        return f, self.error(f, mz), ok_in & ok_kh & ok_kw
+        return f, self.error(f, mz), ok_in & ok_kh & ok_kw, steps, mz
 
     def start(self, f, fit_out: bool):
         mz = mm(self.problem.metric, _lift(f[1], _spatial(f[2], f[3])))
         if fit_out:
             f = self.update_out(f, mz)
-        return f, self.error(f, mz)
+        return f, self.error(f, mz), mz
 
 
 # ------------------------------------------------------------------------------ start and scales
@@ -554,6 +592,15 @@ def _engine(solver: CPALS, problem: Problem, knobs):
     return _Sigma.build(problem, dims, tau, knobs["cg_tol"], solver.cg_max_steps, solver.dense_threshold)
 
 
+def _in_side_scale(before, after, merged: bool):
+    """Per-component factor by which ``Z``'s columns changed in :func:`_balance` (so ``M Z`` can be
+    rescaled instead of recomputed)."""
+    inside = slice(1, 3) if merged else slice(1, 4)
+    old = math.prod(_column_norms(x) for x in before[inside])
+    new = math.prod(_column_norms(x) for x in after[inside])
+    return jnp.where(old > 0, new / jnp.where(old > 0, old, 1.0), 1.0)
+
+
 @partial(jax.jit, static_argnums=0)
 def _solve(solver: CPALS, problem: Problem, key, init, knobs) -> Solution:
     engine = _engine(solver, problem, knobs)
@@ -562,18 +609,26 @@ def _solve(solver: CPALS, problem: Problem, key, init, knobs) -> Solution:
         start = (jnp.zeros((dims.cout, dims.rank), problem.matrix.dtype), *_initial(solver, problem, dims, key))
     else:
         start = _from_format(init, dims)
-    factors, err = engine.start(start, fit_out=init is None)
+    with record_jitter() as log:
+        factors, err, mz = engine.start(start, fit_out=init is None)
 
     def sweep(state):
-        f, _ = state
-        f, err, ok = engine.sweep(f)
-        return (_balance(f, dims.merged), err), ok
+        f, prev, mz, decrease = state
+        f, err, ok, steps, mz = engine.sweep(f, mz, forcing_tol(decrease, knobs["cg_forcing"]))
+        balanced = _balance(f, dims.merged)
+        mz = mz * _in_side_scale(f, balanced, dims.merged)[None, :] if mz.ndim == 2 else mz
+        decrease = (prev - err) / jnp.maximum(prev, jnp.finfo(err.dtype).tiny)
+        return (balanced, err, mz, decrease), ok, steps
 
-    state = ((_balance(factors, dims.merged), err))
-    (factors, _), status, errors, steps = iterate(
-        sweep, lambda s: s[1], state, max_steps=solver.max_steps, rtol=knobs["rtol"]
+    balanced = _balance(factors, dims.merged)
+    mz = mz * _in_side_scale(factors, balanced, dims.merged)[None, :] if mz.ndim == 2 else mz
+    state = (balanced, err, mz, jnp.ones((), err.dtype))
+    (factors, *_), status, errors, steps, inner, jitter = iterate(
+        sweep, lambda s: s[1], state, max_steps=solver.max_steps, rtol=knobs["rtol"], with_jitter=True
     )
-    return Solution(_to_format(factors, dims, problem.kernel_shape), status, errors, steps)
+    stats = solution_stats(problem, jnp.maximum(jitter, logged_jitter(log, jitter.dtype)), engine.tau)
+    return Solution(_to_format(factors, dims, problem.kernel_shape), status, errors, steps,
+                    dict(stats, inner_iterations=inner))
 
 
 # ------------------------------------------------------------------------- single block updates
@@ -587,7 +642,7 @@ def block_update(solver: CPALS, problem: Problem, factors, block: str):
     if block not in blocks:
         raise ValueError(f"block must be one of {blocks} for this solver; got {block!r}.")
     dtype = problem.matrix.dtype
-    knobs = {n: jnp.asarray(getattr(solver, n), dtype) for n in ("tikhonov", "cg_tol")}
+    knobs = {n: jnp.asarray(getattr(solver, n), dtype) for n in ("tikhonov", "cg_tol", "cg_forcing")}
     return _block_update(solver._static(), problem, factors, block, knobs)
 
 
@@ -603,7 +658,7 @@ def _block_update(solver: CPALS, problem: Problem, factors, block: str, knobs):
     elif block == "out":
         f = engine.update_out(f, mm(problem.metric, _lift(f[1], _spatial(f[2], f[3]))))
     elif block == "in":
-        f, ok = engine.update_in(f, engine.target_out(f[0]))
+        f, ok, _ = engine.update_in(f, engine.target_out(f[0]))
     else:
         G, Y = engine.target_out(f[0]), engine.metric_in(f[1])
         f, ok = engine.update_spatial(f, G, Y, block)

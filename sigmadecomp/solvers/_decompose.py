@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from sigmadecomp._factorized import _TYPES as _FACTORIZED, to_dense
 from sigmadecomp._patches import kernel_to_matrix
 from sigmadecomp.solvers._base import AbstractSolver, Problem
-from sigmadecomp.solvers._numerics import add_ridge, mm
-from sigmadecomp.solvers._solution import Solution
+from sigmadecomp.solvers._numerics import add_ridge, metric_is_psd, mm, ridge_scale
+from sigmadecomp.solvers._solution import Solution, Status
 from sigmadecomp.solvers._validation import (
     _concrete,
     check_kernel,
@@ -31,12 +33,14 @@ def make_problem(kernel, cov, cross_cov, target_cov, ridge) -> Problem:
     if cov is None:
         return Problem(w, w, None, jnp.sum(w * w), direct=True, kernel_shape=shape)
     metric = add_ridge(cov, ridge)
+    added = ridge * ridge_scale(cov)
     if cross_cov is None:
         target = mm(w, metric)
-        return Problem(w, target, metric, jnp.sum(target * w), direct=True, kernel_shape=shape)
+        return Problem(w, target, metric, jnp.sum(target * w), direct=True, kernel_shape=shape,
+                       ridge=added)
     target = mm(w, cross_cov)
     energy = jnp.sum(mm(w, target_cov) * w)
-    return Problem(w, target, metric, energy, direct=False, kernel_shape=shape)
+    return Problem(w, target, metric, energy, direct=False, kernel_shape=shape, ridge=added)
 
 
 def decompose(
@@ -59,11 +63,19 @@ def decompose(
             package patch order (channel-major ``(cin, kh, kw)``, see
             :func:`sigmadecomp.extract_patches`). ``None`` = Frobenius. Cast to the kernel's dtype
             (so a float64-accumulated cov is fine for a float32 kernel). A singular cov is fine:
-            the solver adds its ``ridge·(tr cov / d)·I``.
+            the solver adds its ``ridge·(tr cov / d)·I`` (reported in ``Solution.stats``). It
+            must be positive semi-definite up to rounding: its smallest eigenvalue must be
+            ``>= −10·d·eps·tr(cov)/d`` (``eps`` of the kernel's dtype; see
+            :func:`~sigmadecomp.solvers._numerics.psd_tolerance`). Outside ``jit`` a cov that
+            fails raises ``ValueError``; under ``jit`` the result has status ``NOT_PSD`` and no
+            NaN in ``value``.
         cross_cov, target_cov: sequential calibration (earlier layers already compressed, the
             layer sees ``x̂``): pass ``cov = E[x̂ x̂ᵀ]``, ``cross_cov = E[x x̂ᵀ]`` and
             ``target_cov = E[x xᵀ]`` (used only for the error's normaliser) together.
-        key: PRNG key for random choices (random inits); ``None`` means ``jax.random.key(0)``.
+        key: PRNG key for the solver's random choices. Required (``ValueError`` otherwise) when
+            the solver draws random numbers for its start: ``init="random"``, or a CP rank above
+            an input mode (see the solver's ``needs_key``); ignored otherwise (closed forms and
+            deterministic starts), so ``None`` is fine there. There is no hidden default key.
         init: a factorized kernel of the solver's format to warm-start from.
 
     Returns:
@@ -89,7 +101,7 @@ def decompose(
     cov, cross_cov, target_cov = check_second_moments(kernel, cov, cross_cov, target_cov)
     solver.check(tuple(kernel.shape))
     init = solver.check_init(init, tuple(kernel.shape), kernel.dtype)
-    key = jax.random.key(0) if key is None else key
+    key = _resolve_key(solver, key, init, tuple(kernel.shape))
     ridge = jnp.asarray(getattr(solver, "ridge", 1e-6), kernel.dtype)
     problem = make_problem(kernel, cov, cross_cov, target_cov, ridge)
     if _concrete(problem.energy) and not float(problem.energy) > 0:
@@ -98,7 +110,32 @@ def decompose(
             f"the layer's output is zero on the calibration data, so there is nothing to fit. "
             f"Check target_cov (it must be E[x xᵀ] of the original input)."
         )
-    return solver.solve(problem, key=key, init=init)
+    solution = solver.solve(problem, key=key, init=init)
+    if cov is not None and not _concrete(cov):  # a concrete cov was checked above (ValueError)
+        solution = _flag_not_psd(solution, metric_is_psd(cov))
+    return solution
+
+
+def _resolve_key(solver: AbstractSolver, key, init, kernel_shape: tuple):
+    """``key``, or a placeholder when the solver draws nothing random; ``ValueError`` when it
+    would (one rule for every solver: no silent default key)."""
+    if key is not None:
+        return key
+    if init is None and solver.needs_key(kernel_shape):
+        raise ValueError(
+            f"{type(solver).__name__} draws a random start for kernel shape {kernel_shape} "
+            f"(init={getattr(solver, 'init', None)!r}); pass key=jax.random.key(0) (any key) to "
+            f"make that choice explicit."
+        )
+    return jax.random.key(0)  # never used for randomness on this path
+
+
+def _flag_not_psd(solution: Solution, psd) -> Solution:
+    """Status ``NOT_PSD`` and non-finite entries of ``value`` zeroed when ``psd`` is False."""
+    status = jnp.where(psd, solution.status, Status.NOT_PSD).astype(jnp.int32)
+    value = jax.tree_util.tree_map(
+        lambda x: jnp.where(psd | jnp.isfinite(x), x, jnp.zeros((), x.dtype)), solution.value)
+    return dataclasses.replace(solution, value=value, status=status)
 
 
 @jax.jit

@@ -12,6 +12,7 @@ first field is ``ranks``) and giving
 * :meth:`~MultilinearALS.core_shapes` ``(kernel_shape) -> ((…), …)``;
 * :attr:`~MultilinearALS.bonds`: ``((i, axis_i, j, axis_j), …)``, the contracted index pairs;
 * :attr:`~MultilinearALS.output`: ``(k, axis)``, the core holding the ``cout`` index;
+* :attr:`~MultilinearALS.input` (optional): ``(k, axis)``, the core holding the ``cin`` index;
 * :meth:`~MultilinearALS.contract` ``(cores, kernel_shape) -> (n, d)`` with ``n`` the size of the
   output core's ``axis`` (so the engine can substitute an identity there);
 * :meth:`~MultilinearALS.initialise` ``(matrix, kernel_shape, key) -> cores`` (a Frobenius start:
@@ -31,6 +32,11 @@ from the current core, so the Σ-error never increases):
   started at the current core (every CG iterate has a block objective <= the start; a guard
   keeps the start if rounding says otherwise). A matvec is one contraction, one ``r'·d²``
   product with ``M`` and one adjoint.
+* *Input side projected once per sweep.* When the format declares an input core ``X`` (``cin``
+  against its bonds ``β``), ``W̃ = U Ẑ Vᵀ`` with ``V = X ⊗ I_P``; after ``X``'s own block update
+  the engine forms ``M_V = Vᵀ M V`` and ``T V`` (one ``d²·β`` product) and every later block of the
+  sweep runs on that ``(β·P)``-sized problem (the input core replaced by the identity, left out of
+  the canonical form), so only the input core's CG touches the ``d×d`` metric.
 * *Canonical form.* Before core k is updated, every other core is orthonormalised toward it along a
   BFS spanning tree of the bonds (QR; the ``R`` factor absorbed into the neighbour; ``W̃`` is
   unchanged), as in TT-ALS/DMRG: for a tree network ``Â_k`` is then an isometry when ``M = I``, and
@@ -55,13 +61,21 @@ import jax.numpy as jnp
 from jax import lax
 from jax.scipy.linalg import solve_triangular
 
-from sigmadecomp.solvers._base import AbstractSolver, Problem
+from sigmadecomp.solvers._base import AbstractSolver, Problem, problem_error, solution_stats
 from sigmadecomp.solvers._driver import iterate
-from sigmadecomp.solvers._numerics import HIGHEST, cholesky_solve, mm, safe_cholesky
+from sigmadecomp.solvers._numerics import (
+    HIGHEST,
+    cholesky_solve,
+    logged_jitter,
+    mm,
+    record_jitter,
+    safe_cholesky,
+)
 from sigmadecomp.solvers._solution import Solution
 from sigmadecomp.solvers._validation import check_positive, check_positive_int, conv_shape
 
-__all__ = ["MultilinearALS", "canonicalise", "output_matrix", "update_core", "update_output"]
+__all__ = ["MultilinearALS", "canonicalise", "input_matrix", "output_matrix", "project_input", "update_core",
+           "update_output"]
 
 _INITS = ("svd", "random")
 _TRACED = ("rtol", "cg_tol", "ridge")
@@ -98,6 +112,7 @@ class MultilinearALS(AbstractSolver):
 
     bonds = ()  # class attributes, not fields: ((i, axis_i, j, axis_j), …)
     output = (0, 0)  # (core index, axis of cout)
+    input = None  # optional (core index, axis of cin): enables the per-sweep projection
 
     @abc.abstractmethod
     def core_shapes(self, kernel_shape: tuple) -> tuple:
@@ -160,8 +175,10 @@ class MultilinearALS(AbstractSolver):
 # Canonical form
 
 
-def _bfs_tree(num_cores: int, bonds: tuple, root: int) -> list:
-    """``[(child, child_axis, parent, parent_axis), …]`` in BFS order from ``root`` (static)."""
+def _bfs_tree(num_cores: int, bonds: tuple, root: int, skip=None) -> list:
+    """``[(child, child_axis, parent, parent_axis), …]`` in BFS order from ``root`` (static),
+    over the cores other than ``skip``."""
+    bonds = tuple(b for b in bonds if skip not in (b[0], b[2]))
     seen, order, frontier = {root}, [], [root]
     while frontier:
         nxt = []
@@ -173,19 +190,20 @@ def _bfs_tree(num_cores: int, bonds: tuple, root: int) -> list:
                         order.append((b, ab, a, aa))
                         nxt.append(b)
         frontier = nxt
-    if len(seen) != num_cores:
-        raise ValueError(f"the bonds {bonds} do not connect all {num_cores} cores")
+    if len(seen) != num_cores - (skip is not None):
+        raise ValueError(f"the bonds {bonds} do not connect all {num_cores} cores (without {skip})")
     return order
 
 
-def canonicalise(cores: tuple, k: int, bonds: tuple) -> tuple:
+def canonicalise(cores: tuple, k: int, bonds: tuple, skip=None) -> tuple:
     """Orthonormalise every core except ``k`` toward ``k`` (leaves first); ``W̃`` unchanged.
 
     Core ``j`` with parent ``p`` over bond ``(aj, ap)``: ``G_j`` unfolded with ``aj`` as columns
     is ``Q R``; ``G_j ← Q``, ``G_p ← R ×_{ap} G_p``. A core with fewer rows than its bond
-    dimension is left as it is (its ranks are redundant; the solution is still exact)."""
+    dimension is left as it is (its ranks are redundant; the solution is still exact). Core
+    ``skip`` (the identity in a projected problem) is left out of the tree and untouched."""
     cores = list(cores)
-    for child, ca, parent, pa in reversed(_bfs_tree(len(cores), bonds, k)):
+    for child, ca, parent, pa in reversed(_bfs_tree(len(cores), bonds, k, skip)):
         c = jnp.moveaxis(cores[child], ca, -1)
         rows, cols = math.prod(c.shape[:-1]), c.shape[-1]
         if rows < cols:
@@ -208,8 +226,8 @@ def output_matrix(solver: MultilinearALS, cores: tuple):
     return moved.reshape(moved.shape[0], -1)
 
 
-def _identity_output(solver: MultilinearALS, cores: tuple) -> tuple:
-    k, axis = solver.output
+def _identity_at(cores: tuple, k: int, axis: int) -> tuple:
+    """``cores`` with core ``k`` replaced by the identity from ``axis`` to its other axes."""
     rest = jnp.moveaxis(cores[k], axis, 0).shape[1:]
     r = math.prod(rest)
     eye = jnp.eye(r, dtype=cores[k].dtype).reshape((r,) + rest)
@@ -218,11 +236,46 @@ def _identity_output(solver: MultilinearALS, cores: tuple) -> tuple:
 
 def _z(solver: MultilinearALS, cores: tuple, kernel_shape):
     """``Z (r' × d)`` with ``W̃ = U Z``."""
-    return solver.contract(_identity_output(solver, cores), kernel_shape)
+    return solver.contract(_identity_at(cores, *solver.output), kernel_shape)
+
+
+def input_matrix(solver: MultilinearALS, cores: tuple):
+    """``X (cin × β)``: the input core with its ``cin`` axis first, the rest flattened."""
+    k, axis = solver.input
+    moved = jnp.moveaxis(cores[k], axis, 0)
+    return moved.reshape(moved.shape[0], -1)
+
+
+def _lift(a, x):
+    """``a (X ⊗ I_P)`` for ``a (n, cin·P)`` → ``(n, β·P)``, through a reshape."""
+    out = jnp.einsum("ncp,cb->nbp", a.reshape(a.shape[0], x.shape[0], -1), x, precision=HIGHEST)
+    return out.reshape(a.shape[0], -1)
+
+
+def project_input(solver: MultilinearALS, problem: Problem, cores: tuple):
+    """The problem seen by every core but the input one: ``T V``, ``M_V = Vᵀ M V`` with
+    ``V = X ⊗ I_P`` (one ``d²·β`` product), and the cores with ``X`` replaced by the identity;
+    ``f`` is unchanged for every such core (``W̃ = U Ẑ Vᵀ``)."""
+    x = input_matrix(solver, cores)
+    p = problem.target.shape[1] // x.shape[0]
+    if problem.metric is None:
+        metric = jnp.kron(mm(x.T, x), jnp.eye(p, dtype=x.dtype))
+    else:
+        metric = _lift(_lift(problem.metric, x).T, x)
+        metric = 0.5 * (metric + metric.T)
+    target = _lift(problem.target, x)
+    kh, kw, _, cout = conv_shape(problem.kernel_shape)
+    projected = Problem(target, target, metric, problem.energy, direct=False,
+                        kernel_shape=(kh, kw, x.shape[1], cout))
+    return projected, _identity_at(cores, *solver.input)
 
 
 def _metric(problem: Problem, z):
     return z if problem.metric is None else mm(z, problem.metric)
+
+
+def _identity_output(solver: MultilinearALS, cores: tuple) -> tuple:
+    return _identity_at(cores, *solver.output)
 
 
 def update_output(solver: MultilinearALS, problem: Problem, cores: tuple):
@@ -302,19 +355,41 @@ class _State(NamedTuple):
     step: jax.Array
 
 
-def _settle_output(solver, problem, cores):
-    return update_output(solver, problem, canonicalise(cores, solver.output[0], solver.bonds))
+def _settle_output(solver, problem, cores, skip=None):
+    return update_output(solver, problem, canonicalise(cores, solver.output[0], solver.bonds, skip))
+
+
+def _direct_error(solver, problem: Problem, cores, error):
+    """Frobenius: the direct ``‖W − W̃‖²/‖W‖²`` (a ``cout·d`` pass) instead of the expanded form,
+    whose cancellation shows as float32 rounding noise in the history; Σ keeps the expanded form
+    (the direct one would cost a ``cout·d²`` product per sweep)."""
+    if problem.metric is not None:
+        return error
+    return problem_error(problem, solver.contract(cores, problem.kernel_shape))
 
 
 def _sweep(solver: MultilinearALS, problem: Problem, tols, state: _State):
+    """Input core (full problem), then the other cores and the output core (on the projected
+    problem when an input core is declared)."""
     cores, iterations, ok = state.cores, jnp.int32(0), jnp.bool_(True)
-    for k in range(len(cores)):
-        if k == solver.output[0]:
-            continue
-        cores = canonicalise(cores, k, solver.bonds)
+    state_problem = problem
+    order = [k for k in range(len(cores)) if k != solver.output[0]]
+    skip, full = None, cores
+    if solver.input is not None:
+        order.remove(solver.input[0])
+        cores = canonicalise(cores, solver.input[0], solver.bonds)
+        full, steps, ok = update_core(solver, problem, cores, solver.input[0], cg_tol=tols["cg_tol"])
+        iterations = iterations + steps
+        problem, cores = project_input(solver, problem, full)
+        skip = solver.input[0]
+    for k in order:
+        cores = canonicalise(cores, k, solver.bonds, skip)
         cores, steps, done = update_core(solver, problem, cores, k, cg_tol=tols["cg_tol"])
         iterations, ok = iterations + steps, ok & done
-    cores, error = _settle_output(solver, problem, cores)
+    cores, error = _settle_output(solver, problem, cores, skip)
+    if skip is not None:  # put the real input core back: W̃ = U Ẑ Vᵀ
+        cores = cores[:skip] + (full[skip],) + cores[skip + 1:]
+    error = _direct_error(solver, state_problem, cores, error)
     inner = state.inner.at[state.step].set(iterations)
     return _State(cores, error, inner, state.step + 1), ok
 
@@ -327,14 +402,17 @@ def _engine_solve(problem, key, cores, tols, *, solver: MultilinearALS) -> Solut
             cores = solver.random_cores(shape, key, problem.matrix.dtype)
         else:
             cores = tuple(solver.initialise(problem.matrix, shape, key))
-    cores, error = _settle_output(solver, problem, tuple(cores))
+    with record_jitter() as log:
+        cores, error = _settle_output(solver, problem, tuple(cores))
+    error = _direct_error(solver, problem, cores, error)
     state = _State(cores, error, jnp.zeros((solver.max_steps,), jnp.int32), jnp.int32(0))
-    state, status, errors, num_steps = iterate(
+    state, status, errors, num_steps, _, jitter = iterate(
         functools.partial(_sweep, solver, problem, tols), lambda s: s.error, state,
-        max_steps=solver.max_steps, rtol=tols["rtol"],
+        max_steps=solver.max_steps, rtol=tols["rtol"], with_jitter=True,
     )
     value = solver.to_factorized(state.cores, shape)
-    return Solution(value, status, errors, num_steps, stats={"inner_iterations": state.inner})
+    stats = solution_stats(problem, jnp.maximum(jitter, logged_jitter(log, jitter.dtype)))
+    return Solution(value, status, errors, num_steps, stats=dict(stats, inner_iterations=state.inner))
 
 
 def kernel_dims(kernel_shape) -> tuple[int, int, int, int]:

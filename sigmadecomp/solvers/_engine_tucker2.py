@@ -31,6 +31,7 @@ class Tucker2Engine(MultilinearALS):
 
     bonds = ((0, 1, 1, 0), (1, 1, 2, 1))
     output = (0, 0)
+    input = (2, 0)
 
     def check(self, kernel_shape: tuple) -> None:
         kh, kw, cin, cout = kernel_dims(kernel_shape)

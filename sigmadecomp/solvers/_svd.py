@@ -17,9 +17,10 @@ from jax.scipy.linalg import solve_triangular
 
 from sigmadecomp._factorized import LowRank
 from sigmadecomp._patches import matrix_to_kernel
-from sigmadecomp.solvers._base import AbstractSolver, Problem
-from sigmadecomp.solvers._numerics import safe_cholesky
-from sigmadecomp.solvers._solution import Solution, Status
+from sigmadecomp.solvers._base import AbstractSolver, Problem, solution_stats
+from sigmadecomp.solvers._driver import closed_form_status
+from sigmadecomp.solvers._numerics import logged_jitter, record_jitter, safe_cholesky
+from sigmadecomp.solvers._solution import Solution
 from sigmadecomp.solvers._validation import (
     check_positive,
     check_positive_int,
@@ -36,7 +37,9 @@ class SVD(AbstractSolver):
 
     Σ-norm (``cov`` given): ``W̃ = U_r S_r V_rᵀ L⁻¹`` with ``cov + ridge·(tr cov/d)·I = L Lᵀ`` and
     ``W L = U S Vᵀ`` — the exact optimum, no iterations: the :class:`Solution` has
-    ``num_steps = 0``, status ``CONVERGED`` and ``errors`` of length 1 (the optimum's error).
+    ``num_steps = 0``, ``errors`` of length 1 (the optimum's error) and status ``CONVERGED``,
+    or ``NONFINITE`` when the factors or the error are not finite (same check as the iterative
+    solvers; e.g. a NaN kernel under ``jit``).
     The layer is a ``kh×kw`` conv to ``rank`` channels then a 1×1 conv; the singular values are
     in ``out_factor``.
 
@@ -79,7 +82,8 @@ def _svd_solve(problem: Problem, *, rank: int) -> Solution:
         left, right, tail, _ = _truncate(problem.matrix, rank)
         f = tail
     else:
-        chol = safe_cholesky(problem.metric)
+        with record_jitter() as log:
+            chol = safe_cholesky(problem.metric)
         whitened = solve_triangular(chol, problem.target.T, lower=True).T  # T L⁻ᵀ
         left, right, tail, total = _truncate(whitened, rank)
         right = solve_triangular(chol.T, right.T, lower=False).T  # V_rᵀ L⁻¹
@@ -91,4 +95,6 @@ def _svd_solve(problem: Problem, *, rank: int) -> Solution:
         kernel_shape=problem.kernel_shape,
     )
     error = (f / problem.energy)[None]
-    return Solution(value, jnp.int32(Status.CONVERGED), error, jnp.int32(0))
+    jitter = None if problem.metric is None else logged_jitter(log, error.dtype)
+    status = closed_form_status(value, error)
+    return Solution(value, status, error, jnp.int32(0), solution_stats(problem, jitter))

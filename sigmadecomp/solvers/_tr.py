@@ -39,6 +39,7 @@ class TRALS(MultilinearALS):
 
     bonds = ((0, 2, 1, 0), (1, 2, 2, 0), (2, 2, 3, 0), (3, 2, 0, 0))
     output = (3, 1)
+    input = (0, 1)
 
     def __post_init__(self):
         if isinstance(self.ranks, (int, str)) or len(tuple(self.ranks)) != 4:

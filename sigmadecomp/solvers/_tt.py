@@ -43,6 +43,7 @@ class TTALS(MultilinearALS):
 
     bonds = ((0, 1, 1, 0), (1, 2, 2, 0), (2, 2, 3, 0))
     output = (3, 1)
+    input = (0, 0)
 
     def __post_init__(self):
         if isinstance(self.ranks, (int, str)) or len(tuple(self.ranks)) != 3:

@@ -26,15 +26,19 @@ import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
 from sigmadecomp._factorized import Tucker2
-from sigmadecomp.solvers._base import AbstractSolver, Problem
+from sigmadecomp.solvers._base import AbstractSolver, Problem, solution_stats
 from sigmadecomp.solvers._driver import iterate
 from sigmadecomp.solvers._numerics import (
     HIGHEST,
     cholesky_solve,
+    forcing_tol,
     kronecker_factors,
+    logged_jitter,
     mm,
     pcg,
+    record_jitter,
     safe_cholesky,
+    solve_by_dense,
 )
 from sigmadecomp.solvers._solution import Solution
 from sigmadecomp.solvers._validation import (
@@ -61,11 +65,15 @@ _INITS = ("svd", "random")
 class Tucker2ALS(AbstractSolver):
     """Tucker-2 (1×1 → ``kh×kw`` core → 1×1) by block ALS → ``Tucker2``.
 
-    Frobenius: HOOI (top eigenvectors of the two channel Gram matrices). Σ: step A (closed form
-    for ``U_out`` and the core) then step B (exact quadratic minimisation in ``U_in``: dense
-    Cholesky when ``cin·r_in <= dense_threshold``, else preconditioned CG to ``cg_tol``; a CG
-    stopped at ``cg_max_steps`` gives status ``INNER_NOT_CONVERGED``, still never increasing the
-    error). Stops when the relative error changes by ``<= rtol`` relatively, or at ``max_steps``.
+    Frobenius: HOOI (one warm-started subspace-iteration step per factor and sweep). Σ: step A
+    (closed form for ``U_out`` and the core) then step B (quadratic minimisation in ``U_in``: a
+    dense Cholesky solve when its estimated cost is below that of CG, else preconditioned CG
+    warm-started at the current ``U_in``, stopped at the forcing tolerance
+    ``min(½, cg_forcing·√(last relative decrease))`` of the starting residual or at ``cg_tol``
+    relative to the right-hand side, whichever is looser). Truncated CG never increases the
+    error. A CG stopped at ``cg_max_steps`` before its tolerance gives ``INNER_NOT_CONVERGED``.
+    Stops when the relative error changes by ``<= rtol`` relatively, or at ``max_steps``.
+    ``Solution.stats["inner_iterations"]`` holds the CG iterations of every sweep.
 
     Args:
         ranks: ``(r_out, r_in)``.
@@ -73,9 +81,13 @@ class Tucker2ALS(AbstractSolver):
             ``"random"`` (orthonormal factors from ``key``); a ``Tucker2`` passed to
             :func:`decompose` as ``init`` overrides it.
         ridge: ``cov + ridge·(tr cov/d)·I`` is used as the metric (``cov`` is often singular).
+        dense_threshold: ``None`` (default) chooses dense Cholesky or CG for step B by estimated
+            flops; an integer forces dense when ``cin·r_in <= dense_threshold`` (0: always CG).
+        cg_forcing: scale of the forcing tolerance (above); 0 solves step B to ``cg_tol``.
 
     ``ranks``, ``max_steps``, ``cg_max_steps``, ``dense_threshold`` and ``init`` are compiled in;
-    ``rtol``, ``cg_tol`` and ``ridge`` are traced (changing them does not recompile).
+    ``rtol``, ``cg_tol``, ``cg_forcing`` and ``ridge`` are traced (changing them does not
+    recompile).
 
     >>> import jax, sigmadecomp as sd
     >>> kernel = jax.random.normal(jax.random.key(0), (3, 3, 16, 32))
@@ -90,8 +102,9 @@ class Tucker2ALS(AbstractSolver):
     ridge: float = 1e-6
     cg_tol: float = 1e-7
     cg_max_steps: int = 200
-    dense_threshold: int = 2048
+    dense_threshold: Optional[int] = None
     init: str = "svd"
+    cg_forcing: float = 1.0
 
     def __post_init__(self):
         ranks = self.ranks
@@ -102,9 +115,14 @@ class Tucker2ALS(AbstractSolver):
             check_positive_int("Tucker2ALS", name, value)
         check_positive_int("Tucker2ALS", "max_steps", self.max_steps)
         check_positive_int("Tucker2ALS", "cg_max_steps", self.cg_max_steps)
-        check_positive_int("Tucker2ALS", "dense_threshold", self.dense_threshold, minimum=0)
+        if self.dense_threshold is not None:
+            check_positive_int("Tucker2ALS", "dense_threshold", self.dense_threshold, minimum=0)
         for name in ("rtol", "ridge", "cg_tol"):
             check_positive("Tucker2ALS", name, getattr(self, name))
+        forcing = self.cg_forcing
+        if isinstance(forcing, bool) or not isinstance(forcing, (int, float)) or not forcing >= 0 \
+                or forcing == float("inf"):
+            raise ValueError(f"Tucker2ALS: cg_forcing must be a finite number >= 0; got {forcing!r}.")
         if self.init not in _INITS:
             raise ValueError(f"Tucker2ALS: init must be one of {_INITS}; got {self.init!r}.")
 
@@ -116,6 +134,16 @@ class Tucker2ALS(AbstractSolver):
             "Tucker2ALS", "ranks[0] (r_out)", self.ranks[0], "r_in·kh·kw (core unfolding)",
             self.ranks[1] * kh * kw, kernel_shape,
         )
+        # r_in > r_out·kh·kw leaves step B singular (U_in has more columns than the core can
+        # use) and stores parameters that change nothing.
+        check_rank_fits(
+            "Tucker2ALS", "ranks[1] (r_in)", self.ranks[1], "r_out·kh·kw (core unfolding)",
+            self.ranks[0] * kh * kw, kernel_shape,
+        )
+
+    def needs_key(self, kernel_shape: tuple) -> bool:
+        """``init="random"`` draws the orthonormal start from ``key``."""
+        return self.init == "random"
 
     def init_shapes(self, kernel_shape: tuple) -> Tucker2:
         kh, kw, cin, cout = conv_shape(kernel_shape)
@@ -123,14 +151,13 @@ class Tucker2ALS(AbstractSolver):
         return Tucker2((kh, kw, r_in, r_out), (cin, r_in), (cout, r_out), tuple(kernel_shape))
 
     def solve(self, problem: Problem, *, key, init=None) -> Solution:
-        tols = {
-            "rtol": jnp.asarray(self.rtol, problem.matrix.dtype),
-            "cg_tol": jnp.asarray(self.cg_tol, problem.matrix.dtype),
-        }
+        tols = {name: jnp.asarray(getattr(self, name), problem.matrix.dtype)
+                for name in ("rtol", "cg_tol", "cg_forcing")}
         return _tucker2_solve(
             problem, key, init, tols,
             ranks=self.ranks, max_steps=self.max_steps, cg_max_steps=self.cg_max_steps,
-            dense_threshold=self.dense_threshold, init_method=self.init,
+            dense=_step_b_dense(problem.conv_shape, self.ranks, self.dense_threshold),
+            init_method=self.init,
         )
 
 
@@ -197,12 +224,19 @@ def projections(problem: Problem, in_factor):
     """``(M_V, N) = (Vᵀ M V, T V)`` for ``V = U_in ⊗ I_P``; ``M_V = I`` (None) for Frobenius.
 
     The one ``d²·r_in`` product per sweep."""
+    gram, cross, _ = _projections(problem, in_factor)
+    return gram, cross
+
+
+def _projections(problem: Problem, in_factor):
+    """:func:`projections` and ``M V`` (``d × r_in·P``; None for Frobenius), which step B reuses
+    for the starting residual of its CG."""
     cross = _lift(problem.target, in_factor)
     if problem.metric is None:
-        return None, cross
-    mv = _lift(problem.metric, in_factor)
+        return None, cross, None
+    mv = _lift(problem.metric, in_factor)  # (M V)ᵀ = Vᵀ M, M symmetric
     gram = _lift(mv.T, in_factor)
-    return 0.5 * (gram + gram.T), cross
+    return 0.5 * (gram + gram.T), cross, mv
 
 
 def update_outer(gram, cross, r_out: int):
@@ -233,28 +267,45 @@ def _metric_apply(problem: Problem, z):
 
 def _matvec(problem: Problem, gh, x):
     """``H(X)[c,b] = Σ_p [M (X ⊗ I) Ĝᵀ Ĝ]_{(c,p),(b,p)}`` with ``ĜᵀĜ = Gᵀ U_outᵀ U_out G``."""
-    r_out, cin = gh.shape[0], x.shape[0]
+    r_out = gh.shape[0]
     g3 = gh.reshape(r_out, x.shape[1], -1)  # (o, b, p)
     z = jnp.einsum("ca,oap->cpo", x, g3, precision=HIGHEST).reshape(-1, r_out)
-    y = _metric_apply(problem, z).reshape(cin, -1, r_out)
-    return jnp.einsum("cpo,obp->cb", y, g3, precision=HIGHEST)
+    return _contract_out(_metric_apply(problem, z), gh, x.shape[0])
 
 
-def _preconditioner(problem: Problem, gh, cin: int, r_in: int):
+def _contract_out(y, gh, cin: int):
+    """``Σ_p y[(c,p),o] Ĝ[o,(b,p)]``: the last step of :func:`_matvec`, for ``y = M (X⊗I) Ĝᵀ``."""
+    r_out = gh.shape[0]
+    g3 = gh.reshape(r_out, -1, y.shape[0] // cin)
+    return jnp.einsum("cpo,obp->cb", y.reshape(cin, -1, r_out), g3, precision=HIGHEST)
+
+
+class _Kron(NamedTuple):
+    """Per-solve constants of the preconditioner: ``M ≈ M_chan ⊗ M_space``, ``M_chan = L Lᵀ``."""
+
+    chan_chol: Optional[jax.Array]
+    space: jax.Array
+
+
+def _kron_consts(problem: Problem, cin: int) -> _Kron:
+    """Computed once per solve (``M`` is fixed), not once per sweep."""
+    p = problem.matrix.shape[1] // cin
+    if problem.metric is None:
+        return _Kron(None, jnp.eye(p, dtype=problem.matrix.dtype))
+    chan, space = kronecker_factors(problem.metric, cin)
+    return _Kron(safe_cholesky(chan), space)
+
+
+def _preconditioner(kron: _Kron, gh, r_in: int):
     """``R ↦ M_chan⁻¹ R K̃⁻¹`` with ``K̃[b,b'] = Σ_{pq} M_space[p,q] (ĜᵀĜ)[(b,p),(b',q)]``: the
     exact inverse of ``H`` when ``M`` is a Kronecker product (e.g. ``M = I``)."""
-    if problem.metric is None:
-        chan, space = None, jnp.eye(gh.shape[1] // r_in, dtype=gh.dtype)
-    else:
-        chan, space = kronecker_factors(problem.metric, cin)
     g3 = gh.reshape(gh.shape[0], r_in, -1)
-    k = jnp.einsum("obp,pq,oeq->be", g3, space, g3, precision=HIGHEST)
+    k = jnp.einsum("obp,pq,oeq->be", g3, kron.space, g3, precision=HIGHEST)
     k = k + (jnp.finfo(k.dtype).eps * jnp.trace(k) / r_in) * jnp.eye(r_in, dtype=k.dtype)
     k_chol = safe_cholesky(0.5 * (k + k.T))
-    chan_chol = None if chan is None else safe_cholesky(chan)
 
     def apply(r):
-        r = r if chan_chol is None else cholesky_solve(chan_chol, r)
+        r = r if kron.chan_chol is None else cholesky_solve(kron.chan_chol, r)
         return cholesky_solve(k_chol, r.T).T
 
     return apply
@@ -274,25 +325,50 @@ def _dense_in_system(problem: Problem, gh, cin: int, r_in: int):
     return 0.5 * (h + h.T)
 
 
+def _step_b_dense(conv_shape, ranks, dense_threshold) -> bool:
+    """Static choice for step B: dense Cholesky when cheaper than CG by estimated flops
+    (:func:`solve_by_dense`), or by ``cin·r_in <= dense_threshold`` when one is given."""
+    kh, kw, cin, cout = conv_shape
+    r_out, r_in = ranks
+    if dense_threshold is not None:
+        return cin * r_in <= dense_threshold
+    p, n, d = kh * kw, cin * r_in, cin * kh * kw
+    dense = 2.0 * n * n * p * p + n**3 / 3.0  # form H, factor it
+    cg_step = 2.0 * d * d * r_out + 4.0 * d * r_in * r_out + 2.0 * (cin * n + n * r_in)
+    return solve_by_dense(dense, cg_step)
+
+
 def update_in(problem: Problem, u, g, in_factor, *, cg_tol, cg_max_steps: int = 200,
-              dense_threshold: int = 2048):
+              dense_threshold: Optional[int] = None):
     """Step B: the exact minimiser over ``U_in`` given ``(U_out, G)``; returns
-    ``(U_in, inner_converged)``. Dense Cholesky when ``cin·r_in <= dense_threshold``, else PCG
-    from ``in_factor`` (never increases the error even when stopped early)."""
+    ``(U_in, inner_converged)``. Dense Cholesky (chosen by :func:`_step_b_dense`), else PCG from
+    ``in_factor`` to ``cg_tol`` (never increases the error even when stopped early)."""
+    cin, r_in = in_factor.shape
+    dense = _step_b_dense(problem.conv_shape, (u.shape[1], r_in), dense_threshold)
+    x, ok, _ = _solve_in(problem, _kron_consts(problem, cin), u, g, in_factor, None, cg_tol=cg_tol,
+                         start_tol=0.0, cg_max_steps=cg_max_steps, dense=dense)
+    return x, ok
+
+
+def _solve_in(problem: Problem, kron: _Kron, u, g, in_factor, mv, *, cg_tol, start_tol,
+              cg_max_steps: int, dense: bool):
+    """Step B from ``in_factor``; ``mv = M (U_in ⊗ I)`` (from :func:`_projections`, or None)
+    gives CG's starting residual without a ``d²`` product. Returns ``(U_in, ok, cg_steps)``."""
     cin, r_in = in_factor.shape
     # Ĝ = Lᵀ G with U_outᵀ U_out = L Lᵀ, so H needs only Ĝ (U_out is orthonormal after step A,
     # but a warm start's U_out need not be).
     gh = mm(safe_cholesky(mm(u.T, u)).T, g)
     rhs = _rhs(problem, u, g, cin)
-    if cin * r_in <= dense_threshold:
+    if dense:
         chol = safe_cholesky(_dense_in_system(problem, gh, cin, r_in))
         x = cholesky_solve(chol, rhs.reshape(-1)).reshape(cin, r_in)
-        return x, jnp.all(jnp.isfinite(x))
-    x, converged, _ = pcg(
-        functools.partial(_matvec, problem, gh), rhs, in_factor,
-        precond=_preconditioner(problem, gh, cin, r_in), tol=cg_tol, max_steps=cg_max_steps,
+        return x, jnp.all(jnp.isfinite(x)), jnp.int32(0)
+    ax0 = None if mv is None else _contract_out(mm(mv, gh.T), gh, cin)
+    return pcg(
+        functools.partial(_matvec, problem, gh), rhs, in_factor, ax0=ax0,
+        precond=_preconditioner(kron, gh, r_in), tol=cg_tol, start_tol=start_tol,
+        max_steps=cg_max_steps,
     )
-    return x, converged
 
 
 def orthonormalise(in_factor, g):
@@ -314,6 +390,8 @@ class _State(NamedTuple):
     gram: Optional[jax.Array]  # M_V for in_factor (Σ only)
     cross: jax.Array  # N = T V for in_factor
     error: jax.Array  # relative error of (in_factor, out_factor, core)
+    metric_in: Optional[jax.Array] = None  # M V for in_factor (Σ only)
+    decrease: Optional[jax.Array] = None  # relative error decrease of the last sweep (Σ only)
 
 
 def _sigma_error(problem: Problem, u, g, gram, cross):
@@ -330,31 +408,50 @@ def _frobenius_error(problem: Problem, u, g, in_factor):
     return jnp.sum(delta * delta) / problem.energy
 
 
-def _make_state(problem: Problem, in_factor, u, g):
+def _make_state(problem: Problem, in_factor, u, g, previous_error=None):
     in_factor, g = orthonormalise(in_factor, g)
-    gram, cross = projections(problem, in_factor)
+    gram, cross, mv = _projections(problem, in_factor)
     if gram is None:
-        err = _frobenius_error(problem, u, g, in_factor)
+        return _State(in_factor, u, g, None, cross, _frobenius_error(problem, u, g, in_factor))
+    err = _sigma_error(problem, u, g, gram, cross)
+    if previous_error is None:
+        decrease = jnp.ones((), err.dtype)
     else:
-        err = _sigma_error(problem, u, g, gram, cross)
-    return _State(in_factor, u, g, gram, cross, err)
+        decrease = (previous_error - err) / jnp.maximum(previous_error, jnp.finfo(err.dtype).tiny)
+    return _State(in_factor, u, g, gram, cross, err, mv, decrease)
 
 
-def _sigma_sweep(problem: Problem, state: _State, tols, r_out, cg_max_steps, dense_threshold):
+def _sigma_sweep(problem: Problem, kron: _Kron, state: _State, tols, r_out, cg_max_steps, dense):
     u, g = update_outer(state.gram, state.cross, r_out)
-    x, ok = update_in(problem, u, g, state.in_factor, cg_tol=tols["cg_tol"],
-                      cg_max_steps=cg_max_steps, dense_threshold=dense_threshold)
-    return _make_state(problem, x, u, g), ok
+    x, ok, steps = _solve_in(
+        problem, kron, u, g, state.in_factor, state.metric_in, cg_tol=tols["cg_tol"],
+        start_tol=forcing_tol(state.decrease, tols["cg_forcing"]), cg_max_steps=cg_max_steps,
+        dense=dense,
+    )
+    return _make_state(problem, x, u, g, state.error), ok, steps
+
+
+def _subspace_step(y, basis):
+    """One warm-started subspace-iteration step for the top left singular subspace of ``y``:
+    ``orth(y yᵀ basis)``. Never lowers ``‖basisᵀ y‖²`` (the captured energy), so HOOI with it
+    stays monotone, and it costs two thin matmuls instead of an ``eigh`` of ``y yᵀ``."""
+    return jnp.linalg.qr(mm(y, mm(y.T, basis)))[0]
+
+
+def _in_unfolding(y, cin: int):
+    """``y (n, cin·P)`` → ``cin × (n·P)``: the input-mode unfolding."""
+    return jnp.transpose(y.reshape(y.shape[0], cin, -1), (1, 0, 2)).reshape(cin, -1)
 
 
 def _hooi_sweep(problem: Problem, state: _State, ranks):
-    """One HOOI sweep: ``U_out`` then ``U_in`` (each the top eigenvectors of a Gram matrix)."""
-    r_out, r_in = ranks
-    u = _top_left(state.cross, r_out)
+    """One HOOI sweep: ``U_out`` then ``U_in``, each one subspace-iteration step from the current
+    factor; the error from norms, ``‖W‖² − ‖G‖²`` (orthonormal factors, optimal core)."""
+    cin = state.in_factor.shape[0]
+    u = _subspace_step(state.cross, state.out_factor)
     y = mm(u.T, problem.matrix)  # (r_out, d)
-    x = _top_eigvecs(_in_gram(y, state.in_factor.shape[0]), r_in)
-    g, err = _lift(y, x), None
-    err = _frobenius_error(problem, u, g, x)
+    x = _subspace_step(_in_unfolding(y, cin), state.in_factor)
+    g = _lift(y, x)
+    err = jnp.maximum(problem.energy - jnp.sum(g * g), 0.0) / problem.energy
     return _State(x, u, g, None, _lift(problem.matrix, x), err), jnp.bool_(True)
 
 
@@ -380,26 +477,29 @@ def _initial(problem: Problem, key, init, ranks, init_method):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("ranks", "max_steps", "cg_max_steps", "dense_threshold", "init_method"),
+    static_argnames=("ranks", "max_steps", "cg_max_steps", "dense", "init_method"),
 )
 def _tucker2_solve(problem, key, init, tols, *, ranks, max_steps, cg_max_steps,
-                   dense_threshold, init_method) -> Solution:
+                   dense, init_method) -> Solution:
     kh, kw = problem.conv_shape[:2]
-    state = _make_state(problem, *_initial(problem, key, init, ranks, init_method))
+    with record_jitter() as log:
+        state = _make_state(problem, *_initial(problem, key, init, ranks, init_method))
     if problem.metric is None:
         sweep = functools.partial(_hooi_sweep, problem, ranks=ranks)
     else:
         sweep = functools.partial(
-            _sigma_sweep, problem, tols=tols, r_out=ranks[0], cg_max_steps=cg_max_steps,
-            dense_threshold=dense_threshold,
+            _sigma_sweep, problem, _kron_consts(problem, problem.conv_shape[2]), tols=tols,
+            r_out=ranks[0], cg_max_steps=cg_max_steps, dense=dense,
         )
-    state, status, errors, num_steps = iterate(
-        sweep, lambda s: s.error, state, max_steps=max_steps, rtol=tols["rtol"]
+    state, status, errors, num_steps, inner, jitter = iterate(
+        sweep, lambda s: s.error, state, max_steps=max_steps, rtol=tols["rtol"], with_jitter=True
     )
+    jitter = jnp.maximum(jitter, logged_jitter(log, jitter.dtype))
     value = Tucker2(
         core=matrix_to_core(state.core, kh, kw),
         in_factor=state.in_factor,
         out_factor=state.out_factor,
         kernel_shape=problem.kernel_shape,
     )
-    return Solution(value, status, errors, num_steps)
+    stats = dict(solution_stats(problem, jitter), inner_iterations=inner)
+    return Solution(value, status, errors, num_steps, stats)

@@ -41,6 +41,7 @@ class Tucker3ALS(MultilinearALS):
 
     bonds = ((0, 1, 1, 0), (1, 1, 2, 1), (1, 2, 3, 1))
     output = (0, 0)
+    input = (2, 0)
 
     def __post_init__(self):
         if isinstance(self.ranks, (int, str)) or len(tuple(self.ranks)) != 3:

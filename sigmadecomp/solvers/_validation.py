@@ -12,8 +12,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 
 __all__ = [
+    "NotPSDError",
     "check_factorized_shapes",
     "check_kernel",
     "check_positive",
@@ -103,6 +105,34 @@ def _check_symmetric(name, mat) -> None:
         raise ValueError(f"{name} is all zeros: the layer's input carries no signal to fit.")
 
 
+class NotPSDError(ValueError):
+    """A second moment that is not positive semi-definite (beyond rounding): see ``decompose``."""
+
+
+def _check_psd(name, mat) -> None:
+    """``ValueError`` unless ``λ_min(mat) >= −psd_tolerance·tr(mat)/d`` (float64 Cholesky test)."""
+    if not _concrete(mat):
+        return  # under jit: the solution gets status NOT_PSD instead (see decompose)
+    from sigmadecomp.solvers._numerics import psd_tolerance
+
+    m = np.asarray(mat, np.float64)
+    d = m.shape[0]
+    scale = max(np.trace(m) / d, np.finfo(np.float64).tiny)
+    tol = psd_tolerance(d, mat.dtype)
+    try:
+        np.linalg.cholesky(m + (tol * scale) * np.eye(d))
+        return
+    except np.linalg.LinAlgError:
+        pass
+    lowest = float(scipy.linalg.eigh(m, eigvals_only=True, subset_by_index=[0, 0])[0])
+    raise NotPSDError(
+        f"{name} is not positive semi-definite: its smallest eigenvalue is {lowest:.3g} = "
+        f"{lowest / scale:.3g}·tr({name})/d, below the rounding tolerance −{tol:.2g}·tr({name})/d "
+        f"(10·d·eps of {mat.dtype}). A second moment E[x xᵀ] is PSD; pass that (not a centred, "
+        f"differenced or noisy estimate), or repair it by clipping negative eigenvalues."
+    )
+
+
 def check_second_moments(kernel, cov, cross_cov, target_cov):
     """Validate ``cov`` / ``cross_cov`` / ``target_cov`` against ``kernel``; return them cast to
     the kernel's dtype and symmetrised (``cov``, ``target_cov``)."""
@@ -125,12 +155,15 @@ def check_second_moments(kernel, cov, cross_cov, target_cov):
     cov = _check_square("cov", cov, d, kernel.shape, dtype)
     _check_symmetric("cov", cov)
     cov = 0.5 * (cov + cov.T)
+    _check_psd("cov", cov)
     if cross_cov is None:
         return cov, None, None
     cross_cov = _check_square("cross_cov", cross_cov, d, kernel.shape, dtype)
     target_cov = _check_square("target_cov", target_cov, d, kernel.shape, dtype)
     _check_symmetric("target_cov", target_cov)
-    return cov, cross_cov, 0.5 * (target_cov + target_cov.T)
+    target_cov = 0.5 * (target_cov + target_cov.T)
+    _check_psd("target_cov", target_cov)
+    return cov, cross_cov, target_cov
 
 
 def check_positive_int(owner: str, name: str, value, *, minimum: int = 1) -> None:

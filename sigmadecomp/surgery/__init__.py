@@ -34,6 +34,7 @@ from sigmadecomp.surgery._ranks import (
     tt_ranks_for_ratio, tucker2_ranks_for_ratio, tucker3_ranks_for_ratio,
 )
 from sigmadecomp.surgery._rank_rules import VBMFResult, energy_rank, evbmf, whitened_spectrum
+from sigmadecomp.surgery._tt import fit_tt_embedding, to_tt
 from sigmadecomp.surgery._verify import LayerReport, Report, verify
 
 __all__ = [
@@ -69,4 +70,6 @@ __all__ = [
     "tucker2_ranks_for_ratio",
     "tucker3_ranks_for_ratio",
     "verify",
+    "fit_tt_embedding",
+    "to_tt",
 ]

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from flax import nnx
 
 from sigmadecomp._paths import get_by_path
+from sigmadecomp.layers._config import canonical_convs
 from sigmadecomp.layers._registry import factorize_layer
 from sigmadecomp.layers._shapes import format_of, ranks_of
 from sigmadecomp.surgery._plan import Plan, PlanEntry, _layer_info
@@ -46,8 +47,9 @@ def apply(model: nnx.Module, plan: Plan, factorized_by_path: Mapping) -> nnx.Mod
     compressed = nnx.clone(model)
     for entry in plan.entries:
         layer = get_by_path(compressed, entry.path)
-        set_by_path(compressed, entry.path, factorize_layer(layer, factorized_by_path[entry.path]))
-    return compressed
+        set_by_path(compressed, entry.path, factorize_layer(layer, factorized_by_path[entry.path],
+                                                            implementation=entry.implementation))
+    return canonical_convs(compressed)  # hashable conv settings for the jitted passes downstream
 
 
 def set_by_path(model: nnx.Module, path: str, module: nnx.Module) -> None:

@@ -54,6 +54,8 @@ class PlanEntry:
     params_after: int = 0
     flops_before: Optional[int] = None
     flops_after: Optional[int] = None
+    implementation: str = "factorized"  # or "dense": see sigmadecomp.latency.choose_implementations
+    reason: str = ""  # why that implementation (measured latencies), when it was chosen
 
     @property
     def config(self) -> Optional[ConvConfig]:
@@ -90,11 +92,13 @@ def _tuplify(value):
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """An ordered collection of :class:`PlanEntry`; ``input_shape`` is what FLOPs were traced with."""
+    """An ordered collection of :class:`PlanEntry`; ``input_shape`` is what FLOPs were traced with.
+    ``left_dense`` holds ``(path, reason)`` for layers a latency-aware choice left uncompressed."""
 
     entries: tuple
     input_shape: Optional[tuple] = None
     version: int = PLAN_VERSION
+    left_dense: tuple = ()
 
     @property
     def paths(self) -> tuple:
@@ -127,7 +131,7 @@ class Plan:
 
     def to_dict(self) -> dict:
         return dict(version=self.version, input_shape=_listify(self.input_shape),
-                    entries=[e.to_dict() for e in self.entries])
+                    entries=[e.to_dict() for e in self.entries], left_dense=_listify(self.left_dense))
 
     @classmethod
     def from_dict(cls, data: Mapping) -> Plan:
@@ -136,7 +140,8 @@ class Plan:
                              f"(this sigmadecomp reads version {PLAN_VERSION})")
         shape = data.get("input_shape")
         entries = tuple(PlanEntry.from_dict(e) for e in data["entries"])
-        return cls(entries, None if shape is None else tuple(shape), data["version"])
+        left = tuple(tuple(pair) for pair in data.get("left_dense", ()))
+        return cls(entries, None if shape is None else tuple(shape), data["version"], left)
 
     def table(self) -> str:
         """One row per layer: format, ranks, parameters and MACs before → after."""
@@ -144,7 +149,8 @@ class Plan:
                  _arrow(e.flops_before, e.flops_after)) for e in self.entries]
         rows.append(("total", "", "", _arrow(self.params_before, self.params_after),
                      _arrow(self.flops_before, self.flops_after)))
-        return format_table(("layer", "format", "ranks", "params", "MACs"), rows)
+        table = format_table(("layer", "format", "ranks", "params", "MACs"), rows)
+        return "\n".join([table] + [f"left dense: {path}: {why}" for path, why in self.left_dense])
 
     def __str__(self) -> str:
         return self.table()

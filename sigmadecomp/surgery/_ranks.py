@@ -51,7 +51,7 @@ def tucker2_ranks_for_ratio(kernel_shape, ratio: float, *, groups: int = 1) -> t
     """``(r_out, r_in) = ⌊α·(cout, cin)⌋`` (ranks proportional to the channel counts), with ``α``
     the largest value for which the Tucker-2 count ``α·(cin² + cout²) + α²·kh·kw·cin·cout`` stays
     within ``ratio · kh·kw·cin·cout`` (the positive root of that quadratic); each clipped to
-    ``[1, mode size]``.
+    ``[1, mode size]`` and to at most the other rank times ``kh·kw``.
 
     >>> tucker2_ranks_for_ratio((3, 3, 64, 64), 0.5)
     (38, 38)
@@ -60,8 +60,11 @@ def tucker2_ranks_for_ratio(kernel_shape, ratio: float, *, groups: int = 1) -> t
     dense = kh * kw * cin * cout
     b = cin * cin + cout * cout
     alpha = (-b + math.sqrt(b * b + 4.0 * dense * ratio * dense)) / (2.0 * dense)
-    return (max(1, min(math.floor(alpha * cout + _EPS), cout)),
-            max(1, min(math.floor(alpha * cin + _EPS), cin)))
+    r_out = max(1, min(math.floor(alpha * cout + _EPS), cout))
+    r_in = max(1, min(math.floor(alpha * cin + _EPS), cin))
+    # Neither rank may exceed the other times kh·kw (the core unfolding): the excess would make
+    # an ALS step singular and store parameters that change nothing (Tucker2ALS rejects it).
+    return min(r_out, r_in * kh * kw), min(r_in, r_out * kh * kw)
 
 
 def cp_rank_for_ratio(kernel_shape, ratio: float, *, groups: int = 1) -> int:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sigmadecomp._paths import path_to_str
+from sigmadecomp.layers._common import FactorizedLayer
 
 __all__ = ["count_macs", "input_spec", "intercept", "leaf_layers", "num_params"]
 
@@ -36,8 +37,10 @@ def _wrap(original, callbacks: dict, active: set):
             out = original(self, *args, **kwargs)
         finally:
             active.discard(id(self))
-        replaced = callback(self, args[0] if args else kwargs.get("inputs"), out)
-        return out if replaced is None else replaced
+        for fn in callback:  # a callback's non-None result replaces the output seen by the next
+            replaced = fn(self, args[0] if args else kwargs.get("inputs"), out)
+            out = out if replaced is None else replaced
+        return out
 
     return wrapper
 
@@ -46,7 +49,9 @@ def _wrap(original, callbacks: dict, active: set):
 def intercept(taps: Sequence[tuple[nnx.Module, Callable]]) -> Iterator[None]:
     """Within the block, ``callback(module, x, y)`` runs after each call of each watched module;
     a callback that returns something other than ``None`` replaces the module's output with it."""
-    callbacks = {id(module): fn for module, fn in taps}
+    callbacks: dict = {}
+    for module, fn in taps:  # a module may be watched by several taps
+        callbacks.setdefault(id(module), []).append(fn)
     active: set = set()
     saved = {}
     try:
@@ -63,14 +68,21 @@ def intercept(taps: Sequence[tuple[nnx.Module, Callable]]) -> Iterator[None]:
 
 
 def leaf_layers(model: nnx.Module) -> Iterator[tuple[str, nnx.Module]]:
-    """Every ``nnx.Conv`` / ``nnx.Linear`` at any depth (inside factorized layers too)."""
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, (nnx.Conv, nnx.Linear)):
-            yield path_to_str(path), node
+    """Every ``nnx.Conv`` / ``nnx.Linear`` at any depth, and every factorized layer as one leaf
+    (its sub-layers hold its weights but are not called by its fast implementations)."""
+    nodes = [(path_to_str(p), node) for p, node in nnx.iter_graph(model)]
+    inside = [name + "." for name, node in nodes if isinstance(node, FactorizedLayer)]
+    for name, node in nodes:
+        if isinstance(node, (FactorizedLayer, nnx.Conv, nnx.Linear)) and not any(
+                name.startswith(q) for q in inside):
+            yield name, node
 
 
-def macs_of(layer, y) -> int:
-    """Multiply-accumulates per example of one conv/dense call: kernel size × output positions."""
+def macs_of(layer, x, y) -> int:
+    """Multiply-accumulates per example of one call: kernel size × output positions for a
+    conv/dense layer; the format's count (:meth:`FactorizedLayer.counts`) for a factorized one."""
+    if isinstance(layer, FactorizedLayer):
+        return int(layer.counts(in_spatial=tuple(x.shape[1:-1]), out_spatial=tuple(y.shape[1:-1])).flops)
     return int(math.prod(layer.kernel.shape) * math.prod(y.shape[1:-1]))
 
 
@@ -78,7 +90,7 @@ def count_macs(model: nnx.Module, record: dict) -> list:
     """Taps that store ``record[path] = MACs per example`` for every leaf conv/dense layer."""
 
     def tap(path):
-        return lambda layer, x, y: record.__setitem__(path, macs_of(layer, y))
+        return lambda layer, x, y: record.__setitem__(path, macs_of(layer, x, y))
 
     return [(layer, tap(path)) for path, layer in leaf_layers(model)]
 

@@ -30,6 +30,7 @@ from flax import nnx
 
 from sigmadecomp._paths import get_by_path, path_to_str
 from sigmadecomp.layers._common import FactorizedLayer
+from sigmadecomp.layers._config import canonical_convs
 from sigmadecomp.surgery._plan import Plan, _arrow, format_table
 from sigmadecomp.surgery._tap import count_macs, intercept, num_params
 
@@ -121,6 +122,7 @@ def verify(original: nnx.Module, compressed: nnx.Module, batches: Iterable, *,
         report = verify(model, apply(model, p, factors), [images[:128], images[128:256]], plan=p)
         print(report)
     """
+    original, compressed = canonical_convs(original), canonical_convs(compressed)
     paths = plan.paths if plan is not None else replaced_paths(original, compressed)
     for path in paths:
         get_by_path(compressed, path), get_by_path(original, path)  # KeyError listing valid paths

@@ -1,0 +1,366 @@
+"""Distillation fine-tuning of compressed ResNets: Σ-sequential vs Frobenius vs random initialisation.
+
+    .venv/bin/python experiments/finetune/main.py                 # full, resumable
+    .venv/bin/python experiments/finetune/main.py --smoke --out /tmp/smoke
+    .venv/bin/python experiments/finetune/main.py --table         # table and figure from results.json
+
+Each run appends to ``results.json`` as soon as it finishes; runs already there are skipped, so an
+interrupted experiment resumes where it stopped. The training images are the data kit's training
+batches (5 085); the test batch is only ever evaluated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)  # covariances accumulate in float64; models stay float32
+
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from sigmadecomp import calibration as seqcal  # noqa: E402
+from sigmadecomp import compress  # noqa: E402
+from sigmadecomp import finetune as ft  # noqa: E402
+from sigmadecomp._paths import get_by_path  # noqa: E402
+from sigmadecomp.data import cifar10_normalize, load_cifar10, sample  # noqa: E402
+from sigmadecomp.models import pretrained_resnet  # noqa: E402
+
+from config import FULL, SMOKE, Config  # noqa: E402
+
+# The TNN seed's ResNet-32 table (full retraining on 50 000 images; dense 93.2%), in %.
+TNN = {"svd": {0.05: 83.09, 0.1: 87.27, 0.2: 89.58}, "cp": {0.05: 84.02, 0.1: 86.93, 0.2: 88.75},
+       "tucker2": {0.05: 83.57, 0.1: 86.00, 0.2: 88.03}}
+TARGET = {0.05: 86.0, 0.1: 89.0, 0.2: 91.0}  # issue 13, best format per rate, ≤ 10 min distillation
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=pathlib.Path, default=HERE.parents[1] / ".." / "shared" / "data")
+    p.add_argument("--out", type=pathlib.Path, help="folder of results.json and figure.png (default: "
+                   "this folder; with --smoke a temporary folder)")
+    p.add_argument("--smoke", action="store_true", help="tiny configuration for CI (seconds)")
+    p.add_argument("--table", action="store_true", help="print the table and draw the figure only")
+    p.add_argument("--limit", type=int, default=None, help="run at most this many new runs")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the config's)")
+    p.add_argument("--only", nargs="+", default=None, metavar="FORMAT:RATIO:INIT",
+                   help="run only these cells, e.g. tucker2:0.1:sigma_seq")
+    p.add_argument("--results", default="results.json", help="results file name inside --out (parallel "
+                   "processes write separate files; --merge folds them into results.json)")
+    p.add_argument("--dense-bn", action="store_true", help="measure BN re-estimation on the dense model "
+                   "(a sanity check of the procedure) and store it in the results file")
+    p.add_argument("--merge", nargs="+", default=None, help="results files whose runs are added to results.json")
+    return p.parse_args(argv)
+
+
+def run_key(r) -> str:
+    lr = r.get("learning_rate", 0.02)
+    return f"resnet{r['arch']}/{r['format']}/{r['ratio']}/{r['init']}/bn-{r.get('batch_norm', 'update')}/lr{lr}"
+
+
+def load_results(path):
+    return json.loads(path.read_text()) if path.exists() else {"runs": []}
+
+
+def save_results(results, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def machine() -> str:
+    models = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+    return f"{os.cpu_count()}-core CPU, {models[0] if models else platform.processor()}"
+
+
+# ---------------------------------------------------------------- one run
+
+
+def randomize(model, paths, key):
+    """Redraw every kernel inside the factorized layers at ``paths`` (any format): normal with
+    variance 1/fan_in (LeCun), biases kept. The rest of the network stays pretrained."""
+    for i, path in enumerate(paths):
+        layer = get_by_path(model, path)
+        subs = [m for _, m in nnx.iter_graph(layer) if isinstance(m, (nnx.Conv, nnx.Linear))]
+        for j, sub in enumerate(subs):
+            kernel = sub.kernel[...]
+            fan_in = int(np.prod(kernel.shape[:-1]))
+            draw = jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), j), kernel.shape, kernel.dtype)
+            sub.kernel[...] = draw / np.sqrt(fan_in).astype(kernel.dtype)
+    return model
+
+
+def compress_for(model, calib, format, ratio, init, config: Config):
+    common = dict(format=format, ratio=ratio, key=jax.random.key(config.compress_seed), skip=config.skip,
+                  max_steps=config.max_steps, progress=False)
+    if init == "sigma_seq":
+        return seqcal.compress_sequential(model, calib, **common)
+    return compress.compress_model(model, calib, norm="sigma" if init == "sigma_par" else "frobenius", **common)
+
+
+def compressed_model(model, calib, format, ratio, init, config: Config, cache: pathlib.Path):
+    """The compressed model and its plan, from ``cache`` when an earlier run saved it there (the
+    distillation settings can change without recompressing); ``None`` seconds when cached."""
+    from sigmadecomp.surgery import Plan, load, save
+
+    if init == "random":  # the Frobenius model's architecture, every factor redrawn
+        frobenius, plan, seconds = compressed_model(model, calib, format, ratio, "frobenius", config, cache)
+        return randomize(nnx.clone(frobenius), plan.paths, jax.random.key(config.compress_seed)), plan, seconds
+    folder = cache / f"resnet{config.arch}-{format}-{ratio}-{init}-sweeps{config.max_steps}"
+    if (folder / "plan.json").is_file():
+        plan = Plan.from_dict(json.loads((folder / "plan.json").read_text())["plan"])
+        return load(folder, model), plan, None
+    tic = time.perf_counter()
+    result = compress_for(model, calib, format, ratio, init, config)
+    seconds = time.perf_counter() - tic
+    save(folder, result.model, result.plan)
+    return result.model, result.plan, seconds
+
+
+def calib_kl(teacher, student, calib, config: Config) -> float:
+    """Distillation loss T²·KL(teacher ‖ student) on the calibration images (training data)."""
+    return float(ft.kl_divergence(_logits(teacher, calib), _logits(student, calib), temperature=config.temperature))
+
+
+def _logits(model, images):
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, jax.numpy.asarray(images))
+
+
+def conv_rate(model, plan) -> float:
+    """Parameters of all convs after / before (the first conv, skipped, counts as kept)."""
+    conv1 = int(np.prod(model.conv1.kernel[...].shape))
+    return (conv1 + plan.params_after) / (conv1 + plan.params_before)
+
+
+_BASELINE = {}
+
+
+def baseline_accuracy(model, test) -> float:
+    if "acc" not in _BASELINE:
+        _BASELINE["acc"] = float(np.mean(compress.predict_labels(model, test[0]) == test[1]))
+    return _BASELINE["acc"]
+
+
+def measure(model, train, calib, test, key: tuple, config: Config, cache: pathlib.Path) -> dict:
+    format, ratio, init = key
+    accuracy = lambda m: {"accuracy": float(np.mean(compress.predict_labels(m, test[0]) == test[1]))}  # noqa: E731
+    compressed, plan, compress_seconds = compressed_model(model, calib, format, ratio, init, config, cache)
+    before = accuracy(compressed)["accuracy"]
+    tic = time.perf_counter()
+    bn = ft.reestimate_batch_norm(compressed, calib)
+    bn_seconds = time.perf_counter() - tic
+    after_bn = accuracy(bn)["accuracy"]
+    # The distillation starts from whichever of the two has the lower distillation loss on the
+    # calibration images (training data only; the test set chooses nothing).
+    kl = {"compressed": calib_kl(model, compressed, calib, config), "bn_reestimated": calib_kl(model, bn, calib, config)}
+    start_from = min(kl, key=kl.get)
+    epochs_equiv = config.steps * config.batch_size / len(train)
+    ft_config = ft.FinetuneConfig(
+        epochs=1, batch_size=config.batch_size, learning_rate=config.learning_rate,
+        temperature=config.temperature, batch_norm=config.batch_norm, eval_every=config.eval_every,
+        log_every=min(config.eval_every, 6))
+    # One "epoch" of exactly `steps` batches: a fixed sample of the training images (key train_seed).
+    images = sample(train, None, config.steps * config.batch_size, key=jax.random.key(config.train_seed + 1))
+    load_before = os.getloadavg()
+    run = ft.finetune(compressed if start_from == "compressed" else bn, model, images, key=jax.random.key(config.train_seed), config=ft_config,
+                      evaluate=accuracy, progress=False)
+    return dict(
+        arch=config.arch, format=format, ratio=ratio, init=init,
+        batch_norm=config.batch_norm, learning_rate=config.learning_rate, start_from=start_from, calib_kl=kl,
+        conv_param_rate=conv_rate(model, plan), params=compress.count_params(compressed),
+        baseline_params=compress.count_params(model),
+        accuracy_compressed=before, accuracy_bn=after_bn, accuracy_finetuned=run.history["eval"][-1]["accuracy"],
+        baseline_accuracy=baseline_accuracy(model, test), finetune_seconds=round(run.seconds, 2),
+        compress_seconds=None if compress_seconds is None else round(compress_seconds, 2), bn_seconds=round(bn_seconds, 2),
+        steps=run.steps, batch_size=config.batch_size, epochs_equivalent=round(epochs_equiv, 3),
+        compilations=run.compilations, history=run.history, max_steps=config.max_steps,
+        finetune_config=dataclasses.asdict(ft_config), loadavg=[load_before, os.getloadavg()],
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        train_images=len(train), test_images=len(test[1]), calib_images=len(calib),
+    )
+
+
+def dense_bn(config: Config, args) -> dict:
+    """Accuracy of the uncompressed model before/after BN re-estimation on the calibration images."""
+    model = pretrained_resnet(config.arch, args.data / "weights" / f"resnet{config.arch}_cifar10.safetensors")
+    train_x, _ = load_cifar10(args.data / "cifar10", "train")
+    calib = cifar10_normalize(sample(train_x, None, config.calib_images, key=jax.random.key(config.calib_seed)))
+    test_x, test_y = load_cifar10(args.data / "cifar10", "test", limit=config.test_images)
+    test_x = cifar10_normalize(test_x)
+    acc = lambda m: float(np.mean(compress.predict_labels(m, test_x) == test_y))  # noqa: E731
+    return dict(arch=config.arch, accuracy=acc(model), accuracy_bn=acc(ft.reestimate_batch_norm(model, calib)),
+                calib_images=config.calib_images, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+def run_all(config: Config, args, results, out):
+    done = {run_key(r) for r in results["runs"]}
+    runs = config.runs if args.only is None else [
+        (f, float(r), i) for f, r, i in (item.split(":") for item in args.only)]
+    todo = [k for k in runs if run_key(dict(arch=config.arch, format=k[0], ratio=k[1], init=k[2],
+                                            batch_norm=config.batch_norm, learning_rate=config.learning_rate)) not in done]
+    todo = todo[: args.limit] if args.limit is not None else todo
+    print(f"{len(todo)} run(s) to do, {len(done)} already in {out}", flush=True)
+    if not todo:
+        return
+    model = pretrained_resnet(config.arch, args.data / "weights" / f"resnet{config.arch}_cifar10.safetensors")
+    train_x, _ = load_cifar10(args.data / "cifar10", "train")
+    train = cifar10_normalize(train_x)
+    calib = cifar10_normalize(sample(train_x, None, config.calib_images, key=jax.random.key(config.calib_seed)))
+    test_x, test_y = load_cifar10(args.data / "cifar10", "test", limit=config.test_images)
+    test = (cifar10_normalize(test_x), test_y)
+    results["meta"] = dict(machine=machine(), config=dataclasses.asdict(config))
+    for key in todo:
+        record = measure(model, train, calib, test, key, config, out / "models")
+        results["runs"] = [r for r in results["runs"] if run_key(r) != run_key(record)] + [record]
+        save_results(results, out / args.results)
+        print(f"{run_key(record)}: compressed {record['accuracy_compressed']:.3f}  BN {record['accuracy_bn']:.3f}  "
+              f"distilled {record['accuracy_finetuned']:.3f} in {record['finetune_seconds']:.0f} s "
+              f"(load {record['loadavg'][0][0]:.1f})", flush=True)
+
+
+# ---------------------------------------------------------------- table and figure
+
+
+def _label(r) -> str:
+    return (f"{r['init']} ({r['max_steps']} sweeps, BN {r.get('batch_norm', 'update')} in training, "
+            f"lr {r.get('learning_rate', 0.02)})")
+
+
+def table(results) -> str:
+    """Accuracy (%) per format and conv-parameter rate: the TNN seed's row, then ours per init and
+    stage. ``distilled`` is after the fixed budget (steps × batch size images, same for all)."""
+    runs = results["runs"]
+    ratios = sorted({r["ratio"] for r in runs})
+    lines = ["| format | initialisation | stage | " + " | ".join(f"{r:.0%}" for r in ratios) + " |",
+             "|" + "---|" * (3 + len(ratios))]
+    order = {"sigma_seq": 0, "sigma_par": 1, "frobenius": 2, "random": 3}
+    for f in [f for f in ("svd", "cp", "tucker2") if any(r["format"] == f for r in runs)]:
+        tnn = [f"{TNN[f][r]:.2f}" if r in TNN[f] else "–" for r in ratios]
+        lines.append(f"| {f} | TNN seed | full retraining, 50 000 images | " + " | ".join(tnn) + " |")
+        groups = sorted({_label(r): order[r["init"]] for r in runs if r["format"] == f}.items(), key=lambda kv: kv[1])
+        for label, _ in groups:
+            cell = {r["ratio"]: r for r in runs if r["format"] == f and _label(r) == label}
+            for stage, field in (("no training", "accuracy_compressed"), ("BN re-estimated, no training", "accuracy_bn"),
+                                 ("distilled", "accuracy_finetuned")):
+                cells = [f"{100 * cell[r][field]:.2f}" if r in cell else "–" for r in ratios]
+                lines.append(f"| {f} | {label} | {stage} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def details(results) -> str:
+    """One line per run: rates, where distillation started, its time and throughput, the load."""
+    lines = ["| run | conv params | start | distil s | img/s | compress s | load (1 min) | date |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        rate = r["steps"] * r["batch_size"] / r["finetune_seconds"]
+        lines.append(f"| {run_key(r)} ({r['max_steps']} sweeps) | {r['conv_param_rate']:.3f} | {r.get('start_from', 'compressed')} | "
+                     f"{r['finetune_seconds']:.0f} | {rate:.1f} | {r['compress_seconds'] if r['compress_seconds'] is not None else 'cached'} | "
+                     f"{r['loadavg'][0][0]:.1f} | {r['date']} |")
+    return "\n".join(lines)
+
+
+def targets(results) -> str:
+    out = []
+    for ratio, goal in TARGET.items():
+        got = [r for r in results["runs"] if r["ratio"] == ratio]
+        if not got:
+            out.append(f"- {ratio:.0%}: target ≥ {goal}%: not measured")
+            continue
+        best = max(got, key=lambda r: r["accuracy_finetuned"])
+        verdict = "met" if 100 * best["accuracy_finetuned"] >= goal else f"missed by {goal - 100 * best['accuracy_finetuned']:.2f} points"
+        out.append(f"- {ratio:.0%}: target ≥ {goal}%: best {100 * best['accuracy_finetuned']:.2f}% "
+                   f"({best['format']}, {best['init']}, {best['finetune_seconds']:.0f} s of distillation): {verdict}")
+    for (f, ratio, bn) in sorted({(r["format"], r["ratio"], r.get("batch_norm", "update")) for r in results["runs"]}):
+        cell = {r["init"]: r["accuracy_finetuned"] for r in results["runs"]
+                if (r["format"], r["ratio"], r.get("batch_norm", "update")) == (f, ratio, bn)}
+        if "sigma_seq" in cell and len(cell) > 1:
+            others = {k: v for k, v in cell.items() if k != "sigma_seq"}
+            wins = all(cell["sigma_seq"] > v for v in others.values())
+            out.append(f"- {f} {ratio:.0%} (BN {bn}): Σ-sequential {100 * cell['sigma_seq']:.2f} vs "
+                       + ", ".join(f"{k} {100 * v:.2f}" for k, v in others.items())
+                       + f": Σ-sequential {'beats every other init' if wins else 'does NOT beat every other init'}")
+    return "\n".join(out)
+
+
+def figure(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = {"sigma_seq": "-", "sigma_par": "-.", "frobenius": ":", "random": "--"}
+    combos = sorted({(r["format"], r["ratio"]) for r in results["runs"]})
+    fig, axes = plt.subplots(1, len(combos), figsize=(4 * len(combos), 3.4), squeeze=False)
+    for ax, (f, ratio) in zip(axes[0], combos):
+        for r in results["runs"]:
+            if (r["format"], r["ratio"]) != (f, ratio):
+                continue
+            ev = r["history"]["eval"]
+            ax.plot([e["seconds"] for e in ev], [100 * e["accuracy"] for e in ev], styles[r["init"]],
+                    marker="o" if r.get("batch_norm") == "frozen" else "x", ms=3,
+                    label=f"{r['init']}, BN {r.get('batch_norm', 'update')}")
+        ax.set_title(f"ResNet-32 {f} {ratio:.0%}")
+        ax.set_xlabel("distillation time (s, loaded 2-core CPU)")
+        ax.set_ylim(0, 100)
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][-1].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    config = SMOKE if args.smoke else FULL
+    if args.lr is not None:
+        config = dataclasses.replace(config, learning_rate=args.lr)
+    out = args.out or (pathlib.Path(tempfile.mkdtemp(prefix="finetune_smoke_")) if args.smoke else HERE)
+    results = load_results(out / args.results)
+    if args.merge:
+        for name in args.merge:
+            other = load_results(out / name)
+            results.update({k: v for k, v in other.items() if k not in ("runs", "sessions")})
+            results.setdefault("sessions", []).extend(other.get("sessions", []))
+            for record in other["runs"]:
+                results["runs"] = [r for r in results["runs"] if run_key(r) != run_key(record)] + [record]
+        save_results(results, out / args.results)
+    elif args.dense_bn:
+        results["dense_bn"] = dense_bn(config, args)
+        save_results(results, out / args.results)
+    elif not args.table:
+        start = time.perf_counter()
+        run_all(config, args, results, out)
+        results.setdefault("sessions", []).append(dict(
+            wall_seconds=round(time.perf_counter() - start, 1), loadavg=os.getloadavg(),
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), argv=sys.argv[1:]))
+        save_results(results, out / args.results)
+    if results["runs"]:
+        print(table(results))
+        print()
+        print(details(results))
+        print()
+        print(targets(results))
+        if "dense_bn" in results:
+            d = results["dense_bn"]
+            print(f"- dense ResNet-{d['arch']}: {100 * d['accuracy']:.2f}% -> {100 * d['accuracy_bn']:.2f}% after BN "
+                  f"re-estimation on {d['calib_images']} calibration images")
+        figure(results, out / "figure.png")
+
+
+if __name__ == "__main__":
+    main()

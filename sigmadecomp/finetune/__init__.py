@@ -1,0 +1,42 @@
+"""Recover accuracy after compression: distil the compressed student from the dense teacher.
+
+* :func:`finetune` — optax training of any compressed model (every factorized format) on
+  ``T²·KL(teacher ‖ student)`` (+ cross-entropy, + feature matching on block outputs), with random
+  crop + flip, warm-up + cosine schedule, frozen or updated BatchNorm, resumable checkpoints and a
+  history; configured by :class:`FinetuneConfig`, returns a :class:`FinetuneResult`;
+* :func:`distill_on_cifar10`, :func:`finetune_saved` — what ``sigmadecomp compress --finetune-epochs``
+  and ``sigmadecomp finetune`` run;
+* :func:`reestimate_batch_norm` — no training: recompute BatchNorm statistics on calibration images;
+* the pieces: :func:`distillation_loss`, :func:`kl_divergence`, :func:`feature_loss`,
+  :func:`augment`, :func:`resnet_block_outputs`, :func:`save_checkpoint` / :func:`load_checkpoint`.
+
+    result = finetune(compressed, dense, train_images, key=jax.random.key(0),
+                      config=FinetuneConfig(epochs=3, learning_rate=0.01))
+    result.model, result.history["train"][-1]["loss"]
+"""
+
+from sigmadecomp.finetune._augment import augment
+from sigmadecomp.finetune._batch_norm import batch_norm_layers, reestimate_batch_norm
+from sigmadecomp.finetune._checkpoint import load_checkpoint, save_checkpoint
+from sigmadecomp.finetune._config import FinetuneConfig
+from sigmadecomp.finetune._features import resnet_block_outputs
+from sigmadecomp.finetune._loss import distillation_loss, feature_loss, kl_divergence
+from sigmadecomp.finetune._pipeline import distill_on_cifar10, finetune_saved
+from sigmadecomp.finetune._train import FinetuneResult, finetune
+
+__all__ = [
+    "FinetuneConfig",
+    "FinetuneResult",
+    "augment",
+    "batch_norm_layers",
+    "distill_on_cifar10",
+    "distillation_loss",
+    "feature_loss",
+    "finetune",
+    "finetune_saved",
+    "kl_divergence",
+    "load_checkpoint",
+    "reestimate_batch_norm",
+    "resnet_block_outputs",
+    "save_checkpoint",
+]

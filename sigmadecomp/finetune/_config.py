@@ -1,0 +1,131 @@
+"""The fine-tuning configuration: one frozen, validated, JSON-ready dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+__all__ = ["FinetuneConfig"]
+
+OPTIMIZERS = ("sgd", "adamw")
+BATCH_NORM_MODES = ("frozen", "update")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """How to distil a compressed student from its dense teacher (DESIGN.md §8).
+
+    Attributes:
+        epochs: passes over the training images (``N // batch_size`` steps each).
+        batch_size: images per step (the last incomplete batch of an epoch is dropped: one shape,
+            one compilation).
+        learning_rate: peak learning rate of the warm-up + cosine schedule.
+        optimizer: ``"sgd"`` (Nesterov momentum) or ``"adamw"``.
+        momentum: SGD momentum.
+        weight_decay: decoupled weight decay on kernels (arrays of rank ≥ 2), not on BN/biases.
+        clip_norm: gradients are clipped to this global norm (``None``: no clipping); a badly
+            initialised student (e.g. heavy Frobenius compression) otherwise starts with huge
+            logits and gradients that wreck it in one step.
+        warmup_fraction: fraction of the steps with a linear warm-up from 0.
+        end_lr_fraction: the cosine decays to ``end_lr_fraction · learning_rate``.
+        temperature: ``T`` of the ``T²·KL`` term.
+        label_weight: ``α`` of the cross-entropy term (needs labels; 0: labels unused).
+        feature_weight: ``β`` of the feature term on block outputs (0: off).
+        batch_norm: ``"frozen"`` (running statistics fixed, inference-mode BN; its scale and
+            offset still train) or ``"update"`` (training-mode BN: batch statistics, running
+            statistics re-estimated by the moving average).
+        augment: random crop (after ``pad`` pixels of padding) and horizontal flip.
+        time_limit: stop after this many seconds of training (evaluation and checkpoints not
+            counted); ``None``: run every step. The schedule is step-based either way.
+        log_every: steps between history entries (loss averaged over them, throughput).
+        eval_every: steps between evaluations (``None``: at the end of every epoch).
+        checkpoint_every: steps between checkpoints (``None``: at the end of every epoch).
+
+    >>> FinetuneConfig(epochs=2, learning_rate=0.01).optimizer
+    'sgd'
+    """
+
+    epochs: int = 1
+    batch_size: int = 64
+    learning_rate: float = 0.02
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    clip_norm: float | None = 5.0
+    warmup_fraction: float = 0.05
+    end_lr_fraction: float = 0.0
+    temperature: float = 4.0
+    label_weight: float = 0.0
+    feature_weight: float = 0.0
+    batch_norm: str = "frozen"
+    augment: bool = True
+    pad: int = 4
+    time_limit: float | None = None
+    log_every: int = 10
+    eval_every: int | None = None
+    checkpoint_every: int | None = None
+
+    def __post_init__(self):
+        positive = dict(epochs=self.epochs, batch_size=self.batch_size, log_every=self.log_every)
+        for name in ("eval_every", "checkpoint_every"):
+            if getattr(self, name) is not None:
+                positive[name] = getattr(self, name)
+        for name, value in positive.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("learning_rate", "temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("weight_decay", "label_weight", "feature_weight", "momentum", "pad"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("warmup_fraction", "end_lr_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.batch_norm not in BATCH_NORM_MODES:
+            raise ValueError(f"batch_norm must be one of {BATCH_NORM_MODES}, got {self.batch_norm!r}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0 or None, got {self.clip_norm!r}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ValueError(f"time_limit must be > 0 seconds or None, got {self.time_limit!r}")
+
+    def schedule(self, total_steps: int) -> optax.Schedule:
+        """Linear warm-up from 0 to ``learning_rate``, then cosine decay to
+        ``end_lr_fraction · learning_rate`` at ``total_steps`` (float32 throughout, so it also runs
+        under strict dtype promotion, unlike optax's own cosine schedule).
+
+        >>> lr = FinetuneConfig(learning_rate=0.1, warmup_fraction=0.1).schedule(100)
+        >>> [round(float(lr(s)), 4) for s in (0, 5, 10, 55, 100)]
+        [0.0, 0.05, 0.1, 0.05, 0.0]
+        """
+        warmup = int(round(self.warmup_fraction * total_steps))
+        peak = np.float32(self.learning_rate)
+        end = np.float32(self.end_lr_fraction * self.learning_rate)
+
+        def lr(count):
+            step = jnp.asarray(count, jnp.float32)
+            rising = peak * step / np.float32(max(warmup, 1))
+            progress = jnp.clip((step - np.float32(warmup)) / np.float32(max(total_steps - warmup, 1)), 0, 1)
+            cosine = end + (peak - end) * np.float32(0.5) * (1 + jnp.cos(np.float32(np.pi) * progress))
+            return jnp.where(step < np.float32(warmup), rising, cosine)
+
+        return lr
+
+    def optimizer_for(self, total_steps: int) -> optax.GradientTransformation:
+        """The optax optimizer: SGD-Nesterov or AdamW, decoupled weight decay on kernels only."""
+        lr = self.schedule(total_steps)
+        clip = [] if self.clip_norm is None else [optax.clip_by_global_norm(self.clip_norm)]
+        if self.optimizer == "adamw":
+            return optax.chain(*clip, optax.adamw(lr, weight_decay=self.weight_decay, mask=_kernel_mask))
+        return optax.chain(*clip, optax.masked(optax.add_decayed_weights(self.weight_decay), _kernel_mask),
+                           optax.sgd(lr, momentum=self.momentum, nesterov=True))
+
+
+def _kernel_mask(params):
+    return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)

@@ -1,0 +1,268 @@
+"""Distillation fine-tuning of a compressed student from its dense teacher (DESIGN.md §8).
+
+The training state is three pytrees — trainable parameters (every ``nnx.Param``), the rest of the
+student (BatchNorm statistics, ...) and the optax state — advanced by one jit-compiled step. Every
+random choice derives from the caller's ``key`` and the step number (shuffle of epoch ``e``:
+``fold_in(shuffle_key, e)``; augmentation of step ``s``: ``fold_in(augment_key, s)``), so a run
+resumed from a checkpoint retraces the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from sigmadecomp.finetune._augment import augment
+from sigmadecomp.finetune._checkpoint import load_checkpoint, save_checkpoint
+from sigmadecomp.finetune._config import FinetuneConfig
+from sigmadecomp.finetune._features import default_features
+from sigmadecomp.finetune._loss import distillation_loss
+
+__all__ = ["FinetuneResult", "finetune"]
+
+Features = Callable[[nnx.Module, jax.Array], tuple[jax.Array, list]]
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneResult:
+    """The fine-tuned student (inference mode) and what happened.
+
+    ``history`` is JSON-ready: ``{"train": [...], "eval": [...]}``. Train entries (every
+    ``log_every`` steps): ``step``, ``epoch``, ``loss``, ``kl``, ``ce``, ``feature`` (means over the
+    interval), ``learning_rate``, ``seconds`` (training time so far, evaluation and checkpoints
+    excluded), ``images_per_second`` (over the interval). Eval entries: ``step``, ``seconds`` and
+    whatever ``evaluate`` returned (one before the first step, then every ``eval_every`` steps).
+    """
+
+    model: nnx.Module
+    history: dict
+    steps: int  # steps taken in total (including those of a resumed run)
+    seconds: float  # training seconds in total
+    compilations: int  # compiled versions of the train step (1: no recompilation)
+    stopped: str  # "completed" or "time_limit"
+    resumed_from: int  # step the run resumed from (0: fresh start)
+
+
+def _split(student: nnx.Module, config: FinetuneConfig):
+    student = nnx.clone(student)
+    student.train() if config.batch_norm == "update" else student.eval()
+    return nnx.split(student, nnx.Param, ...)
+
+
+@functools.lru_cache(maxsize=16)
+def _make_step(graphdef, teacher_graphdef, config: FinetuneConfig, total: int, features: Features | None):
+    """The jitted train step, cached: a second run with the same models, configuration and number of
+    steps reuses the compiled step instead of compiling it again."""
+    tx = config.optimizer_for(total)
+    use_features = config.feature_weight > 0
+
+    def forward(model, x):
+        return features(model, x) if use_features else (model(x), [])
+
+    def step(params, rest, opt_state, teacher_state, images, labels, key):
+        x = augment(key, images, pad=config.pad) if config.augment else images
+        t_logits, t_features = jax.lax.stop_gradient(forward(nnx.merge(teacher_graphdef, teacher_state), x))
+
+        def loss_fn(params):
+            # copy=True: fresh Variables at this trace level, so training-mode BatchNorm may update them.
+            model = nnx.merge(graphdef, params, rest, copy=True)
+            logits, s_features = forward(model, x)
+            loss, parts = distillation_loss(
+                logits, t_logits, temperature=config.temperature, labels=labels,
+                label_weight=config.label_weight, student_features=s_features,
+                teacher_features=t_features, feature_weight=config.feature_weight)
+            return loss, (parts, nnx.split(model, nnx.Param, ...)[2])
+
+        (loss, (parts, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = jax.tree_util.tree_map(lambda p, u: p + u.astype(p.dtype), params, updates)
+        return params, new_rest, opt_state, dict(parts, loss=loss)
+
+    return jax.jit(step)
+
+
+def _check_data(images, labels, config: FinetuneConfig):
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"images must be preprocessed NHWC inputs (N, H, W, C); got shape {images.shape}")
+    if images.shape[0] < config.batch_size:
+        raise ValueError(f"{images.shape[0]} images are fewer than one batch (batch_size="
+                         f"{config.batch_size}); lower batch_size")
+    if labels is None:
+        if config.label_weight:
+            raise ValueError("label_weight > 0 needs labels; pass labels= or set label_weight=0")
+        return images, np.zeros(images.shape[0], np.int32)
+    labels = np.asarray(labels)
+    if labels.shape != images.shape[:1]:
+        raise ValueError(f"labels must have shape ({images.shape[0]},), got {labels.shape}")
+    return images, labels.astype(np.int32)
+
+
+# Settings that do not change the trajectory: a run may be resumed with other values.
+_CADENCE = ("time_limit", "log_every", "eval_every", "checkpoint_every")
+
+
+def _fingerprint(config: FinetuneConfig, key, num_images: int) -> dict:
+    trajectory = {k: v for k, v in dataclasses.asdict(config).items() if k not in _CADENCE}
+    return dict(config=trajectory, key=np.asarray(jax.random.key_data(key)).tolist(), num_images=num_images)
+
+
+def _eval_entry(evaluate, graphdef, params, rest, step: int, seconds: float) -> dict:
+    model = nnx.merge(graphdef, params, rest)
+    model.eval()
+    return dict(step=step, seconds=round(seconds, 3), **evaluate(model))
+
+
+def finetune(
+    student: nnx.Module,
+    teacher: nnx.Module,
+    images,
+    labels=None,
+    *,
+    key: jax.Array,
+    config: FinetuneConfig = FinetuneConfig(),
+    evaluate: Callable[[nnx.Module], dict] | None = None,
+    checkpoint_dir=None,
+    features: Features | None = None,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Distil ``student`` (e.g. a compressed model, any factorized format) from ``teacher``.
+
+    Minimises ``T²·KL(teacher ‖ student)`` (+ ``α·CE`` on ``labels``, + ``β``·feature term) on
+    augmented ``images`` with the optax optimizer and warm-up + cosine schedule of ``config``.
+    Neither input model is modified. The train step is compiled once.
+
+    Args:
+        student, teacher: NNX models mapping ``images`` to logits of the same shape.
+        images: preprocessed training inputs, NHWC (never the test set).
+        labels: integer labels, only needed when ``config.label_weight > 0``.
+        key: PRNG key of the shuffles and augmentations.
+        config: a :class:`FinetuneConfig`.
+        evaluate: ``model -> dict`` of numbers (e.g. test accuracy), called on an inference-mode
+            copy before the first step and every ``eval_every`` steps; its time is not counted.
+        checkpoint_dir: if given, the training state is saved there every ``checkpoint_every``
+            steps and at the end, and a run started with a checkpoint there resumes from it (same
+            student, teacher, data, key and config; anything else is an error).
+        features: ``(model, x) -> (logits, [block outputs])`` for the feature term; default: the
+            residual blocks' outputs of a :class:`sigmadecomp.models.CifarResNet`.
+        progress: show a tqdm bar with the loss and the throughput.
+
+    >>> import jax, numpy as np
+    >>> from flax import nnx
+    >>> from sigmadecomp.models import SmallCNN
+    >>> teacher = SmallCNN(widths=(4, 8, 8), rngs=nnx.Rngs(0))
+    >>> student = SmallCNN(widths=(4, 8, 8), rngs=nnx.Rngs(1))
+    >>> images = np.random.default_rng(0).random((32, 8, 8, 1), np.float32)
+    >>> result = finetune(student, teacher, images, key=jax.random.key(0), progress=False,
+    ...                   config=FinetuneConfig(epochs=2, batch_size=16, learning_rate=0.05))
+    >>> result.steps, result.compilations
+    (4, 1)
+    """
+    images, labels = _check_data(images, labels, config)
+    features = features or default_features(student, teacher, config.feature_weight)
+    steps_per_epoch = images.shape[0] // config.batch_size
+    total = config.epochs * steps_per_epoch
+    tx = config.optimizer_for(total)
+    graphdef, params, rest = _split(student, config)
+    teacher = nnx.clone(teacher)
+    teacher.eval()
+    teacher_graphdef, teacher_state = nnx.split(teacher)
+    opt_state = tx.init(params)
+    shuffle_key, augment_key = jax.random.split(key)
+    fingerprint = _fingerprint(config, key, images.shape[0])
+    history, start, seconds = {"train": [], "eval": []}, 0, 0.0
+    if checkpoint_dir is not None:
+        loaded = load_checkpoint(checkpoint_dir, dict(params=params, rest=rest, opt_state=opt_state))
+        if loaded is not None:
+            trees, meta = loaded
+            if meta["fingerprint"] != fingerprint:
+                raise ValueError(f"the checkpoint in {checkpoint_dir} was made with another config, key or "
+                                 "data size; use the same ones to resume, or another folder")
+            params, rest, opt_state = trees["params"], trees["rest"], trees["opt_state"]
+            history, start, seconds = meta["history"], meta["step"], meta["seconds"]
+    loop = _Loop(config, images, labels, steps_per_epoch, shuffle_key, augment_key, evaluate, graphdef)
+    step_fn = _make_step(graphdef, teacher_graphdef, config, total, features)
+    if evaluate is not None and start == 0:
+        history["eval"].append(_eval_entry(evaluate, graphdef, params, rest, 0, 0.0))
+    bar = tqdm(total=total, initial=start, desc="distillation", disable=not progress, unit="step")
+    state = [params, rest, opt_state]
+    step, seconds, stopped = loop.run(step_fn, state, teacher_state, start, total, seconds, history, bar,
+                                      lambda s, sec: _save(checkpoint_dir, state, s, sec, history, fingerprint))
+    bar.close()
+    if checkpoint_dir is not None:
+        _save(checkpoint_dir, state, step, seconds, history, fingerprint)
+    model = nnx.merge(graphdef, state[0], state[1])
+    model.eval()
+    return FinetuneResult(model, history, step, seconds, step_fn._cache_size(), stopped, start)
+
+
+def _save(folder, state, step, seconds, history, fingerprint):
+    if folder is None:
+        return
+    save_checkpoint(folder, dict(params=state[0], rest=state[1], opt_state=state[2]),
+                    dict(step=step, seconds=seconds, history=history, fingerprint=fingerprint))
+
+
+@dataclasses.dataclass
+class _Loop:
+    """The host loop: batches, logging, evaluation and checkpoint cadence, the time limit."""
+
+    config: FinetuneConfig
+    images: np.ndarray
+    labels: np.ndarray
+    steps_per_epoch: int
+    shuffle_key: jax.Array
+    augment_key: jax.Array
+    evaluate: Callable | None
+    graphdef: object
+
+    def batch(self, step: int):
+        epoch, i = divmod(step, self.steps_per_epoch)
+        order = np.asarray(jax.random.permutation(jax.random.fold_in(self.shuffle_key, epoch), len(self.images)))
+        idx = order[i * self.config.batch_size : (i + 1) * self.config.batch_size]
+        return jnp.asarray(self.images[idx]), jnp.asarray(self.labels[idx])
+
+    def run(self, step_fn, state, teacher_state, start, total, seconds, history, bar, save):
+        c, spe = self.config, self.steps_per_epoch
+        eval_every, ckpt_every = c.eval_every or spe, c.checkpoint_every or spe
+        lr = c.schedule(total)
+        sums, count, tic = {}, 0, time.perf_counter()
+        interval_start = seconds
+        step, stopped = start, "completed"
+        while step < total:
+            images, labels = self.batch(step)
+            *new_state, parts = step_fn(*state, teacher_state, images, labels,
+                                       jax.random.fold_in(self.augment_key, step))
+            state[:] = new_state
+            parts = {k: float(v) for k, v in parts.items()}  # waits for the step: honest timing
+            step += 1
+            now = time.perf_counter()
+            seconds, tic = seconds + (now - tic), now
+            sums = {k: sums.get(k, 0.0) + v for k, v in parts.items()}
+            count += 1
+            if step % c.log_every == 0 or step == total:
+                rate = count * c.batch_size / max(seconds - interval_start, 1e-9)
+                history["train"].append(dict(
+                    step=step, epoch=round(step / spe, 4), **{k: v / count for k, v in sums.items()},
+                    learning_rate=float(lr(step)), seconds=round(seconds, 3), images_per_second=round(rate, 2)))
+                bar.set_postfix(loss=f"{sums['loss'] / count:.4f}", img_s=f"{rate:.0f}")
+                sums, count, interval_start = {}, 0, seconds
+            bar.update(1)
+            limit_hit = c.time_limit is not None and seconds >= c.time_limit
+            if self.evaluate is not None and (step % eval_every == 0 or step == total or limit_hit):
+                history["eval"].append(_eval_entry(self.evaluate, self.graphdef, state[0], state[1], step, seconds))
+            if step % ckpt_every == 0 and step < total:
+                save(step, seconds)
+            tic = time.perf_counter()
+            if limit_hit and step < total:
+                stopped = "time_limit"
+                break
+        return step, seconds, stopped

@@ -1,0 +1,213 @@
+"""sigmadecomp.finetune: the loss against closed forms, augmentation, BatchNorm re-estimation
+against directly computed statistics, and training of every factorized format (one compilation,
+key-determinism, exact resume from a checkpoint)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from sigmadecomp import compress, formats
+from sigmadecomp import finetune as ft
+from sigmadecomp.layers import FactorizedLayer
+from sigmadecomp.models import CifarResNet, SmallCNN
+
+
+def _params(model):
+    return jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
+
+
+def _images(n, size=8, channels=1, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, size, size, channels)).astype(np.float32)
+
+
+# ---------------------------------------------------------------- loss
+
+
+def test_kl_matches_the_closed_form_and_scales_with_t_squared():
+    rng = np.random.default_rng(0)
+    z_t, z_s = rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
+    for t in (1.0, 3.0):
+        p, q = np.exp(z_t / t), np.exp(z_s / t)
+        p, q = p / p.sum(1, keepdims=True), q / q.sum(1, keepdims=True)
+        expected = t * t * np.mean(np.sum(p * np.log(p / q), axis=1))
+        got = float(ft.kl_divergence(jnp.asarray(z_t), jnp.asarray(z_s), temperature=t))
+        assert got == pytest.approx(expected, rel=1e-9)
+    assert float(ft.kl_divergence(jnp.asarray(z_t), jnp.asarray(z_t))) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_distillation_loss_adds_cross_entropy_and_features():
+    rng = np.random.default_rng(1)
+    z_t, z_s = jnp.asarray(rng.normal(size=(6, 3))), jnp.asarray(rng.normal(size=(6, 3)))
+    labels = jnp.asarray([0, 1, 2, 0, 1, 2])
+    f_t, f_s = [jnp.ones((6, 2))], [jnp.full((6, 2), 1.5)]
+    total, parts = ft.distillation_loss(z_s, z_t, temperature=2.0, labels=labels, label_weight=0.3,
+                                        student_features=f_s, teacher_features=f_t, feature_weight=2.0)
+    ce = float(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(z_s, labels)))
+    assert float(parts["ce"]) == pytest.approx(ce, rel=1e-9)
+    assert float(parts["feature"]) == pytest.approx(0.25, rel=1e-9)  # ‖0.5‖² / ‖1‖² per element
+    assert float(total) == pytest.approx(float(parts["kl"]) + 0.3 * ce + 2.0 * 0.25, rel=1e-9)
+    with pytest.raises(ValueError, match="needs labels"):
+        ft.distillation_loss(z_s, z_t, label_weight=1.0)
+    with pytest.raises(ValueError, match="batch, classes"):
+        ft.kl_divergence(z_t, z_s[:, :2])
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+def test_augment_crops_padded_windows_and_flips_deterministically():
+    x = jnp.asarray(_images(16, size=6, channels=2))
+    a, b = ft.augment(jax.random.key(3), x, pad=2), ft.augment(jax.random.key(3), x, pad=2)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(ft.augment(jax.random.key(4), x, pad=2)))
+    padded = np.pad(np.asarray(x), ((0, 0), (2, 2), (2, 2), (0, 0)))
+    flipped = 0
+    for img, src in zip(np.asarray(a), padded):
+        windows = [src[i:i + 6, j:j + 6] for i in range(5) for j in range(5)]
+        plain = any(np.array_equal(img, w) for w in windows)
+        mirrored = any(np.array_equal(img[:, ::-1], w) for w in windows)
+        assert plain or mirrored
+        flipped += mirrored and not plain
+    assert 0 < flipped < 16
+    assert np.array_equal(np.asarray(ft.augment(jax.random.key(0), x, pad=0, flip=False)), np.asarray(x))
+    with pytest.raises(ValueError, match="NHWC"):
+        ft.augment(jax.random.key(0), x[0])
+
+
+# ---------------------------------------------------------------- BatchNorm re-estimation
+
+
+def test_batch_norm_reestimation_gives_the_population_statistics():
+    model = CifarResNet(8, rngs=nnx.Rngs(0))
+    images = _images(20, size=32, channels=3)
+    new = ft.reestimate_batch_norm(model, images, batch_size=8)  # batches of 8, 8, 4
+    out = np.asarray(model.conv1(jnp.asarray(images)), np.float64)  # bn1's input
+    np.testing.assert_allclose(np.asarray(new.bn1.mean[...]), out.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(new.bn1.var[...]), out.var(axis=(0, 1, 2)), rtol=1e-3, atol=1e-5)
+    assert float(jnp.max(jnp.abs(model.bn1.mean[...]))) == 0.0  # the input model is untouched
+    assert new.bn1.use_running_average and new.bn1.momentum == model.bn1.momentum
+    with pytest.raises(ValueError, match="no nnx.BatchNorm"):
+        ft.reestimate_batch_norm(SmallCNN(widths=(2, 2, 2), rngs=nnx.Rngs(0)), _images(4))
+
+
+# ---------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def teacher_and_data():
+    teacher = SmallCNN(widths=(4, 8, 8), rngs=nnx.Rngs(0))
+    return teacher, _images(32)
+
+
+def _target(format) -> str:
+    """The SmallCNN layer a format compresses here: ``linear`` for dense-only formats, else conv2."""
+    spec = formats.get(format)
+    return "linear" if spec.layer is spec.dense_layer else "conv2"
+
+
+def _compressed(teacher, images, format):
+    skip = ("conv1", "conv2", "conv3") if _target(format) == "linear" else ("conv1", "linear")
+    return compress.compress_model(teacher, images, format=format, norm="sigma", ratio=0.5, skip=skip,
+                                   key=jax.random.key(0), progress=False, max_steps=2).model
+
+
+CONFIG = ft.FinetuneConfig(epochs=2, batch_size=16, learning_rate=0.05, log_every=1)
+
+
+@pytest.mark.parametrize("format", formats.format_names())  # every registered format, as others add them
+def test_every_factorized_format_trains_with_one_compilation(teacher_and_data, format):
+    teacher, images = teacher_and_data
+    student = _compressed(teacher, images, format)
+    before = [np.asarray(p) for p in _params(student)]
+    result = ft.finetune(student, teacher, images, key=jax.random.key(0), config=CONFIG, progress=False)
+    assert result.steps == 4 and result.compilations == 1 and result.stopped == "completed"
+    layer = getattr(result.model, _target(format))
+    assert isinstance(layer, FactorizedLayer) and type(layer) is type(getattr(student, _target(format)))
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(before, _params(student)))  # input intact
+    assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(before, _params(result.model)))
+    train = result.history["train"]
+    assert [e["step"] for e in train] == [1, 2, 3, 4] and all(np.isfinite(e["loss"]) for e in train)
+    assert all(e["images_per_second"] > 0 for e in train)
+
+
+def test_distillation_reduces_the_loss_on_fixed_data(teacher_and_data):
+    teacher, images = teacher_and_data
+    student = SmallCNN(widths=(4, 8, 8), rngs=nnx.Rngs(1))  # far from the teacher: a large KL to remove
+    config = ft.FinetuneConfig(epochs=30, batch_size=32, learning_rate=0.05, augment=False, log_every=1,
+                               warmup_fraction=0.0)
+    result = ft.finetune(student, teacher, images, key=jax.random.key(0), config=config, progress=False)
+    losses = [e["loss"] for e in result.history["train"]]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_same_key_same_model_and_evaluation_history(teacher_and_data):
+    teacher, images = teacher_and_data
+    student = _compressed(teacher, images, "tucker2")
+    evaluate = lambda m: {"mean_logit": float(jnp.mean(m(jnp.asarray(images))))}  # noqa: E731
+    runs = [ft.finetune(student, teacher, images, key=jax.random.key(k), config=CONFIG, evaluate=evaluate,
+                        progress=False) for k in (0, 0, 1)]
+    same = [np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(_params(runs[0].model), _params(runs[1].model))]
+    assert all(same)
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b))
+                   for a, b in zip(_params(runs[0].model), _params(runs[2].model)))
+    assert [e["step"] for e in runs[0].history["eval"]] == [0, 2, 4]
+
+
+def test_interrupted_run_resumes_to_the_same_model(teacher_and_data, tmp_path):
+    teacher, images = teacher_and_data
+    student = _compressed(teacher, images, "cp")
+    full = ft.finetune(student, teacher, images, key=jax.random.key(0), config=CONFIG, progress=False)
+    first = ft.finetune(student, teacher, images, key=jax.random.key(0), progress=False, checkpoint_dir=tmp_path,
+                        config=ft.FinetuneConfig(**{**CONFIG.__dict__, "time_limit": 1e-9}))
+    assert first.stopped == "time_limit" and first.steps == 1
+    resumed = ft.finetune(student, teacher, images, key=jax.random.key(0), config=CONFIG, progress=False,
+                          checkpoint_dir=tmp_path)
+    assert resumed.resumed_from == 1 and resumed.steps == 4
+    for a, b in zip(_params(full.model), _params(resumed.model)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    assert [e["step"] for e in resumed.history["train"]] == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="another config, key"):
+        ft.finetune(student, teacher, images, key=jax.random.key(1), config=CONFIG, progress=False,
+                    checkpoint_dir=tmp_path)
+
+
+def test_batch_norm_modes_and_feature_term():
+    teacher = CifarResNet(8, rngs=nnx.Rngs(0))
+    student = CifarResNet(8, rngs=nnx.Rngs(1))
+    images = _images(16, size=32, channels=3)
+    common = dict(epochs=1, batch_size=8, learning_rate=0.01, log_every=1)
+    frozen = ft.finetune(student, teacher, images, key=jax.random.key(0), progress=False,
+                         config=ft.FinetuneConfig(**common, batch_norm="frozen", feature_weight=1.0))
+    assert np.array_equal(np.asarray(frozen.model.bn1.mean[...]), np.asarray(student.bn1.mean[...]))
+    assert all(e["feature"] > 0 for e in frozen.history["train"])
+    update = ft.finetune(student, teacher, images, key=jax.random.key(0), progress=False,
+                         config=ft.FinetuneConfig(**common, batch_norm="update"))
+    assert not np.array_equal(np.asarray(update.model.bn1.mean[...]), np.asarray(student.bn1.mean[...]))
+    assert update.model.bn1.use_running_average  # returned in inference mode
+
+
+@pytest.mark.parametrize("options, needle", [
+    (dict(epochs=0), "epochs"), (dict(learning_rate=0.0), "learning_rate"), (dict(optimizer="lion"), "optimizer"),
+    (dict(batch_norm="x"), "batch_norm"), (dict(warmup_fraction=2.0), "warmup_fraction"),
+    (dict(time_limit=-1.0), "time_limit"), (dict(clip_norm=0.0), "clip_norm"),
+])
+def test_bad_config_is_a_clear_error(options, needle):
+    with pytest.raises(ValueError, match=needle):
+        ft.FinetuneConfig(**options)
+
+
+def test_bad_data_is_a_clear_error(teacher_and_data):
+    teacher, images = teacher_and_data
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        ft.finetune(teacher, teacher, images[:4], key=jax.random.key(0), config=CONFIG, progress=False)
+    with pytest.raises(ValueError, match="needs labels"):
+        ft.finetune(teacher, teacher, images, key=jax.random.key(0), progress=False,
+                    config=ft.FinetuneConfig(label_weight=1.0, batch_size=16))
+    with pytest.raises(ValueError, match="features="):
+        ft.finetune(teacher, teacher, images, key=jax.random.key(0), progress=False,
+                    config=ft.FinetuneConfig(feature_weight=1.0, batch_size=16))
