@@ -59,7 +59,7 @@ def main() -> None:
     c, (k1, k2) = args.size, (1, 3)
     shape = (3, 3, c, c)
     kernel = jax.random.normal(jax.random.key(0), shape, jnp.float32) / jnp.sqrt(9.0 * c)
-    cov = make_cov(c, jax.random.key(1), num_images=16)
+    cov = make_cov(c, jax.random.key(1), num_images=8)
     t2 = (c // 4, c // 4)
     ratio = count_format("tucker2", shape, t2).params / count_format("dense", shape).params
     ranks = {f: t2 if f == "tucker2" else rank_for_ratio(f, shape, ratio, kernel=kernel) for f in args.formats}

@@ -4,8 +4,9 @@ Three commands:
 
 * ``sigmadecomp demo`` — nothing to download: train a small CNN on scikit-learn's digits, then
   compress it with classic (Frobenius) and Σ decompositions and print/plot the comparison.
-* ``sigmadecomp compress`` — compress a pretrained CIFAR-10 ResNet with one format, norm and
-  parameter ratio (optionally fine-tuned by distillation); print a summary and optionally write
+* ``sigmadecomp compress`` — compress a pretrained CIFAR-10 ResNet (``--arch``) or your own Flax
+  model (``--model MODULE:FACTORY``, NNX or linen) with one format, norm and parameter ratio,
+  calibrated on CIFAR-10, an image folder or an ``.npz``; print a summary and optionally write
   JSON and the compressed model.
 * ``sigmadecomp finetune`` — distil a saved compressed model from its dense teacher.
 
@@ -73,6 +74,32 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _ints(count: int):
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(int(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {count} comma-separated integers, got {text!r}") from None
+        if len(values) != count or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"expected {count} positive comma-separated integers, got {text!r}")
+        return values
+
+    return parse
+
+
+def _floats(text: str) -> tuple:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _devices(text: str):
+    if text == "all":
+        return text
+    return _positive_int(text)
+
+
 def _nonnegative_int(text: str) -> int:
     try:
         value = int(text)
@@ -108,7 +135,7 @@ def _add_demo(commands) -> None:
 def _add_compress(commands) -> None:
     compress = commands.add_parser(
         "compress",
-        help="compress a pretrained CIFAR-10 ResNet and evaluate it",
+        help="compress a pretrained CIFAR-10 ResNet or your own Flax model and evaluate it",
         description=(
             "Calibrate on --calib training images of --data (sampled with --key), decompose every "
             "3x3 conv of the ResNet with --format at --ratio of its parameters (the first conv, "
@@ -118,18 +145,44 @@ def _add_compress(commands) -> None:
             "tr(ΔW cov ΔWᵀ)/tr(W cov Wᵀ) with each layer's calibration cov for parallel "
             "calibration (both norms, so they are comparable); with sequential calibration it is "
             "the cross error E‖W x − W̃ x̂‖²/E‖W x‖², which also contains the drift of each layer's "
-            "input caused by the earlier compressed layers."
+            "input caused by the earlier compressed layers. With --model (your NNX or linen model), "
+            "an image folder or an .npz, the same report comes from sigmadecomp.user_model: the first "
+            "conv/dense layer run and the last (the classifier) stay dense, images are scaled to "
+            "[0, 1] then normalised with --mean/--std, and unlabelled evaluation images give the "
+            "top-1 agreement and the output error only."
         ),
     )
-    compress.add_argument("--arch", required=True, type=_arch,
-                          help="resnetN, any CIFAR ResNet depth N = 6n+2 (resnet20, resnet32, "
-                               "resnet44, resnet56, resnet110, ...); must match --weights")
-    compress.add_argument("--weights", required=True, type=pathlib.Path,
-                          help="PyTorch state_dict in safetensors, e.g. resnet20_cifar10.safetensors")
+    which = compress.add_mutually_exclusive_group(required=True)
+    which.add_argument("--arch", type=_arch,
+                       help="resnetN, any CIFAR ResNet depth N = 6n+2 (resnet20, resnet32, "
+                            "resnet44, resnet56, resnet110, ...); must match --weights")
+    which.add_argument("--model", metavar="MODULE:FACTORY",
+                       help="your model: a function (imported like a console-script target, "
+                            "package.module:function, from sys.path) returning an NNX model with its "
+                            "weights loaded, or a tuple (linen module, variables); the first conv/dense "
+                            "layer run (unless --no-skip-first) and the last (the classifier) stay dense")
+    compress.add_argument("--weights", type=pathlib.Path,
+                          help="with --arch: PyTorch state_dict in safetensors, e.g. resnet20_cifar10.safetensors")
     compress.add_argument("--data", required=True, type=pathlib.Path,
-                          help="CIFAR-10 python-version folder (data_batch_1..5, test_batch)")
+                          help="CIFAR-10 python-version folder (data_batch_1..5, test_batch), an image "
+                               "folder (one sub-folder per class; sorted names = label ids; PNG/JPEG) or "
+                               "an .npz with 'images' (N, H, W, C) and optional 'labels'")
     compress.add_argument("--eval-data", type=pathlib.Path, default=None,
-                          help="folder holding test_batch for evaluation (default: --data)")
+                          help="evaluation images, same kinds as --data (default: --data; for a CIFAR-10 "
+                               "folder its test_batch). Without labels only the top-1 agreement and the "
+                               "output error are reported")
+    compress.add_argument("--image-size", type=_ints(2), default=None, metavar="H,W",
+                          help="resize the images of an image folder to H,W (bilinear)")
+    compress.add_argument("--mean", type=_floats, default=None, metavar="R,G,B",
+                          help="per-channel mean subtracted after scaling pixels to [0, 1] "
+                               "(default: none; CIFAR-10's for --arch)")
+    compress.add_argument("--std", type=_floats, default=None, metavar="R,G,B",
+                          help="per-channel std dividing after the mean (default: none; CIFAR-10's for --arch)")
+    compress.add_argument("--devices", default=None, type=_devices, metavar="N|all",
+                          help="calibrate data-parallel and solve layers in parallel on N devices (or "
+                               "all of jax.devices()); parallel calibration only (default: one device)")
+    compress.add_argument("--save-format", default="safetensors", choices=("safetensors", "orbax"),
+                          help="file format of --save (default: safetensors)")
     compress.add_argument("--format", default="tucker2", choices=format_names(),
                           help="decomposition of every compressed conv, from the format registry "
                                "(default: tucker2)")
@@ -251,17 +304,55 @@ def _run_demo(args) -> int:
     return 0
 
 
+def _is_cifar(folder: pathlib.Path) -> bool:
+    return (folder / "data_batch_1").is_file() or (folder / "test_batch").is_file()
+
+
 def _check_paths(args) -> None:
     """Fail fast, before any computation, on paths that cannot work."""
-    if not args.weights.is_file():
+    if args.arch is not None and args.weights is None:
+        raise ValueError("--arch needs --weights (the pretrained state_dict in safetensors)")
+    if args.model is not None and args.weights is not None:
+        raise ValueError("--weights is for --arch; a --model factory loads its own weights")
+    if args.weights is not None and not args.weights.is_file():
         raise FileNotFoundError(f"--weights: no such file: {args.weights}")
-    for flag, folder, name in (("--data", args.data, "data_batch_1"),
-                               ("--eval-data", args.eval_data or args.data, "test_batch")):
-        if not (folder / name).is_file():
+    for flag, path, name in (("--data", args.data, "data_batch_1"),
+                             ("--eval-data", args.eval_data or args.data, "test_batch")):
+        if path.is_dir() and _is_cifar(path) and not (path / name).is_file():
+            raise FileNotFoundError(f"{flag}: the CIFAR-10 folder {path} has no {name}")
+        if not (path.is_dir() or (path.is_file() and path.suffix == ".npz")):
             raise FileNotFoundError(
-                f"{flag}: {folder} has no {name}; point it at a CIFAR-10 python-version folder "
-                "(data_batch_1..5, test_batch)"
+                f"{flag}: {path} is not a folder or an .npz file; expected a CIFAR-10 python-version "
+                "folder (data_batch_1..5, test_batch), an image folder (one sub-folder per class) or "
+                "an .npz with 'images' and optional 'labels'"
             )
+
+
+def _cifar_only(args) -> bool:
+    """The original ResNet path: --arch on CIFAR-10 folders, none of the new options."""
+    folders = (args.data, args.eval_data or args.data)
+    return (args.arch is not None and all(f.is_dir() and _is_cifar(f) for f in folders)
+            and args.image_size is None and args.mean is None and args.std is None
+            and args.devices is None and args.save_format == "safetensors")
+
+
+def _run_user_model(args) -> dict:
+    from sigmadecomp.user_model import compress_user_model
+
+    model = None
+    if args.arch is not None:
+        from sigmadecomp.compress import resnet_depth
+        from sigmadecomp.models import pretrained_resnet
+
+        model = pretrained_resnet(resnet_depth(args.arch), args.weights)
+    return compress_user_model(
+        model=model, model_spec=args.model, arch=args.arch, data=args.data, eval_data=args.eval_data,
+        image_size=args.image_size, mean=args.mean, std=args.std, format=args.format, norm=args.norm,
+        ratio=args.ratio, calib=args.calib, key=args.key, max_steps=args.max_steps,
+        skip_first=args.skip_first, batch_size=args.batch_size, save_dir=args.save,
+        save_format=args.save_format, calibration=args.calibration,
+        bias_correction=args.bias_correction, progress=args.progress, devices=args.devices,
+    )
 
 
 def _check_writable(flag: str, path: pathlib.Path, *, folder: bool) -> None:
@@ -289,6 +380,10 @@ def _run_compress(args) -> int:
         _check_writable("--json", args.json, folder=False)
     if args.save is not None:
         _check_writable("--save", args.save, folder=True)
+    if not _cifar_only(args):
+        if args.finetune_epochs:
+            raise ValueError("--finetune-* applies to --arch on CIFAR-10 folders only, for now")
+        return _finish(args, _run_user_model(args))
     from sigmadecomp.compress import compress_pretrained, summary
 
     report = compress_pretrained(
@@ -301,6 +396,12 @@ def _run_compress(args) -> int:
         finetune_data=args.finetune_data, progress=args.progress, implementation=args.implementation,
         latency_repeats=args.latency_repeats, deploy_batch=args.deploy_batch,
     )
+    return _finish(args, report)
+
+
+def _finish(args, report: dict) -> int:
+    from sigmadecomp.compress import summary
+
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -150,14 +150,15 @@ def calibrate(
     layers: Sequence[str] | None = None,
     batch_size: int = 256,
     progress: bool = True,
+    devices=None,
 ) -> dict:
     """``{path: LayerCovariance}`` of ``layers`` (default: every conv/dense) on ``images``.
 
     A thin wrapper of :func:`sigmadecomp.collect_covariances` over fixed-order batches, so the same
-    images always give the same statistics.
+    images always give the same statistics; ``devices`` splits each batch over several devices.
     """
     stream = list(batches(images, batch_size=batch_size))
-    return sd.collect_covariances(model, stream, layers=layers, progress=progress)
+    return sd.collect_covariances(model, stream, layers=layers, progress=progress, devices=devices)
 
 
 def solver_for(entry, *, max_steps: int | None = None) -> sd.AbstractSolver:
@@ -253,6 +254,7 @@ def compress_model(
     input_shape: Sequence[int] | None = None,
     batch_size: int = 256,
     progress: bool = True,
+    devices=None,
 ) -> Compressed:
     """Calibrate, plan, decompose every planned layer and rebuild the model.
 
@@ -269,6 +271,10 @@ def compress_model(
             compare several formats/norms/ratios on the same statistics.
         input_shape: e.g. ``(1, 32, 32, 3)`` for the plan's FLOP counts; default: one
             calibration image, or no FLOPs when only ``covariances`` is given.
+        devices: ``None`` (one device), ``"all"``, a count or a list of devices: calibration
+            data-parallel over them and the layers' solves spread over them
+            (:mod:`sigmadecomp.distributed`); same results as one device up to rounding of the
+            covariance sums.
 
     Returns:
         A :class:`Compressed`: the new model, the plan and one :class:`LayerReport` per layer.
@@ -297,7 +303,13 @@ def compress_model(
                          input_shape=input_shape)
     if len(layer_plan) == 0:
         raise ValueError("the plan is empty: every eligible layer is skipped; skip fewer layers")
-    covariances = _covariances_for(model, layer_plan, calib_images, covariances, batch_size, progress)
+    covariances = _covariances_for(model, layer_plan, calib_images, covariances, batch_size, progress,
+                                   devices)
+    if devices is not None:  # independent layers spread over devices (sigmadecomp.distributed)
+        factorized, reports = _decompose_on_devices(model, layer_plan, covariances, norm=norm, key=key,
+                                                    max_steps=max_steps, devices=devices)
+        compressed = sd.apply(model, layer_plan, factorized)
+        return Compressed(compressed, layer_plan, reports, time.perf_counter() - start)
     factorized, reports, kept = {}, [], []
     keys = jax.random.split(key, len(layer_plan))
     entries = tqdm(layer_plan.entries, desc=f"{format}/{norm}", disable=not progress, leave=False)
@@ -315,12 +327,49 @@ def compress_model(
     return Compressed(compressed, used, tuple(reports), time.perf_counter() - start, tuple(kept))
 
 
-def _covariances_for(model, layer_plan, calib_images, covariances, batch_size, progress) -> Mapping:
+def _decompose_on_devices(model, layer_plan, covariances, *, norm, key, max_steps, devices):
+    """Every planned layer solved with :func:`sigmadecomp.distributed.solve_layers` (same keys and
+    solvers as the one-device loop, so the same results)."""
+    from sigmadecomp.distributed import solve_layers
+
+    for entry in layer_plan.entries:
+        if entry.groups != 1:
+            raise ValueError(f"layer {entry.path!r} is a grouped conv (groups={entry.groups}); the pipeline "
+                             "decomposes ungrouped layers only: skip it")
+    kernels = {e.path: get_by_path(model, e.path).kernel[...] for e in layer_plan.entries}
+    solutions = solve_layers(
+        [kernels[e.path] for e in layer_plan.entries],
+        [solver_for(e, max_steps=max_steps) for e in layer_plan.entries],
+        [covariances[e.path].cov if norm == "sigma" else None for e in layer_plan.entries],
+        list(jax.random.split(key, len(layer_plan))), devices=devices)
+    here = jax.local_devices()[0]
+    factorized = {e.path: jax.device_put(s.value, here) for e, s in zip(layer_plan.entries, solutions)}
+    return factorized, _reports(layer_plan, kernels, covariances, solutions)
+
+
+def _reports(layer_plan, kernels, covariances, solutions) -> tuple[LayerReport, ...]:
+    """One :class:`LayerReport` per plan entry, from its kernel, calibration cov and solution
+    (gathered on one local device: solves and statistics may live on others)."""
+    here = jax.local_devices()[0]
+    reports = []
+    for e, s in zip(layer_plan.entries, solutions):
+        kernel, value, cov = jax.device_put((kernels[e.path], s.value, covariances[e.path].cov), here)
+        reports.append(LayerReport(
+            path=e.path, format=e.format, rank=e.ranks[0] if len(e.ranks) == 1 else tuple(e.ranks),
+            params=e.params_after, baseline_params=e.params_before,
+            relative_error=float(sd.relative_error(kernel, value, cov)),
+            status=sd.Status(int(s.status)).name, num_steps=int(s.num_steps),
+            max_increase=history_increase(s)))
+    return tuple(reports)
+
+
+def _covariances_for(model, layer_plan, calib_images, covariances, batch_size, progress,
+                     devices=None) -> Mapping:
     if covariances is None:
         if calib_images is None:
             raise ValueError("give calib_images (to calibrate) or precomputed covariances")
         return calibrate(model, calib_images, layers=layer_plan.paths, batch_size=batch_size,
-                         progress=progress)
+                         progress=progress, devices=devices)
     missing = [p for p in layer_plan.paths if p not in covariances]
     if missing:
         raise ValueError(f"covariances has no entry for planned layer(s) {missing}; calibrate them "
@@ -533,12 +582,19 @@ def _check_calibration(calibration: str | None, norm: str) -> str:
 def summary(report: dict) -> str:
     """A few human-readable lines of a :func:`compress_pretrained` report."""
     c = report["config"]
+    if report["accuracy"] is not None:
+        scores = (f"  accuracy  {report['accuracy']:.2%}  (uncompressed {report['baseline_accuracy']:.2%}, "
+                  f"top-1 agreement {report['agreement']:.2%}, {report['num_eval_images']} test images)")
+    else:  # unlabelled evaluation images (sigmadecomp.user_model)
+        agreement = "n/a" if report["agreement"] is None else f"{report['agreement']:.2%}"
+        scores = (f"  top-1 agreement {agreement}, output relative error "
+                  f"{report['output_relative_error']:.4g} ({report['num_eval_images']} unlabelled images)")
     return "\n".join([
-        f"{c['arch']} {c['format']}/{c['norm']} ({c.get('calibration', 'parallel')} calibration) "
+        f"{c.get('arch') or c.get('model')} {c['format']}/{c['norm']} "
+        f"({c.get('calibration', 'parallel')} calibration) "
         f"ratio {c['ratio']} ({len(report['layers'])} layers, "
         f"{c['calib']} calibration images, key {c['key']})",
-        f"  accuracy  {report['accuracy']:.2%}  (uncompressed {report['baseline_accuracy']:.2%}, "
-        f"top-1 agreement {report['agreement']:.2%}, {report['num_eval_images']} test images)",
+        scores,
         f"  params    {report['params']:,} / {report['baseline_params']:,} "
         f"({report['params'] / report['baseline_params']:.2f}x)",
         f"  MACs      {report['flops']:,} / {report['baseline_flops']:,} "

@@ -59,7 +59,7 @@ def _compress_argv(tmp_path, **overrides) -> list[str]:
         ({"--calib": "0"}, "positive integer"),
         ({"--max-steps": "-3"}, "positive integer"),
         ({"--arch": "resnet18"}, "6n+2"),
-        ({"--format": "tt"}, "invalid choice"),
+        ({"--format": "tucker9"}, "invalid choice"),
         ({"--norm": "l1"}, "invalid choice"),
     ],
 )
@@ -71,12 +71,17 @@ def test_bad_arguments_are_one_line(tmp_path, capsys, overrides, needle):
     assert len(lines) == 1 and needle in lines[0], lines
 
 
-def test_missing_required_argument(capsys):
+def test_missing_required_argument(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["compress", "--arch", "resnet20"])
     assert exit_info.value.code == 2
     lines = _error_lines(capsys)
-    assert len(lines) == 1 and "--weights" in lines[0]
+    assert len(lines) == 1 and "--data" in lines[0]
+    argv = _compress_argv(tmp_path)  # --arch without --weights (optional since --model exists)
+    del argv[argv.index("--weights") : argv.index("--weights") + 2]
+    assert main(argv) == 1
+    lines = _error_lines(capsys)
+    assert len(lines) == 1 and "--arch needs --weights" in lines[0]
 
 
 @pytest.mark.parametrize(

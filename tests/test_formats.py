@@ -19,8 +19,9 @@ from _surgery_models import TinyNet
 
 
 def test_builtin_formats_and_their_entries():
-    assert formats.format_names() == ("svd", "tucker2", "cp", "cp3", "tucker3", "tt", "tr")
-    for name in formats.format_names():
+    conv_formats = ("svd", "tucker2", "cp", "cp3", "tucker3", "tt", "tr")
+    assert formats.format_names()[:7] == conv_formats  # later entries: other issues' formats
+    for name in conv_formats:  # tt-matrix (dense layers only) is tested in test_tt.py
         spec = formats.get(name)
         ranks = rank_for_ratio(name, (3, 3, 16, 32), 0.3)
         assert len(ranks) == len(spec.rank_names)

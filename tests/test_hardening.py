@@ -57,7 +57,7 @@ def test_every_solver_reports_ridge_jitter_tikhonov(solver, dtype):
     expected_ridge = 1e-6 * float(jnp.trace(cov)) / cov.shape[0]
     assert float(sol.stats["ridge"]) == pytest.approx(expected_ridge, rel=1e-5)
     assert 0.0 <= float(sol.stats["jitter"]) <= MAX_JITTER and float(sol.stats["tikhonov"]) == 0.0
-    assert all(v.dtype == kernel.dtype for v in sol.stats.values())
+    assert all(sol.stats[k].dtype == kernel.dtype for k in ("ridge", "jitter", "tikhonov"))
     frob = sd.decompose(kernel, solver)
     assert float(frob.stats["ridge"]) == 0.0
 
@@ -283,6 +283,7 @@ def _argv(weights, data, *extra):
             "--no-progress", *extra]
 
 
+@pytest.mark.slow
 def test_resnet44_compress_works_and_is_deterministic(resnet44, tmp_path):
     """`sigmadecomp compress --arch resnet44 ...` on a ResNet-44 checkpoint; the same command run
     again gives bit-identical JSON numbers (same process: compiled functions are reused, which

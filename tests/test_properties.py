@@ -36,7 +36,7 @@ def cases(draw):
     if kind == "svd":
         solver = sd.SVD(draw(st.integers(1, min(cout, d))))
     elif kind == "tucker2":
-        r_in = draw(st.integers(1, cin))
+        r_in = draw(st.integers(1, min(cin, cout * p)))
         r_out = draw(st.integers(max(1, -(-r_in // p)), min(cout, r_in * p)))
         solver = sd.Tucker2ALS((r_out, r_in), max_steps=6)
     else:

@@ -114,11 +114,14 @@ def main():
     ap.add_argument("--data", default=str(HERE.parents[2] / "shared" / "data"))
     ap.add_argument("--out", default=str(HERE))
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--only", default="", help="run only the rows whose key starts with this (fit, scratch, prior)")
+    ap.add_argument("--results", default=None, help="result file name (default results_mnist.json); "
+                    "lets a second process measure other rows in parallel")
     args = ap.parse_args()
     cfg = SMOKE if args.smoke else Config()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    res = Results(out / ("results_mnist_smoke.json" if args.smoke else "results_mnist.json"), dataclasses.asdict(cfg))
+    res = Results(out / (args.results or ("results_mnist_smoke.json" if args.smoke else "results_mnist.json")), dataclasses.asdict(cfg))
 
     data = pathlib.Path(args.data) / "mnist"
     x_tr, y_tr = load_mnist(data, "train", limit=cfg.train_limit)
@@ -140,8 +143,11 @@ def main():
         np.savez(cache, **{f"a{i}": np.asarray(a) for i, a in enumerate(jax.tree_util.tree_leaves(nnx.state(dense, nnx.Param)))})
         res.put("dense", {"accuracy": accuracy(dense, x_te, y_te), "train_seconds": time.time() - t0,
                           **hidden_counts(dense), "params": count_params(dense)})
+    if "dense" not in res:  # a second result file: the cached teacher, evaluated again
+        res.put("dense", {"accuracy": accuracy(dense, x_te, y_te), "train_seconds": None,
+                          **hidden_counts(dense), "params": count_params(dense)})
     dense_kernels = res["dense"]["hidden_kernel_params"]
-    teacher_logits = predict(dense, x_tr)
+    teacher_logits = predict(dense, x_tr) if "fit".startswith(args.only) else None
 
     # --- Σ of each hidden layer's input, from calibration images of the training set
     calib = x_tr[np.asarray(jax.random.permutation(jax.random.fold_in(key, 2), len(x_tr)))[: cfg.calib]]
@@ -151,7 +157,7 @@ def main():
     for rank in cfg.ranks:
         for norm in ("frobenius", "sigma", "sigma-seq"):
             name = f"fit/{norm}/r{rank}"
-            if name in res:
+            if name in res or not name.startswith(args.only):
                 continue
             k = len(cfg.in_modes)
             solvers = {
@@ -179,7 +185,7 @@ def main():
     for rank in cfg.scratch_ranks:
         for init in ("tt", "naive"):
             name = f"scratch/{init}/r{rank}"
-            if name in res:
+            if name in res or not name.startswith(args.only):
                 continue
             model, t0 = tt_mlp(cfg, rank, init, 5), time.time()
             losses = train(model, x_tr, y_tr, epochs=cfg.epochs, batch=cfg.batch, lr=cfg.lr, key=jax.random.fold_in(key, 1))
@@ -189,7 +195,7 @@ def main():
                            **counts, "ratio": dense_kernels / counts["hidden_kernel_params"]})
 
     name = f"prior/r{cfg.prior_rank}"
-    if name not in res:
+    if name not in res and name.startswith(args.only):
         model, t0 = tt_mlp(cfg, cfg.prior_rank, "tt", 6), time.time()
         penalty = lambda m: cfg.prior_strength * (sd.rank_penalty(m.fc1) + sd.rank_penalty(m.fc2))  # noqa: E731
         train(model, x_tr, y_tr, epochs=cfg.epochs, batch=cfg.batch, lr=cfg.lr, key=jax.random.fold_in(key, 1), loss_extra=penalty)

@@ -39,12 +39,12 @@ class Config:
     hidden: int = 128
     in_modes: tuple = (4, 4, 7, 7)
     gate_modes: tuple = (4, 4, 4, 6)
-    train_sequences: int = 20000
+    train_sequences: int = 60000
     test_sequences: int = 5000
     epochs: int = 4
     batch: int = 64
     lr: float = 2e-3
-    ranks: tuple = (4, 8)
+    ranks: tuple = (4,)
     train_limit: int | None = None
     test_limit: int | None = None
     seed: int = 0

@@ -1,6 +1,8 @@
 """Tables and target verdicts of the TT-layer experiments, printed from the result files.
 
-    .venv/bin/python experiments/tt_layers/report.py            # markdown, pasted into README.md
+    .venv/bin/python experiments/tt_layers/report.py            # markdown tables and verdicts
+    .venv/bin/python experiments/tt_layers/report.py --readme   # README.md = README_head.md (tables
+                                                                 # at RESULTS) + README_tail.md
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ def _pct(x):
 
 def _sessions(data):
     s = data["sessions"]
-    wall = sum(x.get("wall_seconds", 0) for x in s) / 60
+    walls = ", ".join(f"{x.get('wall_seconds', 0) / 60:.0f}" for x in s)
     loads = [r.get("loadavg", [0])[0] for r in data["runs"].values()]
-    return (f"{s[0]['date'][:10]} from {s[0]['date'][11:16]} UTC, {len(s)} session(s), {wall:.0f} min wall, "
+    return (f"{s[0]['date'][:10]} from {s[0]['date'][11:16]} UTC, sessions of {walls} min wall (some in parallel), "
             f"{s[-1]['machine']}, 1-min load average {min(loads):.0f}–{max(loads):.0f} during the runs")
 
 
@@ -32,6 +34,10 @@ def mnist():
     data = _load("results_mnist.json")
     if not data:
         return ["(experiment 1 not run)"]
+    extra = _load("results_mnist_scratch.json")  # rows measured by a second, parallel process
+    if extra:
+        data["runs"] = {**{k: v for k, v in extra["runs"].items() if k != "dense"}, **data["runs"]}
+        data["sessions"] += extra["sessions"]
     runs, out = data["runs"], []
     dense = runs["dense"]
     out += [f"**Experiment 1 — MNIST MLP 784-1024-1024-10** ({_sessions(data)})", "",
@@ -94,6 +100,12 @@ def text():
                 "|---|---|---|---|---|"]
         for k, r in sorted(gru.items()):
             out.append(f"| {k} | {r['input_map_params']:,} | {r['params']:,} | {_pct(r['accuracy'])} | {r['tokens_per_second']:,.0f} |")
+        base = gru.get("gru/dense")
+        for k, r in sorted(gru.items()):
+            if base and k != "gru/dense":
+                out.append(f"\n- `{k}`: {base['input_map_params'] / r['input_map_params']:.1f}× fewer input-map parameters, "
+                           f"{100 * (base['accuracy'] - r['accuracy']):.2f} points below the dense GRU, "
+                           f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}× its tokens/s.")
     return out
 
 
@@ -110,9 +122,17 @@ def sequences():
     for k, r in sorted(runs.items()):
         if k != "dense" and dense and r["input_map_ratio"] >= 100:
             gap = 100 * (dense["accuracy"] - r["accuracy"])
-            out.append(f"\n- `{k}`: {r['input_map_ratio']:.0f}× fewer input-map parameters, {gap:.2f} points below the dense GRU (target ≤ 1: {'met' if gap <= 1 else 'missed'}).")
+            out.append(f"\n- `{k}`: {r['input_map_ratio']:.0f}× fewer input-map parameters, {gap:.2f} points below the dense GRU "
+                       f"(target ≤ 1: {'met' if gap <= 1 else 'missed'}), {r['steps_per_second'] / dense['steps_per_second']:.2f}× its steps/s.")
     return out
 
 
 if __name__ == "__main__":
-    print("\n".join(mnist() + [""] + text() + [""] + sequences()))
+    import sys
+
+    tables = "\n".join(mnist() + [""] + text() + [""] + sequences())
+    if "--readme" in sys.argv[1:]:
+        head, tail = (HERE / "README_head.md").read_text(), (HERE / "README_tail.md").read_text()
+        (HERE / "README.md").write_text(head.replace("RESULTS", tables) + tail)
+    else:
+        print(tables)

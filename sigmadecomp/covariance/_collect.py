@@ -44,6 +44,7 @@ from sigmadecomp.covariance._stats import (
     finalize,
     init,
 )
+from sigmadecomp.distributed._covariance import batch_pieces
 
 __all__ = ["LayerTap", "collect_covariances", "layer_tap"]
 
@@ -276,6 +277,7 @@ def collect_covariances(
     forward: Callable | None = None,
     dtype=None,
     jit: bool = True,
+    devices=None,
 ) -> dict[str, LayerCovariance]:
     """Input-patch statistics ``cov = E[x xᵀ]`` of every ``nnx.Conv`` / ``nnx.Linear`` of ``model``.
 
@@ -294,6 +296,11 @@ def collect_covariances(
         geometry (default; keep batches one size, a smaller last batch compiles once more, and
         pass the same ``forward`` object across calls to reuse compilations). ``False`` runs
         eagerly, for debugging.
+      devices: ``None`` (one device), ``"all"`` (``jax.devices()``, every host after
+        ``jax.distributed.initialize``), a count or a list of devices: each batch is split over
+        them and the per-device moments merged (:mod:`sigmadecomp.distributed`); equal to the
+        one-device result up to rounding. A flax **linen** module is accepted too: pass
+        ``collect_covariances((module, variables), batches)`` (see :mod:`sigmadecomp.linen`).
 
     Returns:
       ``{path: LayerCovariance}`` in the order of :func:`sigmadecomp._paths.find_layers`. Convs
@@ -307,6 +314,13 @@ def collect_covariances(
     >>> covs["layers.0"].cov.shape
     (27, 27)
     """
+    if isinstance(model, tuple):  # (linen module, variables)
+        from sigmadecomp.linen import collect_covariances as collect_linen
+
+        if forward is not None:
+            raise ValueError("forward= is for NNX models; a linen model runs module.apply(variables, x)")
+        return collect_linen(*model, batches, layers=layers, progress=progress, max_batches=max_batches,
+                             dtype=dtype, jit=jit, devices=devices)
     if max_batches is not None and int(max_batches) < 1:
         raise ValueError(f"max_batches must be a positive int or None; got {max_batches!r}.")
     explicit = layers is not None
@@ -319,16 +333,29 @@ def collect_covariances(
     total = _length(batches)
     total = max_batches if total is None else min(total, max_batches or total)
     stats = None
+    single = functools.partial(layer_inputs, graphdef, paths, forward, state)
+    parallel = _data_parallel(devices, functools.partial(_layer_inputs, graphdef, paths, forward), state,
+                              cache_key=(graphdef, paths, forward))
     for batch in tqdm(itertools.islice(batches, max_batches), total=total, disable=not progress,
                       desc="covariance"):
-        inputs = layer_inputs(graphdef, paths, forward, state, _as_input(batch))
-        if stats is None:
-            taps = _called(taps, inputs, explicit)
-            stats = {t.path: init(t.dim, groups=t.groups, dtype=dtype) for t in taps}
-        stats = _update_all(taps, stats, inputs, layer_update)
+        for inputs, update in batch_pieces(_as_input(batch), parallel, single, layer_update):
+            if stats is None:
+                taps = _called(taps, inputs, explicit)
+                stats = {t.path: init(t.dim, groups=t.groups, dtype=dtype) for t in taps}
+            stats = _update_all(taps, stats, inputs, update)
     if stats is None:
         raise ValueError("batches was empty: give at least one batch of inputs.")
     return {path: finalize(s) for path, s in stats.items()}
+
+
+def _data_parallel(devices, inputs_fn, params, *, cache_key=None):
+    """A :class:`sigmadecomp.distributed.DataParallel` for several devices, else ``None``."""
+    from sigmadecomp.distributed import DataParallel, resolve_devices
+
+    devices = resolve_devices(devices)
+    if devices is None:
+        return None
+    return DataParallel(devices, inputs_fn, params, _layer_update, cache_key=cache_key)
 
 
 def _length(batches) -> int | None:

@@ -21,12 +21,14 @@ Rule (the reason is written into the entry, with the measured milliseconds):
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import jax
 import numpy as np
 from flax import nnx
 
 from sigmadecomp._paths import get_by_path
+from sigmadecomp.formats import get as get_format
 from sigmadecomp.layers._common import IMPLEMENTATIONS
 from sigmadecomp.layers._registry import factorize_layer
 from sigmadecomp.layers._shapes import placeholder
@@ -60,7 +62,7 @@ def choose_implementations(model: nnx.Module, plan: Plan, *, mode: str = "auto",
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
     if mode != "auto":
         entries = tuple(dataclasses.replace(e, implementation=mode, reason=f"{mode} forced by the user")
-                        for e in plan.entries)
+                        if supports_implementations(e) else _single(e) for e in plan.entries)
         return dataclasses.replace(plan, entries=entries)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
@@ -71,6 +73,9 @@ def choose_implementations(model: nnx.Module, plan: Plan, *, mode: str = "auto",
     cache: dict = {}
     entries, left = [], list(plan.left_dense)
     for entry in plan.entries:
+        if not supports_implementations(entry):
+            entries.append(_single(entry))
+            continue
         key = _timing_key(entry)
         if key not in cache:
             cache[key] = _time_entry(get_by_path(model, entry.path), entry, batch_size, repeats, seed)
@@ -82,11 +87,25 @@ def choose_implementations(model: nnx.Module, plan: Plan, *, mode: str = "auto",
     return dataclasses.replace(plan, entries=tuple(entries), left_dense=tuple(left))
 
 
+def supports_implementations(entry: PlanEntry) -> bool:
+    """Whether the entry's layer class takes ``implementation=`` (a format registered without it,
+    e.g. one that overrides ``__call__``, has only its own implementation)."""
+    spec = get_format(entry.format)
+    cls = spec.dense_layer if entry.kind == "dense" else spec.layer
+    return cls is not None and "implementation" in inspect.signature(cls.__init__).parameters
+
+
+def _single(entry: PlanEntry) -> PlanEntry:
+    return dataclasses.replace(entry, implementation="factorized",
+                               reason="factorized: the only implementation of this layer class")
+
+
 def set_implementations(model: nnx.Module, plan: Plan) -> nnx.Module:
     """A copy of the compressed ``model`` whose factorized layers use the plan's implementations."""
     model = nnx.clone(model)
     for entry in plan.entries:
-        get_by_path(model, entry.path).implementation = entry.implementation
+        if supports_implementations(entry):
+            get_by_path(model, entry.path).implementation = entry.implementation
     return model
 
 

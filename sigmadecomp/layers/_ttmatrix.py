@@ -74,7 +74,7 @@ def count_tt_matrix(in_modes: Sequence[int], out_modes: Sequence[int], ranks: Se
     contraction order it uses (the cheaper of left-to-right and right-to-left).
 
     >>> count_tt_matrix((4, 4, 7, 7), (4, 4, 8, 8), (8, 8, 8), bias=False)
-    Counts(params=6912, flops=117376)
+    Counts(params=5184, flops=684544)
     """
     in_modes, out_modes, ranks = tuple(in_modes), tuple(out_modes), tuple(ranks)
     flops = min(_flops_one_way(in_modes, out_modes, ranks), _flops_one_way(in_modes[::-1], out_modes[::-1], ranks[::-1]))

@@ -7,7 +7,7 @@ A saved model is a directory with two files:
     "architecture": [[path, kind, kernel_shape], ...]}`` — the plan that made the model, and a
     fingerprint of the uncompressed architecture: every decomposable layer (``nnx.Conv`` /
     ``nnx.Linear``) with its kernel shape, replaced or not.
-``params.safetensors``
+``params.safetensors`` (or the orbax checkpoint folder ``params/`` with ``format="orbax"``)
     Every variable of the compressed model's ``nnx.state`` except RNG state (parameters, batch
     statistics, ...), named by its dotted state path, e.g. ``layer1.0.conv1.core_conv.kernel``.
 
@@ -36,7 +36,7 @@ from sigmadecomp.layers._shapes import placeholder
 from sigmadecomp.surgery._apply import apply
 from sigmadecomp.surgery._plan import Plan, eligible_layers
 
-__all__ = ["FILE_VERSION", "load", "save"]
+__all__ = ["FILE_VERSION", "SAVE_FORMATS", "load", "read_tensors", "save", "write_tensors"]
 
 FILE_VERSION = 1
 _FORMAT = "sigmadecomp-compressed"
@@ -44,9 +44,10 @@ _PLAN_FILE, _PARAMS_FILE = "plan.json", "params.safetensors"
 _SAVED = nnx.Not(nnx.RngState)
 
 
-def save(path: Union[str, pathlib.Path], model: nnx.Module, plan: Plan) -> None:
+def save(path: Union[str, pathlib.Path], model: nnx.Module, plan: Plan, *, format: str = "safetensors") -> None:
     """Save the compressed ``model`` made with ``plan`` into directory ``path`` (created if needed;
-    existing files are overwritten).
+    existing files are overwritten). ``format="orbax"`` writes the values as an orbax checkpoint
+    folder ``params/`` instead of ``params.safetensors``; :func:`load` reads either.
 
     >>> import tempfile, jax.numpy as jnp
     >>> from flax import nnx
@@ -68,7 +69,7 @@ def save(path: Union[str, pathlib.Path], model: nnx.Module, plan: Plan) -> None:
                   architecture=_architecture_of_compressed(model, plan))
     (folder / _PLAN_FILE).write_text(json.dumps(header, indent=1))
     tensors = {name: np.asarray(value) for name, value in _flat_values(model).items()}
-    safetensors.numpy.save_file(tensors, str(folder / _PARAMS_FILE), metadata={"format": _FORMAT})
+    write_tensors(folder, "params", tensors, format=format)
 
 
 def load(path: Union[str, pathlib.Path], template: Union[nnx.Module, Callable[[], nnx.Module]]) -> nnx.Module:
@@ -86,7 +87,7 @@ def load(path: Union[str, pathlib.Path], template: Union[nnx.Module, Callable[[]
     plan = _read_header(folder, template)
     placeholders = {e.path: _placeholders(e, get_by_path(template, e.path)) for e in plan.entries}
     model = apply(template, plan, placeholders)
-    _write_values(model, _read_tensors(folder / _PARAMS_FILE))
+    _write_values(model, read_tensors(folder, "params"))
     return model
 
 
@@ -169,10 +170,47 @@ def _flat_values(model: nnx.Module) -> dict:
     return {path_to_str(path): var[...] for path, var in flat}
 
 
-def _read_tensors(file: pathlib.Path) -> dict:
-    if not file.is_file():
-        raise ValueError(f"{file} not found: the saved model is incomplete")
-    return safetensors.numpy.load_file(str(file))
+SAVE_FORMATS = ("safetensors", "orbax")
+
+
+def write_tensors(folder: pathlib.Path, stem: str, tensors: dict, *, format: str = "safetensors") -> None:
+    """``{name: array}`` to ``folder/stem.safetensors`` or to the orbax checkpoint ``folder/stem/``
+    (a flat dict of numpy arrays, written with ``orbax.checkpoint.StandardCheckpointer``). The other
+    format's file is removed, so a folder holds one version of the values."""
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"save format must be one of {SAVE_FORMATS}; got {format!r}")
+    file, checkpoint = folder / f"{stem}.safetensors", (folder / stem).resolve()
+    if format == "safetensors":
+        _remove_checkpoint(checkpoint)
+        safetensors.numpy.save_file(tensors, str(file), metadata={"format": _FORMAT})
+        return
+    import orbax.checkpoint as ocp
+
+    file.unlink(missing_ok=True)
+    _remove_checkpoint(checkpoint)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(checkpoint, tensors)
+
+
+def _remove_checkpoint(checkpoint: pathlib.Path) -> None:
+    import shutil
+
+    if checkpoint.is_dir():
+        shutil.rmtree(checkpoint)
+
+
+def read_tensors(folder: pathlib.Path, stem: str) -> dict:
+    """What :func:`write_tensors` wrote, in either format, as numpy arrays."""
+    file, checkpoint = folder / f"{stem}.safetensors", (folder / stem).resolve()
+    if file.is_file():
+        return safetensors.numpy.load_file(str(file))
+    if checkpoint.is_dir():
+        import orbax.checkpoint as ocp
+
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore(checkpoint)
+        return {name: np.asarray(value) for name, value in restored.items()}
+    raise ValueError(f"{file} not found (nor an orbax checkpoint {checkpoint}): the saved model is incomplete")
 
 
 def _write_values(model: nnx.Module, tensors: dict) -> None:
