@@ -72,7 +72,7 @@ def test_smoke_prints_table_and_resumes(smoke):
 
 
 def test_bad_filter_is_rejected(tmp_path):
-    proc = _run("--smoke", "--formats", "tt", "--out", str(tmp_path))
+    proc = _run("--smoke", "--formats", "nonsense", "--out", str(tmp_path))
     assert proc.returncode != 0 and "--formats" in proc.stderr
 
 
