@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -72,7 +73,7 @@ def test_smoke_prints_table_and_resumes(smoke):
 
 
 def test_bad_filter_is_rejected(tmp_path):
-    proc = _run("--smoke", "--formats", "tt", "--out", str(tmp_path))
+    proc = _run("--smoke", "--formats", "nonsense", "--out", str(tmp_path))
     assert proc.returncode != 0 and "--formats" in proc.stderr
 
 
@@ -93,8 +94,12 @@ def test_resumes_after_a_partial_run(smoke, tmp_path):
     redone = [r for r in json.loads((tmp_path / "results.json").read_text())["runs"]
               if r["calibration"] == "sequential"]
     assert len(redone) == 1
-    for field in ("accuracy", "agreement", "mean_relative_error", "layer_errors"):
+    for field in ("accuracy", "agreement"):  # bit-identical accuracies
         assert redone[0][field] == dropped[field], field
+    # Errors agree to float32 rounding only: across processes the solves differ in the 8th digit
+    # (measured: 0.12768328 vs 0.12768328, last digits 153 vs 652); see experiments/sequential.
+    assert redone[0]["mean_relative_error"] == pytest.approx(dropped["mean_relative_error"], rel=1e-5)
+    np.testing.assert_allclose(redone[0]["layer_errors"], dropped["layer_errors"], rtol=1e-4, atol=1e-6)
 
 
 def test_refuses_to_resume_with_other_settings(smoke, tmp_path):
