@@ -53,6 +53,14 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _budget(text: str) -> str:
+    kind, sep, value = text.partition("=")
+    if not sep or kind not in ("params", "flops"):
+        raise argparse.ArgumentTypeError(f"expected params=R or flops=R, got {text!r}")
+    _ratio(value)
+    return text
+
+
 def _arch(text: str) -> str:
     """``resnetN`` for any CIFAR ResNet depth ``N = 6n + 2``."""
     from sigmadecomp.compress import resnet_depth  # noqa: PLC0415 - light module-level import
@@ -192,6 +200,17 @@ def _add_compress(commands) -> None:
     compress.add_argument("--ratio", type=_ratio, default=0.5,
                           help="kept parameters / original per compressed layer, in (0, 1] "
                                "(default: 0.5)")
+    compress.add_argument("--rank-rule", default="uniform", choices=("uniform", "energy", "vbmf", "global"),
+                          help="how each layer's ranks are chosen: uniform (every layer at --ratio or "
+                               "the --budget ratio), energy (keep --tau of the Σ-whitened spectrum's "
+                               "energy, or the τ that meets --budget), vbmf (EVBMF on the whitened "
+                               "unfoldings), global (minimise predicted output damage under --budget; "
+                               "a layer may stay dense). Default: uniform")
+    compress.add_argument("--budget", type=_budget, default=None,
+                          help="whole-model budget params=R or flops=R (R in (0, 1], relative to the "
+                               "compressed layers' dense counts); replaces --ratio")
+    compress.add_argument("--tau", type=_ratio, default=None,
+                          help="kept energy fraction for --rank-rule energy without --budget")
     compress.add_argument("--calib", type=_positive_int, default=256,
                           help="number of calibration images (default: 256)")
     compress.add_argument("--key", type=int, default=0,
@@ -249,7 +268,7 @@ def _add_finetune_options(compress) -> None:
                                "the JSON then holds accuracy_before_finetune, finetune_seconds, "
                                "finetune_epochs")
     compress.add_argument("--finetune-lr", type=_positive_float, default=None, metavar="LR",
-                          help="peak learning rate of the warm-up + cosine schedule (default: 0.02)")
+                          help="peak learning rate of the warm-up + cosine schedule (default: 0.002)")
     compress.add_argument("--finetune-data", type=pathlib.Path, default=None, metavar="DIR",
                           help="CIFAR-10 folder whose data_batch_* files are the fine-tuning images "
                                "(default: --data; its test_batch is never used for training)")
@@ -275,7 +294,7 @@ def _add_finetune(commands) -> None:
     tune.add_argument("--eval-data", type=pathlib.Path, default=None,
                       help="folder holding test_batch for evaluation (default: --data)")
     tune.add_argument("--epochs", type=_positive_int, default=1, help="passes over the images (default: 1)")
-    tune.add_argument("--lr", type=_positive_float, default=0.02, help="peak learning rate (default: 0.02)")
+    tune.add_argument("--lr", type=_positive_float, default=0.002, help="peak learning rate (default: 0.002)")
     tune.add_argument("--key", type=int, default=0, help="seed of the shuffles and augmentations")
     tune.add_argument("--checkpoint-dir", type=pathlib.Path, default=None,
                       help="save the training state here every epoch; a rerun resumes from it")
@@ -392,6 +411,7 @@ def _run_compress(args) -> int:
         ratio=args.ratio, calib=args.calib, key=args.key, max_steps=args.max_steps,
         skip_first=args.skip_first, batch_size=args.batch_size, save_dir=args.save,
         calibration=args.calibration, bias_correction=args.bias_correction,
+        rank_rule=args.rank_rule, budget=args.budget, tau=args.tau,
         finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
         finetune_data=args.finetune_data, progress=args.progress, implementation=args.implementation,
         latency_repeats=args.latency_repeats, deploy_batch=args.deploy_batch,

@@ -421,6 +421,9 @@ def compress_pretrained(
     save_dir=None,
     calibration: str | None = None,
     bias_correction: bool = False,
+    rank_rule: str = "uniform",
+    budget: str | None = None,
+    tau: float | None = None,
     finetune_epochs: int = 0,
     finetune_lr: float | None = None,
     finetune_data=None,
@@ -449,6 +452,13 @@ def compress_pretrained(
     ``bias_correction`` shifts each compressed layer's mean output on the calibration images back
     to the original's (:func:`sigmadecomp.calibration.correct_bias`).
 
+    ``rank_rule`` (``"uniform"``, ``"energy"``, ``"vbmf"``, ``"global"``), ``budget``
+    (``"params=R"`` / ``"flops=R"``, relative to the compressed layers' dense counts; replaces
+    ``ratio``) and ``tau`` choose the ranks with :func:`sigmadecomp.surgery.select_ranks`, on the
+    original network's statistics, before any layer is fitted (also under sequential
+    calibration). The report then has a ``rank_selection`` entry (rule, achieved budget,
+    predicted damage) and each layer its ``predicted_error`` and ``sensitivity``.
+
     ``implementation``: ``"auto"`` times every planned layer on this machine (at ``deploy_batch``) and runs
     each the faster way, factorized or with the kernel rebuilt from the factors; a layer whose
     factorized form is neither faster nor smaller stays dense (``left_dense`` in the report, with
@@ -475,17 +485,30 @@ def compress_pretrained(
     test_images, test_labels = sd.data.load_cifar10(eval_dir or data_dir, "test")
     calib_images = sd.data.cifar10_normalize(sd.data.sample(train_images, None, calib, key=calib_key))
     skip = ("conv1", "linear") if skip_first else ("linear",)
+    selection, ranks = None, None
+    if rank_rule != "uniform" or (budget is not None and not budget.startswith("params")):
+        selection = _select(model, calib_images, format=format, norm=norm, rule=rank_rule, budget=budget,
+                            tau=tau, skip=skip, key=jax.random.fold_in(calib_key, 1), batch_size=batch_size,
+                            progress=progress)
+        ratio, ranks, skip = None, selection, selection.is_dense
+    elif budget is not None:
+        ratio = sd.surgery.Budget.parse(budget).ratio
     chosen = sd.latency.choose_implementations(
-        model, sd.plan(model, format=format, ratio=ratio, skip=skip, input_shape=_INPUT_SHAPE),
+        model, sd.plan(model, format=format, ratio=ratio, ranks=ranks, skip=skip, input_shape=_INPUT_SHAPE),
         mode=implementation, batch_size=deploy_batch)
-    skip = skip + tuple(path for path, _ in chosen.left_dense)
+    slow = tuple(path for path, _ in chosen.left_dense)
+    if selection is not None:  # the selection's dense layers, and those the latency check keeps dense
+        ranks = {p: r for p, r in selection.items() if p not in slow}
+        skip = lambda path: path not in ranks  # noqa: E731
+    else:
+        skip = skip + slow
     if calibration == "sequential":
         result = sd.calibration.compress_sequential(
-            model, calib_images, format=format, ratio=ratio, skip=skip, key=solve_key,
+            model, calib_images, format=format, ratio=ratio, ranks=ranks, skip=skip, key=solve_key,
             max_steps=max_steps, bias_correction=bias_correction, batch_size=batch_size,
             progress=progress)
     else:
-        result = compress_model(model, calib_images, format=format, norm=norm, ratio=ratio,
+        result = compress_model(model, calib_images, format=format, norm=norm, ratio=ratio, ranks=ranks,
                                 skip=skip, key=solve_key, max_steps=max_steps,
                                 batch_size=batch_size, progress=progress)
         if bias_correction:
@@ -505,7 +528,8 @@ def compress_pretrained(
     config = dict(arch=arch, weights=str(weights), data=str(data_dir),
                   eval_data=str(eval_dir or data_dir), format=format, norm=norm, ratio=ratio,
                   calib=calib, key=key, max_steps=max_steps, skip_first=skip_first,
-                  calibration=calibration, bias_correction=bias_correction,
+                  calibration=calibration, bias_correction=bias_correction, rank_rule=rank_rule,
+                  budget=budget, tau=tau,
                   finetune_lr=finetune_lr, finetune_data=str(finetune_data or data_dir),
                   save=None if save_dir is None else str(save_dir), implementation=implementation,
                   deploy_batch=deploy_batch)
@@ -513,15 +537,29 @@ def compress_pretrained(
            for e in result.plan.entries}
     layers = [dict(dataclasses.asdict(layer), in_model_relative_error=in_model.get(layer.path),
                    **how.get(layer.path, {})) for layer in result.layers]
+    extra = {}
+    if selection is not None:
+        extra["rank_selection"] = selection.to_dict()
+        picked = {c.path: c for c in selection.layers}
+        layers = [dict(layer, predicted_error=picked[layer["path"]].predicted_error,
+                       sensitivity=picked[layer["path"]].sensitivity) for layer in layers]
     latency = _latency_report(model, result.model, latency_repeats)
     tuned.setdefault("accuracy_before_finetune", scores["accuracy"])
-    return dict(scores, **tuned, **counts, **latency, left_dense=[list(p) for p in result.plan.left_dense],
+    return dict(scores, **tuned, **counts, **latency, **extra,
+                left_dense=[list(p) for p in result.plan.left_dense],
                 kept_dense=list(result.kept_dense),
                 mean_relative_error=result.mean_relative_error,
                 num_eval_images=int(len(test_labels)), decompose_seconds=result.seconds,
                 seconds=time.perf_counter() - start, config=config, layers=layers)
 
 
+def _select(model, calib_images, *, format, norm, rule, budget, tau, skip, key, batch_size, progress):
+    """Rank selection on the original network's statistics (see :func:`select_ranks`)."""
+    paths = sd.plan(model, format=format, ratio=1.0, skip=skip).paths
+    covariances = calibrate(model, calib_images, layers=paths, batch_size=batch_size, progress=progress)
+    return sd.surgery.select_ranks(model, covariances, format=format, rule=rule, budget=budget, tau=tau,
+                                   norm=norm, images=calib_images, key=key, skip=skip,
+                                   input_shape=(1, *np.shape(calib_images)[1:]), progress=progress)
 def _maybe_finetune(model, result, test_images, test_labels, *, epochs, lr, data_dir, key, batch_size,
                     progress) -> tuple[Compressed, dict]:
     """Distil ``result.model`` from ``model`` when ``epochs > 0``; the report fields either way."""
@@ -579,6 +617,16 @@ def _check_calibration(calibration: str | None, norm: str) -> str:
     return calibration
 
 
+def _ranks_text(config: dict, report: dict) -> str:
+    rule = config.get("rank_rule", "uniform")
+    if rule == "uniform" and config.get("budget") is None:
+        return f"ratio {config['ratio']}"
+    sel = report.get("rank_selection") or {}
+    achieved = sel.get("achieved_params")
+    tail = "" if achieved is None else f", achieved params {achieved:.3f} flops {sel['achieved_flops']:.3f}"
+    return f"rank rule {rule}, budget {config.get('budget') or config.get('tau')}{tail}"
+
+
 def summary(report: dict) -> str:
     """A few human-readable lines of a :func:`compress_pretrained` report."""
     c = report["config"]
@@ -590,6 +638,8 @@ def summary(report: dict) -> str:
         scores = (f"  top-1 agreement {agreement}, output relative error "
                   f"{report['output_relative_error']:.4g} ({report['num_eval_images']} unlabelled images)")
     return "\n".join([
+        f"{c['arch']} {c['format']}/{c['norm']} ({c.get('calibration', 'parallel')} calibration) "
+        f"{_ranks_text(c, report)} ({len(report['layers'])} layers, "
         f"{c.get('arch') or c.get('model')} {c['format']}/{c['norm']} "
         f"({c.get('calibration', 'parallel')} calibration) "
         f"ratio {c['ratio']} ({len(report['layers'])} layers, "

@@ -119,9 +119,13 @@ def _compressed(teacher, images, format):
 CONFIG = ft.FinetuneConfig(epochs=2, batch_size=16, learning_rate=0.05, log_every=1)
 
 
-@pytest.mark.parametrize("format", formats.format_names())  # every registered format, as others add them
+# Every registered format, as others add them; TT-matrix layers come from surgery.to_tt, not from
+# compress_model (whose relative_error rejects a TTMatrix), so they are not built here.
+@pytest.mark.parametrize("format", [f for f in formats.format_names() if f != "tt-matrix"])
 def test_every_factorized_format_trains_with_one_compilation(teacher_and_data, format):
     teacher, images = teacher_and_data
+    if _target(format) == "linear":  # a TT-matrix needs factorable sizes: 128 -> 12 classes, not 10
+        teacher = SmallCNN(widths=(4, 8, 8), num_classes=12, rngs=nnx.Rngs(0))
     student = _compressed(teacher, images, format)
     before = [np.asarray(p) for p in _params(student)]
     result = ft.finetune(student, teacher, images, key=jax.random.key(0), config=CONFIG, progress=False)

@@ -38,7 +38,7 @@ class Config:
     # recorded per run, with the load average).
     steps: int = 48
     batch_size: int = 64
-    learning_rate: float = 0.02
+    learning_rate: float = 0.002
     temperature: float = 4.0
     # "frozen": BN running statistics fixed during distillation (training-mode BN was measured
     # first, with 10 sweeps: it collapsed the Σ-sequential model from 53.9% to 9.2% after 12 steps

@@ -313,7 +313,7 @@ def figure(results, path):
             ev = r["history"]["eval"]
             ax.plot([e["seconds"] for e in ev], [100 * e["accuracy"] for e in ev], styles[r["init"]],
                     marker="o" if r.get("batch_norm") == "frozen" else "x", ms=3,
-                    label=f"{r['init']}, BN {r.get('batch_norm', 'update')}")
+                    label=f"{r['init']}, BN {r.get('batch_norm', 'update')}, lr {r.get('learning_rate', 0.02)}")
         ax.set_title(f"ResNet-32 {f} {ratio:.0%}")
         ax.set_xlabel("distillation time (s, loaded 2-core CPU)")
         ax.set_ylim(0, 100)

@@ -51,7 +51,7 @@ class FinetuneConfig:
 
     epochs: int = 1
     batch_size: int = 64
-    learning_rate: float = 0.02
+    learning_rate: float = 0.002
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4

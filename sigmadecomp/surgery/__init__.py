@@ -13,12 +13,19 @@ Typical use (``factors`` maps each planned path to its factorized kernel, e.g. f
   :func:`tucker2_ranks_for_ratio`, :func:`cp_rank_for_ratio`, :func:`cp3_rank_for_ratio`,
   :func:`tucker3_ranks_for_ratio`, :func:`tt_ranks_for_ratio`, :func:`tr_ranks_for_ratio`
   (each format's rule is read from the format registry, :mod:`sigmadecomp.formats`).
+* :func:`select_ranks` / :class:`RankSelection` — ranks by rule (``uniform``, ``energy``,
+  ``vbmf``, ``global`` under one params/FLOPs :class:`Budget`): ``plan(model, format=f,
+  ranks=sel, skip=sel.is_dense)``; building blocks :func:`evbmf`, :func:`energy_rank`,
+  :func:`whitened_spectrum`, :func:`damage_curves`, :func:`layer_sensitivities`, :func:`allocate`.
 * :func:`apply` — a compressed copy with factorized layers (:mod:`sigmadecomp.layers`).
 * :func:`verify` / :class:`Report` — per-layer relative Σ-error on real inputs, end-to-end output
   error and top-1 agreement, parameters and measured MACs.
 * :func:`save` / :func:`load` — ``plan.json`` + ``params.safetensors`` in a directory.
 """
 
+from sigmadecomp.surgery._allocate import (
+    RANK_RULES, Budget, LayerChoice, RankSelection, allocate, damage_curves, layer_sensitivities, select_ranks,
+)
 from sigmadecomp.surgery._apply import apply
 from sigmadecomp.surgery._io import FILE_VERSION, load, save
 from sigmadecomp.surgery._plan import FORMAT_NAMES, PLAN_VERSION, Plan, PlanEntry, plan
@@ -26,10 +33,23 @@ from sigmadecomp.surgery._ranks import (
     cp3_rank_for_ratio, cp_rank_for_ratio, rank_for_ratio, svd_rank_for_ratio, tr_ranks_for_ratio,
     tt_ranks_for_ratio, tucker2_ranks_for_ratio, tucker3_ranks_for_ratio,
 )
+from sigmadecomp.surgery._rank_rules import VBMFResult, energy_rank, evbmf, whitened_spectrum
 from sigmadecomp.surgery._tt import fit_tt_embedding, to_tt
 from sigmadecomp.surgery._verify import LayerReport, Report, verify
 
 __all__ = [
+    "RANK_RULES",
+    "Budget",
+    "LayerChoice",
+    "RankSelection",
+    "VBMFResult",
+    "allocate",
+    "damage_curves",
+    "energy_rank",
+    "evbmf",
+    "layer_sensitivities",
+    "select_ranks",
+    "whitened_spectrum",
     "FILE_VERSION",
     "FORMAT_NAMES",
     "LayerReport",

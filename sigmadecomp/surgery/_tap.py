@@ -2,7 +2,8 @@
 
 :func:`intercept` temporarily wraps ``__call__`` of the classes of the watched modules; the wrapper
 calls ``callback(module, input, output)`` for the watched instances only (looked up by identity)
-and passes every other instance straight through. It is meant for use inside a function traced by
+and passes every other instance straight through; a callback's non-``None`` return value replaces
+the output (used to inject noise when measuring a layer's sensitivity). It is meant for use inside a function traced by
 ``jax.eval_shape`` / ``jax.jit`` on a model merged from ``nnx.split`` state, so nothing the model
 mutates (batch statistics, RNG counters) leaks back to the caller. Not thread-safe: the patch is
 on the class for the duration of the ``with`` block.
@@ -36,8 +37,9 @@ def _wrap(original, callbacks: dict, active: set):
             out = original(self, *args, **kwargs)
         finally:
             active.discard(id(self))
-        for fn in callback:
-            fn(self, args[0] if args else kwargs.get("inputs"), out)
+        for fn in callback:  # a callback's non-None result replaces the output seen by the next
+            replaced = fn(self, args[0] if args else kwargs.get("inputs"), out)
+            out = out if replaced is None else replaced
         return out
 
     return wrapper
@@ -45,7 +47,8 @@ def _wrap(original, callbacks: dict, active: set):
 
 @contextlib.contextmanager
 def intercept(taps: Sequence[tuple[nnx.Module, Callable]]) -> Iterator[None]:
-    """Within the block, ``callback(module, x, y)`` runs after each call of each watched module."""
+    """Within the block, ``callback(module, x, y)`` runs after each call of each watched module;
+    a callback that returns something other than ``None`` replaces the module's output with it."""
     callbacks: dict = {}
     for module, fn in taps:  # a module may be watched by several taps
         callbacks.setdefault(id(module), []).append(fn)

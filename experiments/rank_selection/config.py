@@ -1,0 +1,58 @@
+"""Configurations of the rank-selection experiment: ``FULL`` (what README.md reports) and ``SMOKE``.
+
+A run is one (arch, format, norm, calibration, rule, budget). ``budget`` is ``"params=R"`` /
+``"flops=R"`` relative to the compressed layers' dense counts, or ``"none"`` for ``vbmf`` (which
+has no knob). ``global_linear`` is ``global`` with ``damage="linear"`` (the ablation). Runs are listed in priority order: an interrupted run still covers the most
+important comparisons (Tucker-2 and SVD, uniform vs global at 0.33 and 0.5) first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    runs: tuple  # ((arch, format, norm, calibration, rule, budget), ...)
+    calib_images: int = 256  # sampled from the training batches with calib_seed
+    test_images: int = 512  # the first images of cifar10/test_batch (the dev kit has 512)
+    calib_seed: int = 0
+    compress_seed: int = 0
+    max_steps: int = 10  # ALS sweeps per layer (SVD is closed form)
+    grid: tuple = (0.03, 0.05, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.35, 0.42, 0.5, 0.6, 0.7, 0.8, 0.9)
+    proxy_sweeps: int = 3  # ALS sweeps per grid point for the CP damage proxy
+    # Ratios at which CP's ε is measured by sweeps (every distinct rank compiles a solver: few points).
+    sweep_grid: tuple = (0.08, 0.16, 0.25, 0.35, 0.5, 0.7)
+    skip: tuple = ("conv1", "linear")
+    batch_size: int = 256
+
+
+def _block(formats, rules, budgets, arch=20, norm="sigma", calibration="sequential"):
+    return [(arch, f, norm, calibration, r, b) for b in budgets for f in formats for r in rules]
+
+
+_PRIORITY = (
+    _block(("tucker2", "svd"), ("uniform", "global"), ("params=0.33", "params=0.5"))
+    + _block(("tucker2",), ("global_linear",), ("params=0.33",))  # ablation: DESIGN §7's linear damage
+    + _block(("cp",), ("uniform", "global"), ("params=0.33", "params=0.5"))
+    + _block(("tucker2", "svd", "cp"), ("vbmf",), ("none",))
+    + _block(("tucker2", "svd", "cp"), ("energy",), ("params=0.33", "params=0.5"))
+    + _block(("tucker2", "svd", "cp"), ("uniform", "global"), ("params=0.25", "flops=0.5"))
+    + _block(("tucker2", "svd"), ("uniform", "global"), ("params=0.5",), norm="frobenius", calibration="parallel")
+    + _block(("tucker2", "svd", "cp"), ("uniform", "global"), ("params=0.33", "params=0.5"), arch=32)
+)
+
+FULL = Config(runs=tuple(dict.fromkeys(_PRIORITY)))
+
+# For CI: ResNet-20, SVD (closed form, the least compilation), parallel calibration (sequential
+# compiles once per layer), three rules, a few images.
+SMOKE = Config(
+    runs=(
+        (20, "svd", "sigma", "parallel", "uniform", "params=0.5"),
+        (20, "svd", "sigma", "parallel", "global", "params=0.5"),
+        (20, "svd", "sigma", "parallel", "vbmf", "none"),
+    ),
+    calib_images=32,
+    test_images=64,
+    max_steps=2,
+)

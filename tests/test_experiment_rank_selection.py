@@ -1,0 +1,38 @@
+"""The rank-selection experiment's --smoke configuration runs end to end and records every field."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "rank_selection" / "main.py"
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_smoke_runs_records_and_resumes(data_dir, tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path), *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=900, cwd=ROOT)
+    proc = run("--data", str(data_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {r["rule"]: r for r in json.loads((tmp_path / "results.json").read_text())["runs"]}
+    assert set(runs) == {"uniform", "global", "vbmf"}
+    for r in runs.values():
+        assert 0 <= r["accuracy"] <= 1 and r["baseline_accuracy"] > 0.8
+        assert len(r["layers"]) == 18 and r["loadavg"] and r["date"]
+    for rule in ("uniform", "global"):
+        assert runs[rule]["achieved_params"] <= 0.5
+    glob = runs["global"]
+    assert glob["predicted_damage"] > 0 and all(layer["sensitivity"] > 0 for layer in glob["layers"])
+    for layer in glob["layers"]:  # parallel SVD-Σ: the measured error is the closed-form prediction
+        if layer["ranks"] is not None:
+            assert layer["measured_error"] == pytest.approx(layer["predicted_error"], rel=1e-3, abs=1e-6)
+    assert "| ResNet-20 | parallel | svd | params=0.5 | global |" in proc.stdout
+    assert (tmp_path / "figure.png").stat().st_size > 0
+    again = run("--data", str(tmp_path / "missing"))  # nothing left to do: no data needed
+    assert again.returncode == 0 and "0 run(s) to do" in again.stdout, again.stderr[-3000:]
