@@ -51,7 +51,7 @@ def iterate(
     errors = jnp.full((max_steps + 1,), jnp.nan, dtype).at[0].set(e0)
     rtol = jnp.asarray(rtol, dtype)
     start_ok = jnp.isfinite(e0) & _all_finite(state)
-    inner = jnp.zeros((max_steps,), jnp.int32)
+    inner = jnp.zeros((max(max_steps, 1),), jnp.int32)  # traced .at[k] needs a non-empty array
     init = (state, jnp.int32(0), errors, ~start_ok,
             jnp.where(start_ok, Status.MAX_STEPS, Status.NONFINITE).astype(jnp.int32),
             inner, jnp.zeros((), dtype))
@@ -86,6 +86,7 @@ def iterate(
                 jitter)
 
     state, k, errors, _, status, inner, jitter = lax.while_loop(cond, body, init)
+    inner = inner[:max_steps]
     return (state, status, errors, k, inner, jitter) if with_jitter else (state, status, errors, k, inner)
 
 
