@@ -307,7 +307,9 @@ def test_sweeps_run_in_a_while_loop():
 
     short, long = jaxpr_lines(2), jaxpr_lines(40)
     assert any("while" in line for line in short)
-    assert len(short) == len(long)  # the sweep is traced once, not unrolled per step
+    # the sweep is traced once, not unrolled per step (38 more sweeps would add ~1000 lines; the
+    # history length changes a shape, which may re-wrap a line or two)
+    assert abs(len(short) - len(long)) <= 4
 
 
 # ------------------------------------------------------------------------------- validation
