@@ -118,7 +118,7 @@ def fitted_factors(model, plan, fit_steps: int) -> tuple[dict, str]:
                 placeholder(entry.format, entry.group_kernel_shape, entry.ranks, kernel.dtype))
             how = "random factors (no solver for this format)"
         else:
-            out[entry.path] = sd.decompose(kernel, solver).value
+            out[entry.path] = sd.decompose(kernel, solver, key=jax.random.key(0)).value
     return out, how
 
 
