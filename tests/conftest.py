@@ -38,3 +38,16 @@ def data_dir() -> pathlib.Path:
     if not (DATA_DIR / "README.md").exists():
         pytest.skip(f"data kit not found at {DATA_DIR} (set SIGMADECOMP_DATA or place ../shared/data)")
     return DATA_DIR
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs():
+    """Drop JAX's compiled programs after each test module. A full run compiles thousands of XLA
+    programs; kept alive in one process, their JIT code mappings can approach the kernel's
+    ``vm.max_map_count`` (65530 by default), and a clean-clone run segfaulted inside an XLA compile
+    after about 380 tests. Compile-count tests count within one test, so they are unaffected."""
+    yield
+    jax.clear_caches()
+    import gc
+
+    gc.collect()
