@@ -54,6 +54,9 @@ LEARNING_RATE = 0.002
 CPU_FORMATS = ("cp", "tucker2", "svd")  # throughput measured per format, in this order
 BUDGETS_A = ("params=0.5", "params=0.33", "flops=0.5")  # issue 12's target budgets first
 BUDGETS_B = ("flops=0.33", "params=0.25", "params=0.15")
+# Guesses of one cell's seconds on the GPU before a worker has timed one (they only decide whether
+# a cell may still finish before the hard stop; the measured times replace them).
+PRIOR_SECONDS = {"finetune": 90.0, "rank_selection": 40.0}
 
 
 # ------------------------------------------------------------------------------ the cell list
@@ -151,7 +154,7 @@ def measure_cpu(args) -> None:
     path = args.work / f"cpu_throughput-{fmt}.json"
     record = dict(format=fmt, machine=machine(), affinity=sorted(os.sched_getaffinity(0)), date=now(),
                   loadavg_start=list(os.getloadavg()), arch=config.arch, ratio=cpu_ratio(args.smoke),
-                  batch_size=BATCH_SIZE, seconds_timed=args.cpu_seconds, jax=jax.__version__,
+                  batch_size=BATCH_SIZE, time_limit=args.cpu_seconds + args.cpu_compile_s, jax=jax.__version__,
                   backend=jax.default_backend(), xla_flags=os.environ.get("XLA_FLAGS"))
     save_results(record, path)
     model = pretrained_resnet(config.arch, args.data / "weights" / f"resnet{config.arch}_cifar10.safetensors")
@@ -165,7 +168,8 @@ def measure_cpu(args) -> None:
                                       key=jax.random.key(0), skip=config.skip, max_steps=1, progress=False).model
     fit_seconds = time.perf_counter() - tic
     run = ftlib.finetune(student, model, images, key=jax.random.key(0), progress=False, config=ftlib.FinetuneConfig(
-        epochs=1, batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE, time_limit=args.cpu_seconds, log_every=1))
+        epochs=1, batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE, log_every=1,
+        time_limit=args.cpu_seconds + args.cpu_compile_s))  # the first step holds the compilation
     rate = ftm.steady_throughput(run.history, BATCH_SIZE)
     # Too few steps for a steady rate (a tiny --cpu-seconds): the whole run, compilation included.
     steady = rate is not None
@@ -182,6 +186,7 @@ def images_budget(args, fmt: str) -> tuple[int, dict]:
     """``--cpu-budget-s`` × the 2-core throughput for ``fmt`` (waits for the measurement; falls back
     to ``--fallback-images-per-s`` when it failed or is not there by the deadline)."""
     path = args.work / f"cpu_throughput-{fmt}.json"
+    tic = time.time()
     while True:
         got = json.loads(path.read_text()) if path.exists() else {}
         if got.get("images_per_second"):
@@ -192,7 +197,8 @@ def images_budget(args, fmt: str) -> tuple[int, dict]:
             break
         time.sleep(2)
     images = int(args.cpu_budget_s * rate)
-    return images, dict(cpu_seconds=args.cpu_budget_s, cpu_images_per_second=rate, source=source, images=images)
+    return images, dict(cpu_seconds=args.cpu_budget_s, cpu_images_per_second=rate, source=source, images=images,
+                        waited_seconds=round(time.time() - tic, 1))
 
 
 # ------------------------------------------------------------------------------ GPU workers
@@ -260,6 +266,7 @@ class Worker:
         compress_wall = time.perf_counter() - tic
         self.log(f"compressed {key} in {compress_wall:.1f} s")
         images, budget = images_budget(self.args, cell["format"])
+        self.waited = budget["waited_seconds"]
         steps = max(1, images // BATCH_SIZE)
         config = dataclasses.replace(base, steps=steps, batch_size=BATCH_SIZE, learning_rate=cell["lr"],
                                      label_weight=cell["label_weight"], eval_every=max(1, steps // 8))
@@ -291,17 +298,26 @@ class Worker:
         self.save("rank_selection", record)
         self.log(f"rank {key}: {record['accuracy']:.3f} params {record['achieved_params']:.3f} in {record['seconds']:.1f} s")
 
+    def fits(self, exp: str) -> bool:
+        """Whether a new ``exp`` cell may start: before the budget, and (by the longest such cell
+        this worker has seen, or a prior guess before the first) done before the hard stop."""
+        guess = max(self.seconds[exp], default=PRIOR_SECONDS[exp])
+        return time.time() < self.args.deadline and time.time() + guess < self.args.hard
+
     def run(self, units: list[dict]) -> None:
+        self.seconds = {"finetune": [], "rank_selection": []}
         for index, unit in enumerate(units):
             if time.time() > self.args.deadline:
                 self.log("budget reached: no new unit")
                 return
+            if not self.fits(unit["exp"]):
+                continue  # a shorter kind of cell further down may still fit
             if not claim(self.args.work, index):
                 continue
             for cell in unit["cells"]:
-                if time.time() > self.args.deadline:
-                    self.log(f"budget reached inside unit {index}")
-                    return
+                if not self.fits(unit["exp"]):
+                    self.log(f"budget reached inside unit {index}: {cell} not started")
+                    break
                 tic = time.time()
                 try:
                     if unit["exp"] == "finetune":
@@ -315,6 +331,8 @@ class Worker:
                     self.results[unit["exp"]].setdefault("failures", []).append(
                         dict(cell=cell, worker=self.args.worker, error=repr(error), date=now()))
                     save_results(self.results[unit["exp"]], self.paths[unit["exp"]])
+                waited = self.__dict__.pop("waited", 0.0)  # time spent waiting for the CPU number
+                self.seconds[unit["exp"]].append(time.time() - tic - waited)
                 self.log(f"unit {index} cell {cell} took {time.time() - tic:.1f} s")
 
 
@@ -334,8 +352,9 @@ def cores_for(total: int, workers: int, cpu_cores: list[int]) -> list[list[int] 
 def spawn(args, mode: list[str], env_extra: dict, cores, log: pathlib.Path) -> subprocess.Popen:
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env_extra)
     argv = [sys.executable, str(pathlib.Path(__file__).resolve()), *mode, "--data", str(args.data), "--work",
-            str(args.work), "--start", repr(args.start), "--deadline", repr(args.deadline),
+            str(args.work), "--start", repr(args.start), "--deadline", repr(args.deadline), "--hard", repr(args.hard),
             "--cpu-budget-s", repr(args.cpu_budget_s), "--cpu-seconds", repr(args.cpu_seconds),
+            "--cpu-compile-s", repr(args.cpu_compile_s),
             "--fallback-images-per-s", repr(args.fallback_images_per_s)]
     argv += ["--smoke"] if args.smoke else []
     argv += [] if args.compile_cache else ["--no-compile-cache"]
@@ -388,7 +407,7 @@ def parent(args) -> int:
         (args.work / sub).mkdir(parents=True, exist_ok=True)
     args.start = time.time()
     args.deadline = args.start + args.budget_s
-    hard = args.deadline + args.grace_s
+    hard = args.hard = args.deadline + args.grace_s
     args.units = smoke_units() if args.smoke else full_units()
     (args.work / "units.json").write_text(json.dumps(args.units))
     formats = ("svd",) if args.smoke else CPU_FORMATS
@@ -451,12 +470,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=pathlib.Path, default=pathlib.Path("gpu_data"))
     p.add_argument("--out", type=pathlib.Path, help="folder of the (at most 4) result files")
-    p.add_argument("--budget-s", type=float, default=390.0, help="no new cell starts after this many seconds")
-    p.add_argument("--grace-s", type=float, default=50.0, help="cells still running this long after the budget are killed")
+    p.add_argument("--budget-s", type=float, default=330.0, help="no new cell starts after this many seconds")
+    p.add_argument("--grace-s", type=float, default=60.0, help="cells still running this long after the budget are "
+                   "killed; a worker starts no cell it does not expect to finish by then")
     p.add_argument("--workers", type=int, default=5, help="GPU worker processes sharing the GPU (pinned to the cores "
                    "left after one pair per CPU-throughput format)")
     p.add_argument("--cpu-budget-s", type=float, default=600.0, help="issue 13's CPU distillation budget, seconds")
-    p.add_argument("--cpu-seconds", type=float, default=25.0, help="seconds of distillation timed per format on the CPU")
+    p.add_argument("--cpu-seconds", type=float, default=20.0, help="seconds of distillation timed per format on the CPU")
+    p.add_argument("--cpu-compile-s", type=float, default=50.0, help="allowance for the train step's compilation on "
+                   "the CPU (the timed seconds are those after the first step)")
     p.add_argument("--fallback-images-per-s", type=float, default=40.0,
                    help="CPU throughput used only if the measurement fails (recorded as such)")
     p.add_argument("--no-compile-cache", dest="compile_cache", action="store_false")
@@ -470,11 +492,13 @@ def parse_args(argv=None):
     p.add_argument("--pin", default=None, help=argparse.SUPPRESS)
     p.add_argument("--start", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--hard", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
         args.workers = min(args.workers, 2)
         args.cpu_budget_s = min(args.cpu_budget_s, 2.0)
         args.cpu_seconds = min(args.cpu_seconds, 3.0)
+        args.cpu_compile_s = min(args.cpu_compile_s, 5.0)
     return args
 
 
