@@ -33,6 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--grid", type=pathlib.Path, default=None, help="the folder gpu_grid.py wrote (--out)")
     p.add_argument("--finetune-dir", type=pathlib.Path, default=HERE / "finetune")
     p.add_argument("--rank-dir", type=pathlib.Path, default=HERE / "rank_selection")
+    p.add_argument("--dev-cpu", type=pathlib.Path, default=None, help="a --work folder of `gpu_grid.py --cpu-measure` "
+                   "runs on the development machine (kept as the comparison)")
     p.add_argument("--command", default="python experiments/gpu_grid.py --data gpu_data --out OUT",
                    help="the grid's command line, for the READMEs")
     return p.parse_args(argv)
@@ -44,6 +46,11 @@ def parse_args(argv=None):
 def fold(args) -> dict:
     """Add the grid's runs to the experiments' results files; return the grid's metadata."""
     meta = {}
+    if args.dev_cpu is not None:
+        kept = load_results(args.finetune_dir / "cpu_throughput.json")
+        kept["dev"] = dict(formats={f.stem.split("-", 1)[1]: json.loads(f.read_text())
+                                    for f in sorted(args.dev_cpu.glob("cpu_throughput-*.json"))})
+        save_results(kept, args.finetune_dir / "cpu_throughput.json")
     if args.grid is None:
         return meta
     ftm, rsm = load_experiment("finetune"), load_experiment("rank_selection")

@@ -83,3 +83,33 @@ def test_smoke_grid_runs_both_experiments_within_four_files(data_dir, tmp_path):
     assert not rs["failures"] and {r["rule"] for r in rs["runs"]} == {"uniform", "global"}
     cpu = json.loads((out / "cpu_throughput.json").read_text())["formats"]["svd"]
     assert cpu["images_per_second"] > 0 and cpu["backend"] == "cpu"
+
+
+def _finetune_record(fmt, ratio, init, acc):
+    return dict(arch=32, format=fmt, ratio=ratio, init=init, batch_norm="frozen", learning_rate=0.002, label_weight=0.0,
+                steps=10, batch_size=128, cpu_budget=dict(cpu_seconds=600.0, cpu_images_per_second=2.2, images=1320,
+                                                          source="measured", waited_seconds=0.0),
+                finetune_seconds=3.0, steady_images_per_second=900.0, conv_param_rate=ratio, compress_wall_seconds=9.0,
+                device="test", accuracy_compressed=acc - 0.2, accuracy_bn=acc - 0.3, accuracy_finetuned=acc,
+                baseline_accuracy=0.93, history={"eval": [dict(step=0, seconds=0.0, accuracy=acc - 0.2),
+                                                          dict(step=10, seconds=3.0, accuracy=acc)], "train": []})
+
+
+def test_report_folds_grid_runs_and_writes_verdicts(tmp_path):
+    import grid_report
+
+    grid, ft_dir, rs_dir = tmp_path / "grid", tmp_path / "ft", tmp_path / "rs"
+    for d in (grid, ft_dir, rs_dir):
+        d.mkdir()
+    runs = [_finetune_record("cp", 0.1, "sigma_seq", 0.9), _finetune_record("cp", 0.1, "frobenius", 0.8)]
+    (grid / "finetune.json").write_text(json.dumps({"runs": runs, "failures": [], "grid": {"date": "d"}}))
+    (grid / "rank_selection.json").write_text(json.dumps({"runs": [], "failures": [], "grid": {"date": "d"}}))
+    (grid / "cpu_throughput.json").write_text(json.dumps({"formats": {}}))
+    grid_report.main(["--grid", str(grid), "--finetune-dir", str(ft_dir), "--rank-dir", str(rs_dir)])
+    grid_report.main(["--grid", str(grid), "--finetune-dir", str(ft_dir), "--rank-dir", str(rs_dir)])  # idempotent
+    assert len(json.loads((ft_dir / "results.json").read_text())["runs"]) == 2
+    text = (ft_dir / "README.md").read_text()
+    assert "| 10%: ≥ 89.0% (best format) | 90.00% (cp, sigma_seq; formats run: cp) | met; GPU time to 89.0%: 3.0 s |" in text
+    assert "| cp 10%: Σ-sequential beats the other inits after the same budget | Σ-seq 90.00 vs frobenius 80.00 | met" in text
+    assert "| cp | sigma_seq | distilled, 10 CPU-min budget | – | 90.00 | – | – |" in text
+    assert (rs_dir / "README.md").exists()
