@@ -34,6 +34,7 @@ def smoke(data_dir, tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.experiment
 def test_smoke_records_every_field(smoke):
     out, _ = smoke
     results = json.loads((out / "results.json").read_text())
@@ -62,6 +63,7 @@ def test_smoke_records_every_field(smoke):
     assert (out / "figure.png").stat().st_size > 0
 
 
+@pytest.mark.experiment
 def test_smoke_prints_table_and_resumes(smoke):
     out, proc = smoke
     assert "| ResNet-20 | parallel | svd | sigma |" in proc.stdout
@@ -77,6 +79,7 @@ def test_bad_filter_is_rejected(tmp_path):
     assert proc.returncode != 0 and "--formats" in proc.stderr
 
 
+@pytest.mark.experiment
 def test_resumes_after_a_partial_run(smoke, tmp_path):
     """A run missing from results.json (an interrupted session) is the only one redone, and it
     comes back with bit-identical numbers."""
@@ -102,6 +105,7 @@ def test_resumes_after_a_partial_run(smoke, tmp_path):
     np.testing.assert_allclose(redone[0]["layer_errors"], dropped["layer_errors"], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.experiment
 def test_refuses_to_resume_with_other_settings(smoke, tmp_path):
     out, _ = smoke
     results = json.loads((out / "results.json").read_text())
@@ -111,6 +115,7 @@ def test_refuses_to_resume_with_other_settings(smoke, tmp_path):
     assert proc.returncode != 0 and "other settings (calib_images" in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.experiment
 def test_sequential_experiment_smoke(data_dir, tmp_path):
     script = ROOT / "experiments" / "sequential" / "main.py"
     proc = subprocess.run([sys.executable, str(script), "--smoke", "--data", str(data_dir), "--out", str(tmp_path)],

@@ -53,6 +53,7 @@ def _tiny_training_folder(folder, data_dir, n_per_batch=13):
     return folder
 
 
+@pytest.mark.experiment
 @pytest.mark.data
 @pytest.mark.slow
 def test_compress_then_finetune_end_to_end(data_dir, tmp_path, capsys):

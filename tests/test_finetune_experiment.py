@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.experiment  # minutes: opt-in with --experiments (see conftest.py)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "finetune" / "main.py"
 FIELDS = {

@@ -64,6 +64,7 @@ def test_results_helpers_replace_by_key_and_write_atomically(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left behind
 
 
+@pytest.mark.experiment
 @pytest.mark.data
 @pytest.mark.slow
 def test_smoke_grid_runs_both_experiments_within_four_files(data_dir, tmp_path):

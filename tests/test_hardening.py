@@ -283,6 +283,7 @@ def _argv(weights, data, *extra):
             "--no-progress", *extra]
 
 
+@pytest.mark.experiment
 @pytest.mark.slow
 def test_resnet44_compress_works_and_is_deterministic(resnet44, tmp_path):
     """`sigmadecomp compress --arch resnet44 ...` on a ResNet-44 checkpoint; the same command run

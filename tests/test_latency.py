@@ -165,6 +165,7 @@ def test_auto_measures_a_tiny_model():
     assert all("ms" in e.reason for e in chosen.entries)
 
 
+@pytest.mark.experiment
 @pytest.mark.data
 @pytest.mark.slow
 def test_benchmark_smoke_records_every_field(data_dir, tmp_path):

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.experiment  # minutes: opt-in with --experiments (see conftest.py)
+
 nbclient = pytest.importorskip("nbclient", reason="nbclient is needed to execute notebooks (dev extra)")
 nbformat = pytest.importorskip("nbformat", reason="nbformat is needed to execute notebooks (dev extra)")
 

@@ -265,6 +265,7 @@ def test_cli_rejects_bad_rank_options(tmp_path, capsys, argv, needle):
     assert exit_info.value.code == 2 and needle in capsys.readouterr().err
 
 
+@pytest.mark.experiment
 @pytest.mark.data
 @pytest.mark.slow
 def test_cli_global_rule_writes_the_selection(data_dir, tmp_path):
