@@ -210,7 +210,7 @@ class ReshapedConv(FactorizedLayer):
             u = u.reshape(n, *self.in_modes, ho, wo, *spatial_alpha_shape(cores[0], self.format, len(self.in_modes)))
             y = einsum(plan["spec"], u, *channel).reshape(n, ho, wo, cout)
         if bias is not None:
-            y = y + bias
+            y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
         return y.reshape(lead + y.shape[1:])
 
     def _spatial_kernel(self, core):

@@ -111,6 +111,22 @@ class ReshapedALS(MultilinearALS):
         """Cores built on merged ``(s_k t_k)`` axes → the declared shapes (a row-major reshape)."""
         return tuple(jnp.reshape(c, s) for c, s in zip(cores, self.core_shapes(kernel_shape)))
 
+    def check_init(self, init, kernel_shape: tuple, dtype):
+        """A warm start must be this format with the solver's modes and core shapes."""
+        if init is None:
+            return None
+        cls, name = rs.CLASSES[self.kind], type(self).__name__
+        if type(init) is not cls:
+            raise ValueError(f"{name}: init must be a {cls.__name__}; got {type(init).__name__}.")
+        want = self.core_shapes(kernel_shape)
+        got = tuple(tuple(jnp.shape(c)) for c in init.cores)
+        if tuple(init.kernel_shape) != tuple(kernel_shape) or got != want:
+            raise ValueError(f"{name}: init has kernel shape {tuple(init.kernel_shape)} and cores {got}; this "
+                             f"kernel {tuple(kernel_shape)} and configuration need cores {want}.")
+        if not all(bool(jnp.all(jnp.isfinite(c))) for c in init.cores):
+            raise ValueError(f"{name}: init has non-finite entries.")
+        return dataclasses.replace(init, cores=tuple(jnp.asarray(c, dtype) for c in init.cores))
+
     def to_factorized(self, cores: tuple, kernel_shape: tuple):
         in_modes, out_modes = self.modes(kernel_shape)
         return rs.CLASSES[self.kind](tuple(cores), in_modes, out_modes, tuple(kernel_shape))
@@ -258,7 +274,8 @@ class RCPALS(ReshapedALS):
         norms = [jnp.sqrt(jnp.sum(c.reshape(-1, c.shape[-1]) ** 2, axis=0)) for c in cores]
         norms = [jnp.where(n > 0, n, 1.0) for n in norms]
         scale = math.prod(n for j, n in enumerate(norms) if j != k)
-        return tuple(c * scale if j == k else c / norms[j] for j, c in enumerate(cores))
+        cols = lambda v, c: jnp.reshape(v, (1,) * (c.ndim - 1) + (-1,))  # noqa: E731
+        return tuple(c * cols(scale, c) if j == k else c / cols(norms[j], c) for j, c in enumerate(cores))
 
     def initialise(self, matrix, kernel_shape: tuple, key) -> tuple:
         x = self.regrouped(matrix, kernel_shape)
@@ -272,5 +289,5 @@ class RCPALS(ReshapedALS):
         # one scale in the spatial factor so that the start has the kernel's norm order
         approx = self.contract(self.split_pairs(tuple(factors), kernel_shape), kernel_shape)
         ratio = jnp.sqrt(jnp.sum(matrix * matrix) / jnp.maximum(jnp.sum(approx * approx), jnp.finfo(x.dtype).tiny))
-        factors[0] = factors[0] * ratio
+        factors[0] = factors[0] * ratio.astype(x.dtype)
         return self.split_pairs(tuple(factors), kernel_shape)
