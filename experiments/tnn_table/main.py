@@ -31,6 +31,8 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# Several shard workers share one GPU: no worker may preallocate most of its memory.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 
@@ -166,7 +168,21 @@ def distill(d: Data, student, config: Config, deadline: float | None) -> dict:
 
 
 def complete(record: dict) -> bool:
-    return record["distill_steps"] == 0 or record["accuracy_distilled"] is not None
+    """Done: no error, and distilled when distillation was asked for (else redone on resume)."""
+    return "error" not in record and (record["distill_steps"] == 0 or record["accuracy_distilled"] is not None)
+
+
+def failed_cell(fmt, ratio, config: Config) -> dict:
+    """A cell that raised: recorded with its traceback; the other cells go on (redone on resume)."""
+    import traceback
+
+    return dict(arch=config.arch, format=fmt, ratio=ratio, max_steps=config.max_steps, distill_steps=config.distill_steps,
+                batch_size=config.batch_size, error=traceback.format_exc(), date=now(), device=device(),
+                loadavg=[os.getloadavg()] * 2)
+
+
+def _same(a, b, config) -> bool:
+    return cell_key(a["arch"], a["format"], a["ratio"], config) == cell_key(b["arch"], b["format"], b["ratio"], config)
 
 
 def run_all(config: Config, args, out: pathlib.Path) -> dict:
@@ -186,7 +202,14 @@ def run_all(config: Config, args, out: pathlib.Path) -> dict:
         if deadline is not None and time.perf_counter() >= deadline:
             print(f"budget of {args.budget_s:.0f} s spent; {fmt}:{ratio} and later cells not started", flush=True)
             break
-        record = run_cell(d, fmt, ratio, config, deadline)
+        try:
+            record = run_cell(d, fmt, ratio, config, deadline)
+        except Exception:  # noqa: BLE001  (one failing cell must not stop an unattended worker)
+            record = failed_cell(fmt, ratio, config)
+            print(f"{fmt}:{ratio} FAILED:\n{record['error']}", flush=True)
+            results["cells"] = [r for r in results["cells"] if not _same(r, record, config)] + [record]
+            save_results(results, path)
+            continue
         key = cell_key(config.arch, fmt, ratio, config)
         results["cells"] = [r for r in results["cells"] if cell_key(r["arch"], r["format"], r["ratio"], config) != key] + [record]
         save_results(results, path)

@@ -41,11 +41,17 @@ def _key(r) -> tuple:
     return (r["arch"], r["format"], r["ratio"], r["max_steps"], r["distill_steps"])
 
 
+errors: list = []  # cells that raised (listed in the report, left out of the tables)
+
+
 def merge(folders) -> list:
     cells = {}
     for folder in folders:
         for path in sorted(pathlib.Path(folder).glob("results_*.json")):
             for r in json.loads(path.read_text())["cells"]:
+                if "error" in r:
+                    errors.append(dict(r, file=str(path)))
+                    continue
                 old = cells.get(_key(r))
                 if old is None or r.get("accuracy_distilled") is not None or old.get("accuracy_distilled") is None:
                     cells[_key(r)] = dict(r, file=str(path))
@@ -128,7 +134,10 @@ def report(cells) -> str:
         f"Test accuracy (%) on the data kit's {cells[0]['test_images'] if cells else '–'} test images; dense ResNet-"
         f"{cells[0]['arch'] if cells else 32} here: {', '.join(map(str, dense))}% (the seed's dense: {SEED_DENSE}%).",
         accuracy_table(cells), "Achieved fraction of the conv parameters:", rate_table(cells),
-        "Targets (issue 15):", targets(cells), "Cells:", details(cells)])
+        "Targets (issue 15):", targets(cells), "Cells:", details(cells)]
+        + ([f"Failed cells ({len(errors)}): " + "; ".join(f"{e['format']} {e['ratio']} ({e['file']}): "
+                                                       f"{e['error'].strip().splitlines()[-1]}" for e in errors)]
+           if errors else []))
 
 
 def main(argv=None):
