@@ -105,7 +105,7 @@ def count_reshaped(kind: str, kernel_shape, ranks, *, in_modes=None, out_modes=N
     """Parameters and MACs per example of a reshaped layer (MACs of its executed contractions).
 
     >>> count_reshaped("r-tt", (3, 3, 16, 32), (4, 4, 4), in_spatial=(8, 8), out_spatial=(8, 8)).params
-    420
+    292
     """
     if groups != 1:
         raise ValueError(f"{kind}: reshaped formats do not support grouped convs (groups={groups})")

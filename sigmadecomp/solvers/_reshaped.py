@@ -192,11 +192,9 @@ class RTRALS(ReshapedALS):
     …, r_m)`` with ``r₀`` the closing rank. The start is the TT-SVD of ``(r₁, …, r_m)`` in the
     ``r₀ = 0`` slice plus a small random ring part, so ``key`` is required.
 
-    >>> import jax, sigmadecomp as sd
-    >>> kernel = jax.random.normal(jax.random.key(0), (3, 3, 16, 32))
-    >>> sol = sd.decompose(kernel, sd.RTRALS((2, 4, 6, 6), max_steps=3), key=jax.random.key(1))
-    >>> [c.shape for c in sol.value.cores]
-    [(2, 9, 4), (4, 2, 2, 6), (6, 2, 4, 6), (6, 4, 4, 2)]
+    >>> import sigmadecomp as sd  # sd.decompose(kernel, solver, key=...) as for RTTALS
+    >>> sd.RTRALS((2, 4, 6, 6)).core_shapes((3, 3, 16, 32))
+    ((2, 9, 4), (4, 2, 2, 6), (6, 2, 4, 6), (6, 4, 4, 2))
     """
 
     kind = "r-tr"
@@ -219,11 +217,9 @@ class RTuckerALS(ReshapedALS):
     r₁, …, r_m)`` for the modes ``p, (s₁t₁), …``; each ``r_j`` at most its mode and at most the
     product of the other ranks. HOSVD start.
 
-    >>> import jax, sigmadecomp as sd
-    >>> kernel = jax.random.normal(jax.random.key(0), (3, 3, 16, 32))
-    >>> sol = sd.decompose(kernel, sd.RTuckerALS((4, 3, 4, 6), max_steps=3))
-    >>> [c.shape for c in sol.value.cores]
-    [(9, 4), (2, 2, 3), (2, 4, 4), (4, 4, 6), (4, 3, 4, 6)]
+    >>> import sigmadecomp as sd  # sd.decompose(kernel, solver, cov=...) as for RTTALS
+    >>> sd.RTuckerALS((4, 3, 4, 6)).core_shapes((3, 3, 16, 32))
+    ((9, 4), (2, 2, 3), (2, 4, 4), (4, 4, 6), (4, 3, 4, 6))
     """
 
     kind = "r-tucker"
@@ -254,11 +250,9 @@ class RCPALS(ReshapedALS):
     ``R`` exceeds the mode, so ``key`` is required. Gauge: unit-norm columns in every core but the
     one updated (CP has no tree of bonds for the QR gauge).
 
-    >>> import jax, sigmadecomp as sd
-    >>> kernel = jax.random.normal(jax.random.key(0), (3, 3, 16, 32))
-    >>> sol = sd.decompose(kernel, sd.RCPALS((12,), max_steps=3), key=jax.random.key(1))
-    >>> [c.shape for c in sol.value.cores]
-    [(9, 12), (2, 2, 12), (2, 4, 12), (4, 4, 12)]
+    >>> import sigmadecomp as sd  # sd.decompose(kernel, solver, key=...) as for RTTALS
+    >>> sd.RCPALS((12,), in_modes=(4, 4), out_modes=(4, 8)).core_shapes((3, 3, 16, 32))
+    ((9, 12), (4, 4, 12), (4, 8, 12))
     """
 
     kind = "r-cp"
