@@ -30,6 +30,8 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
+if (HERE.parents[1] / "gpu_vendor").is_dir():  # pure runtime dependencies unpacked for a bare device
+    sys.path.append(str(HERE.parents[1] / "gpu_vendor"))
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # Several shard workers share one GPU: no worker may preallocate most of its memory.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -61,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--distill-steps", type=int, default=None, help="distillation steps per cell (0: none)")
     p.add_argument("--only", nargs="+", default=None, metavar="FORMAT:RATIO", help="run only these cells")
     p.add_argument("--arch", type=int, default=None, help="ResNet depth (default: the config's, 32)")
+    p.add_argument("--compile-cache", default="/tmp/sigmadecomp_tnn_jax_cache",
+                   help="JAX persistent compilation cache shared by the shard workers ('' = off); outside --out")
     return p.parse_args(argv)
 
 
@@ -224,6 +228,8 @@ def run_all(config: Config, args, out: pathlib.Path) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.compile_cache:  # the workers compile the same solver and layer programs: compile once
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
     config = SMOKE if args.smoke else FULL
     overrides = {k: v for k, v in (("distill_steps", args.distill_steps), ("arch", args.arch)) if v is not None}
     config = dataclasses.replace(config, **overrides)
