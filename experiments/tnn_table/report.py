@@ -68,7 +68,7 @@ def accuracy_table(cells) -> str:
     head = "| format | row | " + " | ".join(f"{r:.0%}" for r in RATIOS) + " |"
     lines = [head, "|" + "---|" * (2 + len(RATIOS))]
     for f in [f for f in FORMATS if any(r["format"] == f for r in cells) or SEED.get(f)]:
-        mine = {r["ratio"]: r for r in cells if r["format"] == f}
+        mine = {r["ratio"]: r for r in sorted(cells, key=lambda r: r["distill_steps"]) if r["format"] == f}
         seed = [f"{SEED[f][r]:.2f}" if r in SEED.get(f, {}) else "–" for r in RATIOS]
         lines.append(f"| {f} | TNN seed: full retraining, 50 000 images | " + " | ".join(seed) + " |")
         row = [_pct(mine[r]["accuracy_no_training"]) if r in mine else "–" for r in RATIOS]
@@ -84,7 +84,7 @@ def rate_table(cells) -> str:
     """Achieved fraction of the conv parameters (the rank rules round down; rank ≥ 1 on small layers)."""
     lines = ["| format | " + " | ".join(f"{r:.0%}" for r in RATIOS) + " |", "|" + "---|" * (1 + len(RATIOS))]
     for f in FORMATS:
-        mine = {r["ratio"]: r for r in cells if r["format"] == f}
+        mine = {r["ratio"]: r for r in sorted(cells, key=lambda r: r["distill_steps"]) if r["format"] == f}
         if mine:
             lines.append(f"| {f} | " + " | ".join(f"{mine[r]['conv_param_rate']:.3f}" if r in mine else "–" for r in RATIOS) + " |")
     return "\n".join(lines)
