@@ -143,6 +143,7 @@ def run_cell(d: Data, fmt: str, ratio: float, config: Config, deadline: float | 
         conv_param_rate=conv_rate(d.model, result.plan) if result.plan.entries else 1.0,
         layers_compressed=len(result.plan.entries), kept_dense=[k["path"] for k in getattr(result, "kept_dense", [])],
         accuracy_dense=d.accuracy(d.model), accuracy_no_training=d.accuracy(result.model),
+        mean_relative_error=result.mean_relative_error if result.layers else None,  # per-layer cross error, mean
         compress_seconds=round(compress_seconds, 2), accuracy_distilled=None, distill_seconds=None, distill="not run",
     )
     if config.distill_steps > 0:
