@@ -64,9 +64,9 @@ def _macs(einsum_str: str, size: dict) -> int:
 
 @functools.lru_cache(maxsize=256)
 def contraction_plan(kind: str, kernel_shape: tuple, in_modes: tuple, out_modes: tuple, ranks: tuple,
-                     batch: int, in_spatial: tuple, out_spatial: tuple) -> dict:
-    """The cheaper of the two orders for this shape: ``{"order", "spec", "path", "macs",
-    "conv_macs", "einsum_macs", "steps"}`` with MACs summed over the executed contraction sequence.
+                     batch: int, in_spatial: tuple, out_spatial: tuple, orders: tuple = ORDERS) -> dict:
+    """The cheapest of ``orders`` for this shape: ``{"order", "spec", "path", "macs", "conv_macs",
+    "einsum_macs", "steps"}`` with MACs summed over the executed contraction sequence.
 
     >>> plan = contraction_plan("r-tt", (3, 3, 16, 32), (2, 2, 4), (2, 4, 4), (4, 4, 4), 1, (8, 8), (8, 8))
     >>> plan["order"], plan["macs"] == plan["conv_macs"] + plan["einsum_macs"]
@@ -78,7 +78,7 @@ def contraction_plan(kind: str, kernel_shape: tuple, in_modes: tuple, out_modes:
     n_alpha = math.prod(size[c] for c in alpha)
     kh, kw, cin, cout = rs.kernel_dims(kernel_shape)
     best = None
-    for order in ORDERS:
+    for order in orders:
         h, w = in_spatial if order == "channels-first" else out_spatial
         dims = dict(size, **{_N: batch, _H: h, _W: w})
         spec = _einsum_spec(kind, m, order)
@@ -110,7 +110,8 @@ def count_reshaped(kind: str, kernel_shape, ranks, *, in_modes=None, out_modes=N
     if groups != 1:
         raise ValueError(f"{kind}: reshaped formats do not support grouped convs (groups={groups})")
     if in_modes is None:
-        in_modes, out_modes = rs.zeros(kind, kernel_shape, ranks).in_modes, rs.zeros(kind, kernel_shape, ranks).out_modes
+        default = rs.zeros(kind, kernel_shape, ranks)
+        in_modes, out_modes = default.in_modes, default.out_modes
     shapes = rs.core_shapes(kind, kernel_shape, in_modes, out_modes, tuple(ranks))
     params = sum(math.prod(s) for s in shapes) + (kernel_shape[-1] if bias else 0)
     if in_spatial is None or out_spatial is None:
@@ -178,10 +179,9 @@ class ReshapedConv(FactorizedLayer):
         in_spatial = tuple(x_shape[-3:-1])
         out_spatial = _out_spatial(self.config, (kh, kw), in_spatial)
         batch = math.prod(x_shape[:-3])
-        args = (self.format, self.kernel_shape, self.in_modes, self.out_modes, self.ranks)
-        if self.order == "auto":
-            return contraction_plan(*args, batch, in_spatial, out_spatial)
-        return _forced_plan(*args, batch, in_spatial, out_spatial, self.order)
+        orders = ORDERS if self.order == "auto" else (self.order,)
+        return contraction_plan(self.format, self.kernel_shape, self.in_modes, self.out_modes, self.ranks,
+                                batch, in_spatial, out_spatial, orders)
 
     def counts(self, in_spatial=None, out_spatial=None) -> Counts:
         return count_reshaped(self.format, self.kernel_shape, self.ranks, in_modes=self.in_modes,
@@ -248,19 +248,6 @@ def spatial_alpha_shape(core, kind: str, m: int) -> tuple:
     """The sizes of the spatial core's rank axes, in label order."""
     label = rs.reshaped_labels(kind, m)[0]
     return tuple(n for c, n in zip(label, core.shape) if c != rs.SPATIAL)
-
-
-@functools.lru_cache(maxsize=256)
-def _forced_plan(kind, kernel_shape, in_modes, out_modes, ranks, batch, in_spatial, out_spatial, order):
-    """:func:`contraction_plan` restricted to one order (tests of both orders)."""
-    m = len(in_modes)
-    size = rs.sizes(kind, kernel_shape, in_modes, out_modes, ranks)
-    h, w = in_spatial if order == "channels-first" else out_spatial
-    dims = dict(size, **{_N: batch, _H: h, _W: w})
-    spec = _einsum_spec(kind, m, order)
-    shapes = [tuple(dims[c] for c in term) for term in spec.split("->")[0].split(",")]
-    path, _ = opt_einsum.contract_path(spec, *shapes, shapes=True, optimize="optimal")
-    return dict(order=order, spec=spec, path=tuple(path))
 
 
 class RCPConv(ReshapedConv):
