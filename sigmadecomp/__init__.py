@@ -28,6 +28,7 @@ from sigmadecomp._ttmatrix import (
     TTMatrix, balanced_modes, max_tt_ranks, padded_modes, tt_num_params, tt_rank_for_ratio, tt_ranks_for_tolerance,
     tt_svd, tt_to_dense,
 )
+from sigmadecomp._reshaped import RCP, RTR, RTT, RTucker, balanced_factors, default_modes
 from sigmadecomp._patches import extract_patches, kernel_to_matrix, matrix_to_kernel
 from sigmadecomp.covariance import *  # noqa: F403
 from sigmadecomp.layers import *  # noqa: F403
@@ -47,6 +48,12 @@ __all__ = [
     "Tucker2",
     "Tucker3",
     "TTMatrix",
+    "RCP",
+    "RTR",
+    "RTT",
+    "RTucker",
+    "balanced_factors",
+    "default_modes",
     "balanced_modes",
     "max_tt_ranks",
     "padded_modes",

@@ -117,3 +117,4 @@ register(FormatSpec(
     description="tensor ring (closing rank r0): 1×1 to r0·r1, kh×1, 1×kw shared over r0, 1×1",
 ))
 from sigmadecomp.formats import _ttmatrix  # noqa: E402,F401  (tt-matrix: dense layers, issue 16)
+from sigmadecomp.formats import _reshaped  # noqa: E402,F401  (r-cp, r-tucker, r-tt, r-tr: issue 15)

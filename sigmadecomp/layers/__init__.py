@@ -12,6 +12,7 @@ layer              from        structure (bias on the last sub-layer)
 ``Tucker3Conv``    Tucker3     1×1 ``cin → r_in``, ``r_space`` ``kh×kw`` basis filters per channel, 1×1 mix, 1×1 ``→ cout``
 ``TTConv``         TT          1×1 ``cin → r1``, ``kh×1`` ``r1 → r2``, ``1×kw`` ``r2 → r3``, 1×1 ``r3 → cout``
 ``TRConv``         TR          1×1 ``cin → r0·r1``, ``kh×1``, ``1×kw`` (shared over ``r0``), 1×1 ``r0·r3 → cout``
+``RCPConv`` …      RCP, …      reshaped r-CP / r-Tucker / r-TT / r-TR: channel einsum on ``(N, H, W, s₁…s_m)`` + one ``kh×kw`` conv
 =================  ==========  ==========================================================================
 
 Build one with ``Layer.from_layer(original, factorized)`` (copies bias, strides, padding,
@@ -41,6 +42,7 @@ from sigmadecomp.layers._tr import TRConv, count_tr
 from sigmadecomp.layers._tt import TTConv, count_tt
 from sigmadecomp.layers._tucker2 import Tucker2Conv
 from sigmadecomp.layers._tucker3 import Tucker3Conv, count_tucker3
+from sigmadecomp.layers._reshaped import RCPConv, RTRConv, RTTConv, RTuckerConv, ReshapedConv, count_reshaped
 from sigmadecomp.layers._ttmatrix import (
     GRU, TTEmbed, TTGRU, TTLinear, count_tt_embed, count_tt_matrix, kept_ranks, prune_ranks, rank_penalty,
     tt_init_cores, tt_matmul,
@@ -60,6 +62,12 @@ __all__ = [
     "Tucker2Conv",
     "canonical_convs",
     "Tucker3Conv",
+    "RCPConv",
+    "RTRConv",
+    "RTTConv",
+    "RTuckerConv",
+    "ReshapedConv",
+    "count_reshaped",
     "GRU",
     "TTEmbed",
     "TTGRU",

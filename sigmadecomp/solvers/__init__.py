@@ -4,7 +4,8 @@ Entry point: :func:`decompose` ``(kernel, solver, *, cov=None, ...)`` → :class
 Solvers are frozen configurations: :class:`SVD` (closed form → ``LowRank``),
 :class:`Tucker2ALS` (block ALS → ``Tucker2``) and :class:`CPALS` (block ALS → ``CP``/``CP3``).
 The multilinear engine (:class:`MultilinearALS`, DESIGN.md §5) fits any format declared once
-(:class:`Tucker3ALS`, :class:`TTALS`, :class:`TRALS`; :class:`Tucker2Engine` checks it). They minimise
+(:class:`Tucker3ALS`, :class:`TTALS`, :class:`TRALS`, the reshaped :class:`RCPALS`, :class:`RTuckerALS`,
+:class:`RTTALS`, :class:`RTRALS`; :class:`Tucker2Engine` checks it). They minimise
 ``f(W̃) = tr((W − W̃) cov (W − W̃)ᵀ)`` (Frobenius when ``cov`` is None); :func:`relative_error`
 scores any approximation. :class:`AbstractSolver` and :class:`Problem` are for writing new solvers.
 """
@@ -22,6 +23,7 @@ from sigmadecomp.solvers._tucker2 import Tucker2ALS
 from sigmadecomp.solvers._validation import NotPSDError
 from sigmadecomp.solvers._tucker3 import Tucker3ALS
 from sigmadecomp.solvers._ttmatrix import TTMatrixALS, solve_tt_diagonal
+from sigmadecomp.solvers._reshaped import RCPALS, RTRALS, RTTALS, RTuckerALS, ReshapedALS
 
 __all__ = [
     "CPALS",
@@ -33,6 +35,11 @@ __all__ = [
     "Tucker2Engine",
     "Tucker3ALS",
     "TTMatrixALS",
+    "RCPALS",
+    "RTRALS",
+    "RTTALS",
+    "RTuckerALS",
+    "ReshapedALS",
     "solve_tt_diagonal",
     "AbstractSolver",
     "NotPSDError",

@@ -11,7 +11,12 @@ first field is ``ranks``) and giving
 
 * :meth:`~MultilinearALS.core_shapes` ``(kernel_shape) -> ((…), …)``;
 * :attr:`~MultilinearALS.bonds`: ``((i, axis_i, j, axis_j), …)``, the contracted index pairs;
-* :attr:`~MultilinearALS.output`: ``(k, axis)``, the core holding the ``cout`` index;
+* :attr:`~MultilinearALS.output`: ``(k, axis)``, the core holding the ``cout`` index, or ``None``
+  when no single core holds it (the reshaped formats spread ``cout = t₁⋯t_m`` over several cores:
+  then every core is updated by the generic block step with ``U = I`` and ``contract`` returns
+  ``(cout, d)``);
+* :meth:`~MultilinearALS.gauge` (optional): the gauge fixed before a block update (default: the
+  canonical form below; a format without a tree of bonds, e.g. reshaped CP, rescales instead);
 * :attr:`~MultilinearALS.input` (optional): ``(k, axis)``, the core holding the ``cin`` index;
 * :meth:`~MultilinearALS.contract` ``(cores, kernel_shape) -> (n, d)`` with ``n`` the size of the
   output core's ``axis`` (so the engine can substitute an identity there);
@@ -111,7 +116,7 @@ class MultilinearALS(AbstractSolver):
     # ---- the declaration (subclasses) ----------------------------------------------------
 
     bonds = ()  # class attributes, not fields: ((i, axis_i, j, axis_j), …)
-    output = (0, 0)  # (core index, axis of cout)
+    output = (0, 0)  # (core index, axis of cout); None: cout is spread over several cores
     input = None  # optional (core index, axis of cin): enables the per-sweep projection
 
     @abc.abstractmethod
@@ -151,6 +156,10 @@ class MultilinearALS(AbstractSolver):
             check_positive(name, field, getattr(self, field))
         if self.init not in _INITS:
             raise ValueError(f"{name}: init must be one of {_INITS}; got {self.init!r}.")
+
+    def gauge(self, cores: tuple, k: int, skip=None) -> tuple:
+        """Cores with ``W̃`` unchanged, normalised toward core ``k`` before its block update."""
+        return canonicalise(cores, k, self.bonds, skip)
 
     def init_shapes(self, kernel_shape: tuple):
         shapes = self.core_shapes(tuple(kernel_shape))
@@ -235,7 +244,9 @@ def _identity_at(cores: tuple, k: int, axis: int) -> tuple:
 
 
 def _z(solver: MultilinearALS, cores: tuple, kernel_shape):
-    """``Z (r' × d)`` with ``W̃ = U Z``."""
+    """``Z (r' × d)`` with ``W̃ = U Z`` (``W̃`` itself when there is no output core)."""
+    if solver.output is None:
+        return solver.contract(cores, kernel_shape)
     return solver.contract(_identity_at(cores, *solver.output), kernel_shape)
 
 
@@ -318,15 +329,23 @@ def _cg(matvec, b, x0, *, tol, max_steps: int):
     return jnp.where(better, x, x0), steps, rr <= stop2
 
 
+def _output_side(solver: MultilinearALS, problem: Problem, cores: tuple):
+    """``(L, T̂ = L⁻¹ Uᵀ T)`` with ``UᵀU = L Lᵀ``; ``(None, T)`` without an output core (``U = I``)."""
+    if solver.output is None:
+        return None, problem.target
+    u = output_matrix(solver, cores)
+    chol = safe_cholesky(mm(u.T, u))
+    return chol, solve_triangular(chol, mm(u.T, problem.target), lower=True)
+
+
 def update_core(solver: MultilinearALS, problem: Problem, cores: tuple, k: int, *, cg_tol):
     """Exact (dense) or truncated-CG minimiser over core ``k`` (not the output core), others
     fixed; returns ``(cores, cg_iterations, converged)``."""
-    u = output_matrix(solver, cores)
-    chol = safe_cholesky(mm(u.T, u))
-    t_hat = solve_triangular(chol, mm(u.T, problem.target), lower=True)  # L⁻¹ Uᵀ T
+    chol, t_hat = _output_side(solver, problem, cores)
 
     def op(g):  # G_k ↦ Ẑ = Lᵀ Z(G_k)
-        return mm(chol.T, _z(solver, cores[:k] + (g,) + cores[k + 1:], problem.kernel_shape))
+        z = _z(solver, cores[:k] + (g,) + cores[k + 1:], problem.kernel_shape)
+        return z if chol is None else mm(chol.T, z)
 
     adjoint = jax.linear_transpose(op, cores[k])
 
@@ -356,6 +375,8 @@ class _State(NamedTuple):
 
 
 def _settle_output(solver, problem, cores, skip=None):
+    if solver.output is None:  # every core was a block step: the error of the current cores
+        return cores, problem_error(problem, solver.contract(cores, problem.kernel_shape))
     return update_output(solver, problem, canonicalise(cores, solver.output[0], solver.bonds, skip))
 
 
@@ -373,17 +394,17 @@ def _sweep(solver: MultilinearALS, problem: Problem, tols, state: _State):
     problem when an input core is declared)."""
     cores, iterations, ok = state.cores, jnp.int32(0), jnp.bool_(True)
     state_problem = problem
-    order = [k for k in range(len(cores)) if k != solver.output[0]]
+    order = [k for k in range(len(cores)) if solver.output is None or k != solver.output[0]]
     skip, full = None, cores
     if solver.input is not None:
         order.remove(solver.input[0])
-        cores = canonicalise(cores, solver.input[0], solver.bonds)
+        cores = solver.gauge(cores, solver.input[0])
         full, steps, ok = update_core(solver, problem, cores, solver.input[0], cg_tol=tols["cg_tol"])
         iterations = iterations + steps
         problem, cores = project_input(solver, problem, full)
         skip = solver.input[0]
     for k in order:
-        cores = canonicalise(cores, k, solver.bonds, skip)
+        cores = solver.gauge(cores, k, skip)
         cores, steps, done = update_core(solver, problem, cores, k, cg_tol=tols["cg_tol"])
         iterations, ok = iterations + steps, ok & done
     cores, error = _settle_output(solver, problem, cores, skip)
