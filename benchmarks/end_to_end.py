@@ -42,11 +42,16 @@ def _child(argv: list[str], out: str) -> None:
 
     totals = {name: 0.0 for name in _EVENTS.values()}
     counts = {"compiles": 0}
+    per_function: dict = {}  # backend compiles per jitted function: [count, seconds]
 
-    def listener(event, duration, **_):
+    def listener(event, duration, fun_name=None, **_):
         if event in _EVENTS:
             totals[_EVENTS[event]] += duration
-            counts["compiles"] += event == "/jax/core/compile/backend_compile_duration"
+            if event == "/jax/core/compile/backend_compile_duration":
+                counts["compiles"] += 1
+                entry = per_function.setdefault(str(fun_name), [0, 0.0])
+                entry[0] += 1
+                entry[1] += duration
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     from sigmadecomp.cli import main
@@ -54,7 +59,8 @@ def _child(argv: list[str], out: str) -> None:
     start = time.perf_counter()
     code = main(argv)
     with open(out, "w") as f:
-        json.dump(dict(totals, **counts, cli_s=time.perf_counter() - start, exit_code=code), f)
+        json.dump(dict(totals, **counts, cli_s=time.perf_counter() - start, exit_code=code,
+                       per_function=dict(sorted(per_function.items(), key=lambda kv: -kv[1][1]))), f)
 
 
 def _settings(args) -> dict:
