@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
+from sigmadecomp._compile import fast_compile_jit
 from sigmadecomp._factorized import Tucker2
 from sigmadecomp.solvers._base import AbstractSolver, Problem, solution_stats
 from sigmadecomp.solvers._driver import iterate
@@ -497,8 +498,7 @@ def _initial(problem: Problem, key, init, ranks, init_method):
     return x, u, g
 
 
-@functools.partial(
-    jax.jit,
+@fast_compile_jit(
     static_argnames=("ranks", "max_steps", "cg_max_steps", "dense", "init_method", "cg_precision"),
 )
 def _tucker2_solve(problem, key, init, tols, *, ranks, max_steps, cg_max_steps,
