@@ -13,6 +13,11 @@ import functools
 
 import jax
 
+try:
+    from jax.core import Tracer as _Tracer
+except ImportError:  # pragma: no cover - kept for JAX versions that move it
+    from jax._src.core import Tracer as _Tracer
+
 __all__ = ["CPU_COMPILE_OPTIONS", "fast_compile_jit"]
 
 #: XLA compile options used on the CPU backend by :func:`fast_compile_jit`.
@@ -30,8 +35,10 @@ class _BackendJit:
     def _pick(self, args, kwargs):
         # compiler_options are allowed on a top-level jit only: inside another trace (jit, vmap,
         # make_jaxpr) this call is inlined into the outer program anyway.
-        traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((args, kwargs)))
-        return self._cpu if not traced and jax.default_backend() == "cpu" else self._other
+        if jax.default_backend() != "cpu":
+            return self._other
+        traced = any(isinstance(leaf, _Tracer) for leaf in jax.tree_util.tree_leaves((args, kwargs)))
+        return self._other if traced else self._cpu
 
     def __call__(self, *args, **kwargs):
         return self._pick(args, kwargs)(*args, **kwargs)
