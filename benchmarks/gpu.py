@@ -365,9 +365,9 @@ def main() -> None:
     parser.add_argument("--out", type=pathlib.Path, required=True, help="folder for the JSON files")
     parser.add_argument("--budget-s", type=float, default=170.0, help="hard wall-clock budget (seconds)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, ResNet-20 with 32 images: seconds")
-    parser.add_argument("--workloads", default="tucker2_sweeps,end_to_end,precision,cp_sweeps",
+    parser.add_argument("--workloads", default="end_to_end,tucker2_sweeps,precision,cp_sweeps",
                         help="comma-separated, run in this order (sweeps of both methods go to sweeps.json)")
-    parser.add_argument("--reserve-s", type=float, default=40.0,
+    parser.add_argument("--reserve-s", type=float, default=60.0,
                         help="seconds of the budget kept for the workloads after end_to_end")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
