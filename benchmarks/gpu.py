@@ -367,10 +367,13 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, ResNet-20 with 32 images: seconds")
     parser.add_argument("--workloads", default="end_to_end,tucker2_sweeps,precision,cp_sweeps",
                         help="comma-separated, run in this order (sweeps of both methods go to sweeps.json)")
-    parser.add_argument("--reserve-s", type=float, default=60.0,
-                        help="seconds of the budget kept for the workloads after end_to_end")
+    parser.add_argument("--reserve-s", type=float, default=None,
+                        help="seconds of the budget kept for the workloads after end_to_end "
+                             "(default 60, 20 with --smoke)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.reserve_s is None:
+        args.reserve_s = 20.0 if args.smoke else 60.0
     # The child process of end_to_end shares the accelerator: no process may grab 75% of it.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     args.sizes = [32] if args.smoke else [512]
