@@ -45,6 +45,7 @@ class Config:
     # before recovering to 55.5% at 48; that run stays in results.json as bn-update).
     batch_norm: str = "frozen"
     eval_every: int = 12
+    label_weight: float = 0.0  # α of the cross-entropy term on the training labels (0: distillation only)
 
 
 FULL = Config()

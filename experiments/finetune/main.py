@@ -17,13 +17,12 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import sys
 import tempfile
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
+sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent), str(HERE)]
 
 import jax  # noqa: E402
 
@@ -39,6 +38,7 @@ from sigmadecomp._paths import get_by_path  # noqa: E402
 from sigmadecomp.data import cifar10_normalize, load_cifar10, sample  # noqa: E402
 from sigmadecomp.models import pretrained_resnet  # noqa: E402
 
+from _results import add_run, load_results, machine, merge, save_results  # noqa: E402
 from config import FULL, SMOKE, Config  # noqa: E402
 
 # The TNN seed's ResNet-32 table (full retraining on 50 000 images; dense 93.2%), in %.
@@ -67,24 +67,24 @@ def parse_args(argv=None):
 
 
 def run_key(r) -> str:
+    """Every setting that changes a run's numbers: the cell, BN mode, lr, images trained, CE weight."""
     lr = r.get("learning_rate", 0.02)
-    return f"resnet{r['arch']}/{r['format']}/{r['ratio']}/{r['init']}/bn-{r.get('batch_norm', 'update')}/lr{lr}"
+    key = f"resnet{r['arch']}/{r['format']}/{r['ratio']}/{r['init']}/bn-{r.get('batch_norm', 'update')}/lr{lr}"
+    key += f"/img{r.get('steps', 48) * r.get('batch_size', 64)}"
+    return key + (f"/ce{r['label_weight']}" if r.get("label_weight") else "")
 
 
-def load_results(path):
-    return json.loads(path.read_text()) if path.exists() else {"runs": []}
-
-
-def save_results(results, path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def machine() -> str:
-    models = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-    return f"{os.cpu_count()}-core CPU, {models[0] if models else platform.processor()}"
+def training_stream(train, n: int, seed: int):
+    """``n`` training (images, labels): a fixed sample when ``n`` ≤ the training set, else whole
+    shuffled passes (one permutation per pass, key ``seed``) cut at ``n``, so any image budget is
+    met exactly with every image seen about equally often."""
+    x, y = train
+    if n <= len(x):
+        return sample(x, y, n, key=jax.random.key(seed))
+    passes = -(-n // len(x))
+    order = np.concatenate([np.asarray(jax.random.permutation(jax.random.fold_in(jax.random.key(seed), k), len(x)))
+                            for k in range(passes)])[:n]
+    return x[order], y[order]
 
 
 # ---------------------------------------------------------------- one run
@@ -169,16 +169,17 @@ def measure(model, train, calib, test, key: tuple, config: Config, cache: pathli
     # calibration images (training data only; the test set chooses nothing).
     kl = {"compressed": calib_kl(model, compressed, calib, config), "bn_reestimated": calib_kl(model, bn, calib, config)}
     start_from = min(kl, key=kl.get)
-    epochs_equiv = config.steps * config.batch_size / len(train)
+    epochs_equiv = config.steps * config.batch_size / len(train[0])
     ft_config = ft.FinetuneConfig(
         epochs=1, batch_size=config.batch_size, learning_rate=config.learning_rate,
         temperature=config.temperature, batch_norm=config.batch_norm, eval_every=config.eval_every,
-        log_every=min(config.eval_every, 6))
-    # One "epoch" of exactly `steps` batches: a fixed sample of the training images (key train_seed).
-    images = sample(train, None, config.steps * config.batch_size, key=jax.random.key(config.train_seed + 1))
+        log_every=min(config.eval_every, 6), label_weight=config.label_weight)
+    # One "epoch" of exactly `steps` batches of the training images (key train_seed + 1).
+    images, labels = training_stream(train, config.steps * config.batch_size, config.train_seed + 1)
     load_before = os.getloadavg()
-    run = ft.finetune(compressed if start_from == "compressed" else bn, model, images, key=jax.random.key(config.train_seed), config=ft_config,
-                      evaluate=accuracy, progress=False)
+    run = ft.finetune(compressed if start_from == "compressed" else bn, model, images,
+                      labels if config.label_weight else None, key=jax.random.key(config.train_seed),
+                      config=ft_config, evaluate=accuracy, progress=False)
     return dict(
         arch=config.arch, format=format, ratio=ratio, init=init,
         batch_norm=config.batch_norm, learning_rate=config.learning_rate, start_from=start_from, calib_kl=kl,
@@ -191,8 +192,18 @@ def measure(model, train, calib, test, key: tuple, config: Config, cache: pathli
         compilations=run.compilations, history=run.history, max_steps=config.max_steps,
         finetune_config=dataclasses.asdict(ft_config), loadavg=[load_before, os.getloadavg()],
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        train_images=len(train), test_images=len(test[1]), calib_images=len(calib),
+        train_images=len(train[0]), test_images=len(test[1]), calib_images=len(calib),
+        label_weight=config.label_weight, device=str(jax.devices()[0].device_kind),
+        steady_images_per_second=steady_throughput(run.history, config.batch_size),
     )
+
+
+def steady_throughput(history, batch_size: int) -> float | None:
+    """Training images/s after the first logged interval (which holds the compilation)."""
+    train = history["train"]
+    if len(train) < 2 or train[-1]["seconds"] <= train[0]["seconds"]:
+        return None
+    return (train[-1]["step"] - train[0]["step"]) * batch_size / (train[-1]["seconds"] - train[0]["seconds"])
 
 
 def dense_bn(config: Config, args) -> dict:
@@ -212,21 +223,23 @@ def run_all(config: Config, args, results, out):
     runs = config.runs if args.only is None else [
         (f, float(r), i) for f, r, i in (item.split(":") for item in args.only)]
     todo = [k for k in runs if run_key(dict(arch=config.arch, format=k[0], ratio=k[1], init=k[2],
-                                            batch_norm=config.batch_norm, learning_rate=config.learning_rate)) not in done]
+                                            batch_norm=config.batch_norm, learning_rate=config.learning_rate,
+                                            steps=config.steps, batch_size=config.batch_size,
+                                            label_weight=config.label_weight)) not in done]
     todo = todo[: args.limit] if args.limit is not None else todo
     print(f"{len(todo)} run(s) to do, {len(done)} already in {out}", flush=True)
     if not todo:
         return
     model = pretrained_resnet(config.arch, args.data / "weights" / f"resnet{config.arch}_cifar10.safetensors")
-    train_x, _ = load_cifar10(args.data / "cifar10", "train")
-    train = cifar10_normalize(train_x)
+    train_x, train_y = load_cifar10(args.data / "cifar10", "train")
+    train = (cifar10_normalize(train_x), train_y)
     calib = cifar10_normalize(sample(train_x, None, config.calib_images, key=jax.random.key(config.calib_seed)))
     test_x, test_y = load_cifar10(args.data / "cifar10", "test", limit=config.test_images)
     test = (cifar10_normalize(test_x), test_y)
     results["meta"] = dict(machine=machine(), config=dataclasses.asdict(config))
     for key in todo:
         record = measure(model, train, calib, test, key, config, out / "models")
-        results["runs"] = [r for r in results["runs"] if run_key(r) != run_key(record)] + [record]
+        add_run(results, record, run_key)
         save_results(results, out / args.results)
         print(f"{run_key(record)}: compressed {record['accuracy_compressed']:.3f}  BN {record['accuracy_bn']:.3f}  "
               f"distilled {record['accuracy_finetuned']:.3f} in {record['finetune_seconds']:.0f} s "
@@ -337,7 +350,7 @@ def main(argv=None):
             results.update({k: v for k, v in other.items() if k not in ("runs", "sessions")})
             results.setdefault("sessions", []).extend(other.get("sessions", []))
             for record in other["runs"]:
-                results["runs"] = [r for r in results["runs"] if run_key(r) != run_key(record)] + [record]
+                add_run(results, record, run_key)
         save_results(results, out / args.results)
     elif args.dense_bn:
         results["dense_bn"] = dense_bn(config, args)

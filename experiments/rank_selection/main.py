@@ -22,7 +22,7 @@ import tempfile
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
+sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent), str(HERE)]
 
 import jax  # noqa: E402
 
@@ -36,6 +36,7 @@ from sigmadecomp.data import cifar10_normalize, load_cifar10, sample  # noqa: E4
 from sigmadecomp.models import pretrained_resnet  # noqa: E402
 from sigmadecomp.surgery import plan, select_ranks  # noqa: E402
 
+from _results import add_run, load_results, merge, save_results  # noqa: E402
 from config import FULL, SMOKE  # noqa: E402
 
 INPUT_SHAPE = (1, 32, 32, 3)
@@ -63,17 +64,6 @@ def parse_args(argv=None):
 
 def run_key(record) -> tuple:
     return tuple(record[f] for f in KEY_FIELDS)
-
-
-def load_results(path):
-    return json.loads(path.read_text()) if path.exists() else {"runs": [], "sessions": []}
-
-
-def save_results(results, path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
-    os.replace(tmp, path)
 
 
 class Arch:
@@ -143,7 +133,7 @@ def run_all(config, args, results, out):
         if key[0] not in archs:
             archs[key[0]] = Arch(key[0], args.data, calib, config)
         record = measure(archs[key[0]], key, test, config)
-        results["runs"] = [r for r in results["runs"] if run_key(r) != key] + [record]
+        add_run(results, record, run_key)
         save_results(results, out / "results.json")
         print(f"{key}: acc {record['accuracy']:.3f} (base {record['baseline_accuracy']:.3f}) params "
               f"{record['achieved_params']:.3f} flops {record['achieved_flops']:.3f} {record['seconds']:.0f} s",
@@ -275,9 +265,7 @@ def main(argv=None):
     out = args.out or (pathlib.Path(tempfile.mkdtemp(prefix="rank_selection_")) if args.smoke else HERE)
     results = load_results(out / "results.json")
     for other in args.merge:
-        for record in load_results(other)["runs"]:
-            results["runs"] = [r for r in results["runs"] if run_key(r) != run_key(record)] + [record]
-        results["sessions"] += load_results(other).get("sessions", [])
+        merge(results, load_results(other), run_key)
     if args.merge:
         save_results(results, out / "results.json")
     if not args.table:

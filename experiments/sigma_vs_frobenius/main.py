@@ -17,7 +17,6 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 # A script's sys.path[0] is its own folder: add the repository root (runs from a checkout without
 # `pip install -e .`) and this folder (for config.py).
-sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
+sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent), str(HERE)]
 
 import jax  # noqa: E402
 
@@ -39,6 +38,7 @@ from sigmadecomp.data import cifar10_normalize, load_cifar10, sample  # noqa: E4
 from sigmadecomp.models import pretrained_resnet  # noqa: E402
 from sigmadecomp.surgery import FORMAT_NAMES, plan  # noqa: E402
 
+import _results  # noqa: E402
 from config import ENGINE, FULL, SMOKE, Config  # noqa: E402
 
 INPUT_SHAPE = (1, 32, 32, 3)
@@ -91,17 +91,13 @@ def run_key(record: dict) -> tuple:
 
 
 def load_results(path: pathlib.Path) -> dict:
-    if not path.exists():
-        return {"runs": [], "calibration_seconds": {}, "meta": {}}
-    return json.loads(path.read_text())
+    results = _results.load_results(path)
+    results.setdefault("calibration_seconds", {})
+    results.setdefault("meta", {})
+    return results
 
 
-def save_results(results: dict, path: pathlib.Path) -> None:
-    """Atomic write (temporary file + rename) so an interrupted run never leaves a broken file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+save_results = _results.save_results
 
 
 # Settings that change every number but are not axes of the run key: a results file holds runs of
@@ -127,13 +123,10 @@ def check_resumable(results: dict, base: Config, path: pathlib.Path) -> None:
 
 
 def add_run(results: dict, record: dict) -> None:
-    results["runs"] = [r for r in results["runs"] if run_key(r) != run_key(record)] + [record]
+    _results.add_run(results, record, run_key)
 
 
-def machine() -> str:
-    models = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-    name = models[0] if models else platform.processor()
-    return f"{os.cpu_count()}-core CPU, {name}"
+machine = _results.machine
 
 
 # ---------------------------------------------------------------- the measurements
