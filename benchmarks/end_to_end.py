@@ -40,21 +40,41 @@ def _child(argv: list[str], out: str) -> None:
     """Run the CLI in this (cold) process and write its compile statistics to ``out``."""
     import jax
 
+    compile_event = "/jax/core/compile/backend_compile_duration"
     totals = {name: 0.0 for name in _EVENTS.values()}
+    totals["backend_compile_cpu_s"] = 0.0
     counts = {"compiles": 0}
+    # backend compiles per jitted function: [count, wall seconds, process CPU seconds]; CPU time
+    # (from the compile's start event to its end) is what a loaded machine does not inflate.
+    per_function: dict = {}
+    started: list = []
 
-    def listener(event, duration, **_):
+    def on_start(event, value, **_):
+        if event == compile_event:
+            started.append(time.process_time())
+
+    def listener(event, duration, fun_name=None, **_):
         if event in _EVENTS:
             totals[_EVENTS[event]] += duration
-            counts["compiles"] += event == "/jax/core/compile/backend_compile_duration"
+            if event == compile_event:
+                cpu = time.process_time() - started.pop() if started else 0.0
+                counts["compiles"] += 1
+                totals["backend_compile_cpu_s"] += cpu
+                entry = per_function.setdefault(str(fun_name), [0, 0.0, 0.0])
+                entry[0] += 1
+                entry[1] += duration
+                entry[2] += cpu
 
+    jax.monitoring.register_scalar_listener(on_start)
     jax.monitoring.register_event_duration_secs_listener(listener)
     from sigmadecomp.cli import main
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     code = main(argv)
     with open(out, "w") as f:
-        json.dump(dict(totals, **counts, cli_s=time.perf_counter() - start, exit_code=code), f)
+        json.dump(dict(totals, **counts, cli_s=time.perf_counter() - start,
+                       cli_cpu_s=time.process_time() - cpu_start, exit_code=code,
+                       per_function=dict(sorted(per_function.items(), key=lambda kv: -kv[1][-1]))), f)
 
 
 def _settings(args) -> dict:

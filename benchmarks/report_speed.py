@@ -45,6 +45,51 @@ def end_to_end():
               f"{b['backend_compile_s'] / b['wall_s']:.0%}, after {a['backend_compile_s'] / a['wall_s']:.0%}")
 
 
+def _groups(per_function: dict) -> dict:
+    """Backend compiles per kind of work: solver, calibration stages, whole-model runs, eager ops."""
+    kinds = {"solver": ("_tucker2_solve", "_solve", "_svd_solve", "make_problem"),
+             "cross statistics": ("_cross_update",), "stages": ("advance", "stage"),
+             "latency timing (jit(<lambda>))": ("<lambda>",), "evaluation": ("_argmax_logits",),
+             "verify (MACs, in-model errors)": ("step",)}
+    out: dict = {}
+    for name, (n, sec, *cpu) in per_function.items():
+        inner = name[4:-1] if name.startswith("jit(") else name
+        kind = next((k for k, names in kinds.items() if inner in names), "eager ops and others")
+        c = out.setdefault(kind, [0, 0.0, None])
+        c[0] += n
+        c[1] += sec
+        c[2] = (c[2] or 0.0) + cpu[0] if cpu else c[2]
+    return out
+
+
+def cold_profile(name="end_to_end_s3.json"):
+    """Cold runs of this session, with the compile time per kind of jitted function."""
+    data = _load(name)
+    if not data:
+        print(f"(no {name})")
+        return
+    print(f"{name}: cold process, ResNet-56 Tucker-2 Σ sequential, ratio 0.5, 512 images, --max-steps 30")
+    print("| label | date (UTC) | load before/after (1 min) | wall s | CPU s | CPU/wall | XLA compiles | "
+          "backend compile wall s | accuracy | statuses |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in data["rows"]:
+        print(f"| {r['label']} | {r['date']} | {r['load_before'][0]:.1f}/{r['load_after'][0]:.1f} | "
+              f"{r['wall_s']:.0f} | {r['cpu_s']:.1f} | {r['cpu_s'] / r['wall_s']:.2f} | {r['compiles']} | "
+              f"{r['backend_compile_s']:.0f} | {100 * r['accuracy']:.2f}% | {r['statuses']} |")
+    rows = [r for r in data["rows"] if "per_function" in r]
+    kinds = sorted({k for r in rows for k in _groups(r["per_function"])})
+    print("\ncompiles per kind of jitted function: count / backend-compile wall s (inflated by the load) "
+          "/ CPU s (where recorded)")
+    print("| kind | " + " | ".join(r["label"] for r in rows) + " |\n|---|" + "---|" * len(rows))
+    for kind in kinds:
+        cells = [_groups(r["per_function"]).get(kind, [0, 0.0, None]) for r in rows]
+        print(f"| {kind} | " + " | ".join(f"{n} / {sec:.1f} / {_f(cpu)}" for n, sec, cpu in cells) + " |")
+    for r in rows:
+        if "backend_compile_cpu_s" in r:
+            print(f"{r['label']}: compile CPU {r['backend_compile_cpu_s']:.1f} s of {r['cpu_s']:.1f} CPU s "
+                  f"({r['backend_compile_cpu_s'] / r['cpu_s']:.0%}); CLI call CPU {r.get('cli_cpu_s', 0):.1f} s")
+
+
 def solvers(name):
     data = _load(name)
     if not data:
@@ -83,6 +128,8 @@ def preconditioner():
 
 if __name__ == "__main__":
     end_to_end()
+    print()
+    cold_profile()
     print()
     for name in ("solvers_tucker2_512.json", "solvers_cp_512.json"):
         solvers(name)

@@ -52,7 +52,7 @@ def _seconds(fn, repeats: int) -> float:
 
 
 def _per_sweep(make_solver, kernel, cov, k1, k2, repeats):
-    run = lambda k: lambda: sd.decompose(kernel, make_solver(k), cov=cov)  # noqa: E731
+    run = lambda k: lambda: sd.decompose(kernel, make_solver(k), cov=cov, key=jax.random.key(0))  # noqa: E731
     return (_seconds(run(k2), repeats) - _seconds(run(k1), repeats)) / (k2 - k1)
 
 

@@ -183,7 +183,8 @@ def rejection(solution) -> str | None:
     if status in (sd.Status.NONFINITE, sd.Status.NOT_PSD):
         return f"status {status.name}: {status.message}"
     leaves = jax.tree_util.tree_leaves(solution.value)
-    if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in leaves):
+    # On the host: an eager jnp.isfinite would compile two programs per factor shape (issue 10).
+    if not all(np.isfinite(np.asarray(leaf)).all() for leaf in leaves):
         return f"status {status.name} but the factors have non-finite entries"
     return None
 

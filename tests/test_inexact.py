@@ -115,3 +115,17 @@ def test_hooi_subspace_iteration_is_monotone_and_matches_dense_error(dtype, tol)
     approx = np.asarray(sd.kernel_to_matrix(sd.to_dense(sol.value)), np.float64)
     explicit = np.sum((w - approx) ** 2) / np.sum(w**2)  # the error from norms is the true one
     assert sol.final_error == pytest.approx(explicit, rel=50 * tol, abs=50 * tol)
+
+
+def test_reduced_precision_cg_keeps_the_history_monotone(dtype, tol):
+    """bf16 CG products (issue 10, GPU trial): the sweep error is checked at HIGHEST and a step B
+    that raised it is dropped, so the history never increases; the fit stays close to exact."""
+    kernel, cov = _kernel(dtype), _cov(dtype)
+    exact = sd.decompose(kernel, sd.Tucker2ALS(RANKS, max_steps=STEPS, rtol=1e-30, dense_threshold=0), cov=cov)
+    low = sd.decompose(kernel, sd.Tucker2ALS(RANKS, max_steps=STEPS, rtol=1e-30, dense_threshold=0,
+                                             cg_precision="bf16"), cov=cov)
+    errors = np.asarray(low.errors, np.float64)[: int(low.num_steps) + 1]
+    assert np.all(np.diff(errors) <= 20 * tol * errors[:-1]), np.diff(errors)
+    assert float(low.final_error) <= 1.05 * float(exact.final_error)
+    with pytest.raises(ValueError, match="cg_precision"):
+        sd.Tucker2ALS(RANKS, cg_precision="fp8")

@@ -30,6 +30,7 @@ from flax import nnx
 
 from sigmadecomp.covariance._collect import LayerTap, _layer_inputs, layer_chunks
 from sigmadecomp._paths import find_layers, get_by_path
+from sigmadecomp._patches import kernel_to_matrix
 from sigmadecomp.covariance._stats import MomentState, accumulate_chunks
 from sigmadecomp.models._resnet import CifarResNet
 from sigmadecomp.surgery._plan import eligible_layers
@@ -223,9 +224,13 @@ def _cross_update(runner, tap: LayerTap, graph_orig, graph_comp, state_orig, sta
     if len(xs) != len(ys) or not xs:
         raise ValueError(f"layer {tap.path!r} was called {len(xs)} time(s) in the original network and "
                          f"{len(ys)} in the compressed one; sequential calibration pairs the calls")
+    weight = None
+    if "ww" in stats.sums:  # E‖W x‖² of the original layer, instead of the x xᵀ gram
+        kernel = get_by_path(nnx.merge(graph_orig, state_orig), tap.path).kernel[...]
+        weight = kernel_to_matrix(kernel)[None]
     for x, y in zip(xs, ys):
         chunk, num, rows = layer_chunks(tap, x, y, dtype=stats.dtype)
-        stats = accumulate_chunks(stats, chunk, num, rows)
+        stats = accumulate_chunks(stats, chunk, num, rows, weight=weight)
     return stats
 
 

@@ -72,16 +72,19 @@ def _schedule(model: nnx.Module, images, paths, *, batch_size: int, cache_activa
     return _Schedule(batches, tuple(stages), per_stage)
 
 
-def _walk(schedule: _Schedule, original, compressed, planned, on_layer: Callable, *, progress, desc):
+def _walk(schedule: _Schedule, original, compressed, planned, on_layer: Callable, *, progress, desc,
+          gram: bool = True):
     """Call ``compressed = on_layer(compressed, path, stats)`` for the planned layers in execution
-    order; ``stats`` are the cross statistics of the layer's inputs in both networks."""
+    order; ``stats`` are the cross statistics of the layer's inputs in both networks. With
+    ``gram=False`` they hold ``energy = E‖W x‖²`` instead of ``cov = E[x xᵀ]`` (a third less
+    matmul work; the fit needs ``E[x xᵀ]`` only for that normaliser)."""
     cache = [(b, b) for b in schedule.batches]
     remaining = [p for paths in schedule.per_stage for p in paths if p in planned]
     bar = tqdm(total=len(remaining), desc=desc, disable=not progress, leave=False)
     for stage, called in zip(schedule.stages, schedule.per_stage):
         for path in (p for p in called if p in planned):
             tap = layer_tap(path, get_by_path(original, path))
-            state = covariance.init(tap.dim, groups=tap.groups, cross=True)
+            state = covariance.init(tap.dim, groups=tap.groups, cross=True, gram=gram, energy=not gram)
             stats = covariance.finalize(cross_statistics(stage, tap, original, compressed, state, cache))
             compressed = on_layer(compressed, path, stats)
             remaining.remove(path)
@@ -101,20 +104,22 @@ def _advance_cache(stage, original, compressed, cache) -> list:
 
 
 def _same_inputs(stats) -> bool:
-    """Whether both networks fed the layer bitwise the same patches (nothing upstream changed)."""
-    sym = 0.5 * (stats.cross_cov + stats.cross_cov.T)
-    return bool(jnp.array_equal(sym, stats.cov) and jnp.array_equal(stats.cov_hat, stats.cov)
-                and jnp.array_equal(stats.mean_hat, stats.mean))
+    """Whether both networks fed the layer bitwise the same patches (nothing upstream changed):
+    then ``E[x x̂ᵀ]`` (symmetrised) equals ``E[x̂ x̂ᵀ]``, computed by the same matmul.
+
+    On the host: eager jnp comparisons would compile several programs per layer shape."""
+    cov_hat, cross = np.asarray(stats.cov_hat), np.asarray(stats.cross_cov)
+    return bool(np.array_equal(0.5 * (cross + cross.T), cov_hat)
+                and np.array_equal(np.asarray(stats.mean_hat), np.asarray(stats.mean)))
 
 
 @jax.jit
-def _output_error(w, w_approx, cov, cross_cov, cov_hat, shift):
+def _output_error(w, w_approx, energy, cross_cov, cov_hat, shift):
     """``E‖W x − W̃ x̂ − δ‖² / E‖W x‖²`` from the unridged moments (``δ = 0``: no correction)."""
     hi = lax.Precision.HIGHEST
-    energy = jnp.sum(jnp.dot(w, cov, precision=hi) * w)
-    if cross_cov is None:  # same inputs: the direct form has no cancellation
+    if cross_cov is None:  # same inputs (cov_hat = cov): the direct form has no cancellation
         delta = w - w_approx
-        f = jnp.sum(jnp.dot(delta, cov, precision=hi) * delta)
+        f = jnp.sum(jnp.dot(delta, cov_hat, precision=hi) * delta)
     else:
         f = (energy - 2.0 * jnp.sum(jnp.dot(w, cross_cov, precision=hi) * w_approx)
              + jnp.sum(jnp.dot(w_approx, cov_hat, precision=hi) * w_approx))
@@ -124,17 +129,25 @@ def _output_error(w, w_approx, cov, cross_cov, cov_hat, shift):
 
 def relative_output_error(kernel, approx_kernel, stats, *, same: bool, shift=None) -> float:
     """The relative error reported per layer: of the corrected output when ``shift`` is given."""
-    dtype = stats.cov.dtype
+    dtype = stats.cov_hat.dtype
     w = kernel_to_matrix(jnp.asarray(kernel)).astype(dtype)
     w_approx = kernel_to_matrix(jnp.asarray(approx_kernel)).astype(dtype)
     shift = jnp.zeros(w.shape[0], dtype) if shift is None else shift.astype(dtype)
-    cross = (None, None) if same else (stats.cross_cov, stats.cov_hat)
-    return float(_output_error(w, w_approx, stats.cov, cross[0], cross[1], shift))
+    cross = None if same else stats.cross_cov
+    return float(_output_error(w, w_approx, _energy(w, stats), cross, stats.cov_hat, shift))
+
+
+def _energy(w, stats):
+    """``E‖W x‖²``: accumulated from the layer's outputs, or from ``cov`` when the stats have it."""
+    if stats.energy is not None:
+        return jnp.sum(stats.energy).astype(w.dtype)
+    return jnp.sum(jnp.dot(w, stats.cov.astype(w.dtype), precision=lax.Precision.HIGHEST) * w)
 
 
 def _fit(kernel, entry, stats, *, same, key, max_steps):
-    moments = {"cov": stats.cov} if same else {
-        "cov": stats.cov_hat, "cross_cov": stats.cross_cov, "target_cov": stats.cov}
+    # same inputs: cov_hat is E[x xᵀ] (the same matmul on the same patches)
+    moments = {"cov": stats.cov_hat} if same else {
+        "cov": stats.cov_hat, "cross_cov": stats.cross_cov, "target_energy": stats.energy}
     return sd.decompose(kernel, solver_for(entry, max_steps=max_steps), key=key, **moments)
 
 
@@ -239,7 +252,7 @@ def compress_sequential(
         return compressed
 
     compressed = _walk(schedule, model, nnx.clone(model), set(layer_plan.paths), on_layer,
-                       progress=progress, desc=f"{format}/sequential")
+                       progress=progress, desc=f"{format}/sequential", gram=False)
     layers = tuple(reports[p] for p in layer_plan.paths if p in reports)
     used = Plan(tuple(e for e in layer_plan.entries if e.path in reports), layer_plan.input_shape)
     return Compressed(compressed, used, layers, time.perf_counter() - start, tuple(kept))

@@ -53,8 +53,9 @@ def _pytree(cls, meta=()):
 class MomentState:
     """Running sums of patch statistics; build with :func:`init`, never by hand.
 
-    ``sums`` maps ``"count"`` (scalar), ``"x"`` (``(g, d)``), ``"xx"`` (``(g, d, d)``) and, for a
-    cross state, ``"y"``, ``"xy"`` (``Σ x yᵀ``), ``"yy"``. ``errs`` holds the Neumaier error terms
+    ``sums`` maps ``"count"`` (scalar), ``"x"`` (``(g, d)``), ``"xx"`` (``(g, d, d)``; absent when
+    built with ``gram=False``) and, for a cross state, ``"y"``, ``"xy"`` (``Σ x yᵀ``), ``"yy"``;
+    ``"ww"`` (``(g,)``, ``Σ ‖W x‖²``) when built with ``energy=True``. ``errs`` holds the Neumaier error terms
     of the same sums (float32 accumulation) or is ``None`` (float64, no compensation needed).
     ``g`` is the number of feature groups (1 for dense layers and ordinary convs).
     """
@@ -64,12 +65,12 @@ class MomentState:
 
     @property
     def groups(self) -> int:
-        return self.sums["xx"].shape[0]
+        return self.sums["x"].shape[0]
 
     @property
     def dim(self) -> int:
         """Patch length per group, ``d``."""
-        return self.sums["xx"].shape[-1]
+        return self.sums["x"].shape[-1]
 
     @property
     def cross(self) -> bool:
@@ -77,7 +78,7 @@ class MomentState:
 
     @property
     def dtype(self):
-        return self.sums["xx"].dtype
+        return self.sums["x"].dtype
 
 
 @_pytree
@@ -90,27 +91,34 @@ class LayerCovariance:
     * ``cov = E[x xᵀ]`` (symmetrised), ``mean = E[x]``, ``count`` = number of patches (a float
       scalar of the statistics' dtype, exact for any realistic count thanks to the compensation);
     * ``cross_cov = E[x yᵀ]`` — the target side of sequential calibration, ``E[x x̂ᵀ]``;
-    * ``cov_hat = E[y yᵀ]`` — the metric of sequential calibration, ``E[x̂ x̂ᵀ]``; ``mean_hat = E[y]``.
+    * ``cov_hat = E[y yᵀ]`` — the metric of sequential calibration, ``E[x̂ x̂ᵀ]``; ``mean_hat = E[y]``;
+    * ``energy = E‖W x‖²`` per group — the output energy of a layer with matrix ``W``.
 
-    The cross fields are ``None`` unless the state was built with ``cross=True``.
+    The cross fields are ``None`` unless the state was built with ``cross=True``; ``cov`` is
+    ``None`` for a state built with ``gram=False``, ``energy`` unless built with ``energy=True``.
     """
 
-    cov: jax.Array
+    cov: jax.Array | None
     mean: jax.Array
     count: jax.Array
     cross_cov: jax.Array | None = None
     cov_hat: jax.Array | None = None
     mean_hat: jax.Array | None = None
+    energy: jax.Array | None = None
 
 
 def _default_dtype():
     return jnp.dtype(jnp.result_type(float))
 
 
-def init(d: int, *, groups: int = 1, cross: bool = False, dtype=None) -> MomentState:
+def init(d: int, *, groups: int = 1, cross: bool = False, dtype=None, gram: bool = True,
+         energy: bool = False) -> MomentState:
     """Empty statistics for patches of length ``d`` (per group).
 
     ``dtype`` defaults to float64 when x64 is enabled, else float32; float32 sums are compensated.
+    ``gram=False`` skips ``Σ x xᵀ`` (a cross state's ``cov``: a third of its matmul work) and
+    ``energy=True`` accumulates ``Σ ‖W x‖²`` instead (pass ``weight=W`` to
+    :func:`accumulate_chunks`): sequential calibration needs ``E[x xᵀ]`` only for that energy.
 
     >>> state = init(3)
     >>> state = update(state, jnp.ones((5, 3)))
@@ -121,7 +129,11 @@ def init(d: int, *, groups: int = 1, cross: bool = False, dtype=None) -> MomentS
     if int(d) < 1 or int(groups) < 1:
         raise ValueError(f"init needs d >= 1 and groups >= 1; got d={d}, groups={groups}.")
     g, d = int(groups), int(d)
-    shapes = {"count": (), "x": (g, d), "xx": (g, d, d)}
+    shapes = {"count": (), "x": (g, d)}
+    if gram:
+        shapes["xx"] = (g, d, d)
+    if energy:
+        shapes["ww"] = (g,)
     if cross:
         shapes.update({"y": (g, d), "xy": (g, d, d), "yy": (g, d, d)})
     sums = {k: jnp.zeros(s, dtype) for k, s in shapes.items()}
@@ -167,15 +179,22 @@ def _gram(a, b):
     return lax.dot_general(a, b, (((2,), (2,)), ((0,), (0,))), precision=lax.Precision.HIGHEST)
 
 
-def _chunk_terms(xt, yt) -> dict:
-    """The sums of one chunk, given row-last patches ``xt`` (and ``yt``) of shape ``(g, d, m)``."""
-    terms = {"x": jnp.sum(xt, axis=2), "xx": _gram(xt, xt)}
+def _chunk_terms(xt, yt, keys, weight=None) -> dict:
+    """The sums ``keys`` of one chunk, given row-last patches ``xt`` (and ``yt``) of shape ``(g, d, m)``
+    and, for ``"ww"``, the layer matrix ``weight`` ``(g, cout_g, d)``."""
+    terms = {"x": jnp.sum(xt, axis=2)}
+    if "xx" in keys:
+        terms["xx"] = _gram(xt, xt)
+    if "ww" in keys:
+        out = jnp.einsum("god,gdm->gom", weight.astype(xt.dtype), xt, precision=lax.Precision.HIGHEST)
+        terms["ww"] = jnp.sum(out * out, axis=(1, 2))
     if yt is not None:
         terms.update({"y": jnp.sum(yt, axis=2), "xy": _gram(xt, yt), "yy": _gram(yt, yt)})
     return terms
 
 
-def accumulate_chunks(state: MomentState, chunk: Callable, num_chunks: int, count) -> MomentState:
+def accumulate_chunks(state: MomentState, chunk: Callable, num_chunks: int, count, *,
+                      weight=None) -> MomentState:
     """Add ``num_chunks`` chunks produced by ``chunk(k) -> (xt, yt_or_None)`` plus ``count`` rows.
 
     Chunks are row-last ``(g, d, m)`` arrays in the state's dtype; zero rows (padding) add nothing.
@@ -183,9 +202,12 @@ def accumulate_chunks(state: MomentState, chunk: Callable, num_chunks: int, coun
     Used by :func:`update` and by the model tap, which builds conv patches chunk by chunk.
     """
 
+    if ("ww" in state.sums) != (weight is not None):
+        raise ValueError("pass weight= exactly when the state was built with energy=True")
+
     def body(st, k):
         xt, yt = chunk(k)
-        terms = _chunk_terms(xt, yt)
+        terms = _chunk_terms(xt, yt, st.sums, weight)
         return _add(st, terms), None
 
     if num_chunks == 1:  # the common small case: no loop to compile
@@ -294,7 +316,10 @@ def finalize(state: MomentState) -> LayerCovariance:
         raise ValueError("finalize got a state with no samples: call update with at least one row.")
     squeeze = (lambda v: v[0]) if state.groups == 1 else (lambda v: v)
     moment = lambda key: squeeze(_total(state, key) / count)  # noqa: E731
-    out = {"cov": _symmetrise(moment("xx")), "mean": moment("x"), "count": count}
+    out = {"cov": _symmetrise(moment("xx")) if "xx" in state.sums else None, "mean": moment("x"),
+           "count": count}
+    if "ww" in state.sums:
+        out["energy"] = moment("ww")
     if state.cross:
         out.update(cross_cov=moment("xy"), cov_hat=_symmetrise(moment("yy")), mean_hat=moment("y"))
     return LayerCovariance(**out)

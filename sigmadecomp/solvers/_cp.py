@@ -40,6 +40,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from sigmadecomp._compile import fast_compile_jit
 from sigmadecomp._factorized import CP, CP3
 from sigmadecomp.solvers._base import AbstractSolver, Problem, problem_error, solution_stats
 from sigmadecomp.solvers._driver import iterate
@@ -601,7 +602,7 @@ def _in_side_scale(before, after, merged: bool):
     return jnp.where(old > 0, new / jnp.where(old > 0, old, 1.0), 1.0)
 
 
-@partial(jax.jit, static_argnums=0)
+@fast_compile_jit(static_argnums=0)
 def _solve(solver: CPALS, problem: Problem, key, init, knobs) -> Solution:
     engine = _engine(solver, problem, knobs)
     dims = engine.dims

@@ -22,11 +22,12 @@ __all__ = ["decompose", "make_problem", "relative_error"]
 
 
 @jax.jit
-def make_problem(kernel, cov, cross_cov, target_cov, ridge) -> Problem:
+def make_problem(kernel, cov, cross_cov, target_cov, ridge, target_energy=None) -> Problem:
     """The :class:`Problem` for ``kernel`` (validated inputs; ``ridge`` a traced scalar).
 
     Frobenius when ``cov`` is None; Σ with ``M = cov + ridge·(tr cov/d)·I`` and ``T = W M``;
-    cross-covariance form with ``T = W·cross_cov`` and energy ``tr(W target_cov Wᵀ)``.
+    cross-covariance form with ``T = W·cross_cov`` and energy ``tr(W target_cov Wᵀ)``, or
+    ``target_energy`` when given instead of ``target_cov``.
     """
     w = kernel_to_matrix(kernel)
     shape = tuple(kernel.shape)
@@ -39,7 +40,7 @@ def make_problem(kernel, cov, cross_cov, target_cov, ridge) -> Problem:
         return Problem(w, target, metric, jnp.sum(target * w), direct=True, kernel_shape=shape,
                        ridge=added)
     target = mm(w, cross_cov)
-    energy = jnp.sum(mm(w, target_cov) * w)
+    energy = jnp.sum(mm(w, target_cov) * w) if target_energy is None else target_energy.astype(w.dtype)
     return Problem(w, target, metric, energy, direct=False, kernel_shape=shape, ridge=added)
 
 
@@ -50,6 +51,7 @@ def decompose(
     cov=None,
     cross_cov=None,
     target_cov=None,
+    target_energy=None,
     key=None,
     init=None,
 ) -> Solution:
@@ -72,6 +74,9 @@ def decompose(
         cross_cov, target_cov: sequential calibration (earlier layers already compressed, the
             layer sees ``x̂``): pass ``cov = E[x̂ x̂ᵀ]``, ``cross_cov = E[x x̂ᵀ]`` and
             ``target_cov = E[x xᵀ]`` (used only for the error's normaliser) together.
+        target_energy: ``E‖W x‖²`` (a positive scalar), the normaliser itself, instead of
+            ``target_cov``: sequential calibration accumulates it from the layer's outputs and
+            so skips the ``x xᵀ`` gram.
         key: PRNG key for the solver's random choices. Required (``ValueError`` otherwise) when
             the solver draws random numbers for its start: ``init="random"``, or a CP rank above
             an input mode (see the solver's ``needs_key``); ignored otherwise (closed forms and
@@ -98,12 +103,21 @@ def decompose(
             f"sigmadecomp.Tucker2ALS((r_out, r_in)); got {type(solver).__name__}."
         )
     kernel = check_kernel(kernel)
-    cov, cross_cov, target_cov = check_second_moments(kernel, cov, cross_cov, target_cov)
+    if target_energy is not None:
+        if target_cov is not None or cross_cov is None:
+            raise ValueError("target_energy replaces target_cov in the cross-covariance form: pass it "
+                             "with cov and cross_cov, and without target_cov")
+        target_energy = jnp.asarray(target_energy, kernel.dtype)
+        if target_energy.shape != ():
+            raise ValueError(f"target_energy must be a scalar E‖W x‖²; got shape {target_energy.shape}")
+        cov, cross_cov, _ = check_second_moments(kernel, cov, cross_cov, cov)
+    else:
+        cov, cross_cov, target_cov = check_second_moments(kernel, cov, cross_cov, target_cov)
     solver.check(tuple(kernel.shape))
     init = solver.check_init(init, tuple(kernel.shape), kernel.dtype)
     key = _resolve_key(solver, key, init, tuple(kernel.shape))
     ridge = jnp.asarray(getattr(solver, "ridge", 1e-6), kernel.dtype)
-    problem = make_problem(kernel, cov, cross_cov, target_cov, ridge)
+    problem = make_problem(kernel, cov, cross_cov, target_cov, ridge, target_energy)
     if _concrete(problem.energy) and not float(problem.energy) > 0:
         raise ValueError(
             f"the kernel's output energy tr(W target_cov Wᵀ) is {float(problem.energy):.3g} <= 0: "

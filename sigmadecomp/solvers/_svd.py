@@ -9,12 +9,12 @@ the cross-covariance form), exact without cancellation.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
+from sigmadecomp._compile import fast_compile_jit
 from sigmadecomp._factorized import LowRank
 from sigmadecomp._patches import matrix_to_kernel
 from sigmadecomp.solvers._base import AbstractSolver, Problem, solution_stats
@@ -75,7 +75,7 @@ def _truncate(y, rank):
     return u[:, :rank] * s[None, :rank], vt[:rank], jnp.sum(s2[rank:]), jnp.sum(s2)
 
 
-@functools.partial(jax.jit, static_argnames="rank")
+@fast_compile_jit(static_argnames="rank")
 def _svd_solve(problem: Problem, *, rank: int) -> Solution:
     kh, kw, cin, cout = problem.conv_shape
     if problem.metric is None:

@@ -25,10 +25,12 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
+from sigmadecomp._compile import fast_compile_jit
 from sigmadecomp._factorized import Tucker2
 from sigmadecomp.solvers._base import AbstractSolver, Problem, solution_stats
 from sigmadecomp.solvers._driver import iterate
 from sigmadecomp.solvers._numerics import (
+    CG_PRECISIONS,
     HIGHEST,
     cholesky_solve,
     forcing_tol,
@@ -37,6 +39,7 @@ from sigmadecomp.solvers._numerics import (
     mm,
     pcg,
     record_jitter,
+    reduced_mm,
     safe_cholesky,
     solve_by_dense,
 )
@@ -84,6 +87,12 @@ class Tucker2ALS(AbstractSolver):
         dense_threshold: ``None`` (default) chooses dense Cholesky or CG for step B by estimated
             flops; an integer forces dense when ``cin·r_in <= dense_threshold`` (0: always CG).
         cg_forcing: scale of the forcing tolerance (above); 0 solves step B to ``cg_tol``.
+        cg_precision: precision of CG's ``M·z`` products (the ``d²·r_out`` cost of a matvec):
+            ``"highest"`` (default, exact float32/float64), ``"tf32"`` (the backend's default
+            float32 matmul: TF32 on NVIDIA tensor-core GPUs, exact on CPU) or ``"bf16"``
+            (bfloat16 operands, float32 accumulation). Everything else, including each sweep's
+            error, stays at HIGHEST; a sweep whose step B raised that error keeps step A's
+            result only, so the error history stays non-increasing.
 
     ``ranks``, ``max_steps``, ``cg_max_steps``, ``dense_threshold`` and ``init`` are compiled in;
     ``rtol``, ``cg_tol``, ``cg_forcing`` and ``ridge`` are traced (changing them does not
@@ -105,6 +114,7 @@ class Tucker2ALS(AbstractSolver):
     dense_threshold: Optional[int] = None
     init: str = "svd"
     cg_forcing: float = 1.0
+    cg_precision: str = "highest"
 
     def __post_init__(self):
         ranks = self.ranks
@@ -125,6 +135,9 @@ class Tucker2ALS(AbstractSolver):
             raise ValueError(f"Tucker2ALS: cg_forcing must be a finite number >= 0; got {forcing!r}.")
         if self.init not in _INITS:
             raise ValueError(f"Tucker2ALS: init must be one of {_INITS}; got {self.init!r}.")
+        if self.cg_precision not in CG_PRECISIONS:
+            raise ValueError(f"Tucker2ALS: cg_precision must be one of {CG_PRECISIONS}; "
+                             f"got {self.cg_precision!r}.")
 
     def check(self, kernel_shape: tuple) -> None:
         kh, kw, cin, cout = conv_shape(kernel_shape)
@@ -157,7 +170,7 @@ class Tucker2ALS(AbstractSolver):
             problem, key, init, tols,
             ranks=self.ranks, max_steps=self.max_steps, cg_max_steps=self.cg_max_steps,
             dense=_step_b_dense(problem.conv_shape, self.ranks, self.dense_threshold),
-            init_method=self.init,
+            init_method=self.init, cg_precision=self.cg_precision,
         )
 
 
@@ -261,16 +274,16 @@ def _rhs(problem: Problem, u, g, cin: int):
     return jnp.einsum("cpo,obp->cb", tu, g.reshape(r_out, -1, tu.shape[1]), precision=HIGHEST)
 
 
-def _metric_apply(problem: Problem, z):
-    return z if problem.metric is None else mm(problem.metric, z)
+def _metric_apply(problem: Problem, z, precision: str = "highest"):
+    return z if problem.metric is None else reduced_mm(problem.metric, z, precision)
 
 
-def _matvec(problem: Problem, gh, x):
+def _matvec(problem: Problem, gh, x, precision: str = "highest"):
     """``H(X)[c,b] = Σ_p [M (X ⊗ I) Ĝᵀ Ĝ]_{(c,p),(b,p)}`` with ``ĜᵀĜ = Gᵀ U_outᵀ U_out G``."""
     r_out = gh.shape[0]
     g3 = gh.reshape(r_out, x.shape[1], -1)  # (o, b, p)
     z = jnp.einsum("ca,oap->cpo", x, g3, precision=HIGHEST).reshape(-1, r_out)
-    return _contract_out(_metric_apply(problem, z), gh, x.shape[0])
+    return _contract_out(_metric_apply(problem, z, precision), gh, x.shape[0])
 
 
 def _contract_out(y, gh, cin: int):
@@ -351,7 +364,7 @@ def update_in(problem: Problem, u, g, in_factor, *, cg_tol, cg_max_steps: int = 
 
 
 def _solve_in(problem: Problem, kron: _Kron, u, g, in_factor, mv, *, cg_tol, start_tol,
-              cg_max_steps: int, dense: bool):
+              cg_max_steps: int, dense: bool, precision: str = "highest"):
     """Step B from ``in_factor``; ``mv = M (U_in ⊗ I)`` (from :func:`_projections`, or None)
     gives CG's starting residual without a ``d²`` product. Returns ``(U_in, ok, cg_steps)``."""
     cin, r_in = in_factor.shape
@@ -365,7 +378,7 @@ def _solve_in(problem: Problem, kron: _Kron, u, g, in_factor, mv, *, cg_tol, sta
         return x, jnp.all(jnp.isfinite(x)), jnp.int32(0)
     ax0 = None if mv is None else _contract_out(mm(mv, gh.T), gh, cin)
     return pcg(
-        functools.partial(_matvec, problem, gh), rhs, in_factor, ax0=ax0,
+        functools.partial(_matvec, problem, gh, precision=precision), rhs, in_factor, ax0=ax0,
         precond=_preconditioner(kron, gh, r_in), tol=cg_tol, start_tol=start_tol,
         max_steps=cg_max_steps,
     )
@@ -421,14 +434,24 @@ def _make_state(problem: Problem, in_factor, u, g, previous_error=None):
     return _State(in_factor, u, g, gram, cross, err, mv, decrease)
 
 
-def _sigma_sweep(problem: Problem, kron: _Kron, state: _State, tols, r_out, cg_max_steps, dense):
+def _sigma_sweep(problem: Problem, kron: _Kron, state: _State, tols, r_out, cg_max_steps, dense,
+                 precision: str = "highest"):
     u, g = update_outer(state.gram, state.cross, r_out)
     x, ok, steps = _solve_in(
         problem, kron, u, g, state.in_factor, state.metric_in, cg_tol=tols["cg_tol"],
         start_tol=forcing_tol(state.decrease, tols["cg_forcing"]), cg_max_steps=cg_max_steps,
-        dense=dense,
+        dense=dense, precision=precision,
     )
-    return _make_state(problem, x, u, g, state.error), ok, steps
+    new = _make_state(problem, x, u, g, state.error)
+    if precision == "highest":
+        return new, ok, steps
+    # Reduced-precision CG minimises a perturbed quadratic, so its step B may raise the (exact,
+    # HIGHEST) error: then keep step A alone, whose error comes from the unchanged projections.
+    err_a = _sigma_error(problem, u, g, state.gram, state.cross)
+    decrease_a = (state.error - err_a) / jnp.maximum(state.error, jnp.finfo(err_a.dtype).tiny)
+    step_a = state._replace(out_factor=u, core=g, error=err_a, decrease=decrease_a)
+    keep = new.error <= err_a
+    return jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, step_a), ok, steps
 
 
 def _subspace_step(y, basis):
@@ -475,12 +498,11 @@ def _initial(problem: Problem, key, init, ranks, init_method):
     return x, u, g
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("ranks", "max_steps", "cg_max_steps", "dense", "init_method"),
+@fast_compile_jit(
+    static_argnames=("ranks", "max_steps", "cg_max_steps", "dense", "init_method", "cg_precision"),
 )
 def _tucker2_solve(problem, key, init, tols, *, ranks, max_steps, cg_max_steps,
-                   dense, init_method) -> Solution:
+                   dense, init_method, cg_precision="highest") -> Solution:
     kh, kw = problem.conv_shape[:2]
     with record_jitter() as log:
         state = _make_state(problem, *_initial(problem, key, init, ranks, init_method))
@@ -489,7 +511,7 @@ def _tucker2_solve(problem, key, init, tols, *, ranks, max_steps, cg_max_steps,
     else:
         sweep = functools.partial(
             _sigma_sweep, problem, _kron_consts(problem, problem.conv_shape[2]), tols=tols,
-            r_out=ranks[0], cg_max_steps=cg_max_steps, dense=dense,
+            r_out=ranks[0], cg_max_steps=cg_max_steps, dense=dense, precision=cg_precision,
         )
     state, status, errors, num_steps, inner, jitter = iterate(
         sweep, lambda s: s.error, state, max_steps=max_steps, rtol=tols["rtol"], with_jitter=True
