@@ -44,6 +44,7 @@ def test_safetensors_stand_in_matches_the_package(tmp_path):
     np.testing.assert_array_equal(back["b"], [1, -2])
 
 
+@pytest.mark.experiment
 @pytest.mark.slow
 def test_smoke_precision_workload(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--workloads", "precision", "--out",
