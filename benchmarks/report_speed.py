@@ -2,6 +2,7 @@
 generated here, not typed).
 
     python benchmarks/report_speed.py
+    python benchmarks/report_speed.py --gpu /work/device_out/gpu10   # tables of benchmarks/gpu.py's files
 """
 
 from __future__ import annotations
@@ -90,6 +91,45 @@ def cold_profile(name="end_to_end_s3.json"):
                   f"({r['backend_compile_cpu_s'] / r['cpu_s']:.0%}); CLI call CPU {r.get('cli_cpu_s', 0):.1f} s")
 
 
+def gpu(folder):
+    """Tables from the files benchmarks/gpu.py wrote (``folder``: its --out)."""
+    folder = pathlib.Path(folder)
+    for name in ("end_to_end", "sweeps", "precision"):
+        path = folder / f"{name}.json"
+        if not path.exists():
+            print(f"({path} absent)")
+            continue
+        data = json.loads(path.read_text())
+        m = data.get("meta", {})
+        print(f"{name}.json: {m.get('date')}, {m.get('device')} ({m.get('backend')}), jax {m.get('jax')}, "
+              f"budget {m.get('budget_s')} s")
+        if name == "end_to_end":
+            print("| call | wall s | XLA compiles | backend compile s | compile share | accuracy | decompose s | statuses |")
+            print("|---|---|---|---|---|---|---|---|")
+            for c in data.get("calls", []):
+                print(f"| {c['label']} | {c['wall_s']:.1f} | {c['compiles']} | {c['backend_compile_s']:.1f} | "
+                      f"{_f(c['compile_share'])} | {100 * (c['accuracy'] or 0):.2f}% | {_f(c['decompose_s'])} | "
+                      f"{c['statuses']} |")
+            print(f"process {_f(data.get('process_s'))} s; errors: {[e[-300:] for e in data.get('errors', [])]}")
+        elif name == "sweeps":
+            print("| method | norm | size | s / sweep | error | CG / sweep |\n|---|---|---|---|---|---|")
+            for r in data["rows"]:
+                c = r["cell"]
+                print(f"| {c['method']} | {c['norm']} | {c['size']} | {_f(r['s_per_sweep'])} | {_f(r['error'], 4)} | "
+                      f"{_f(r['cg_per_sweep'])} |")
+            for r in data.get("ratios", []):
+                print(f"{r['method']} {r['size']}: Σ sweep / F sweep {_f(r['sigma_over_frobenius'])}×")
+        else:
+            print("| cg_precision | seconds | sweeps | final error | max increase | CG steps |\n|---|---|---|---|---|---|")
+            for r in data["rows"]:
+                print(f"| {r['cell']['cg_precision']} | {_f(r['seconds'])} | {r['sweeps']} | {_f(r['error'], 6)} | "
+                      f"{_f(r['max_increase'])} | {r['cg_history']} |")
+        for k in ("skipped", "errors"):
+            if data.get(k) and name != "end_to_end":
+                print(f"{k}: {[str(e)[-200:] for e in data[k]]}")
+        print()
+
+
 def solvers(name):
     data = _load(name)
     if not data:
@@ -127,6 +167,11 @@ def preconditioner():
 
 
 if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) > 2 and sys.argv[1] == "--gpu":
+        gpu(sys.argv[2])
+        raise SystemExit
     end_to_end()
     print()
     cold_profile()
