@@ -363,6 +363,7 @@ class Worker:
                 waited = self.__dict__.pop("waited", 0.0)  # time spent waiting for the CPU number
                 self.seconds[unit["exp"]].append(time.time() - tic - waited)
                 self.log(f"unit {index} cell {cell} took {time.time() - tic:.1f} s")
+        self.log("no unit left that can finish before the hard stop")
 
 
 # ------------------------------------------------------------------------------ the parent
