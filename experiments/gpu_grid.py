@@ -322,19 +322,35 @@ class Worker:
             self.data["rs"] = (calib, (cifar10_normalize(test_x), test_y), {})
         calib, test, archs = self.data["rs"]
         if key[0] not in archs:
+            self.log(f"calibrating ResNet-{key[0]}")
             archs[key[0]] = self.rsm.Arch(key[0], self.args.data, calib, config)
+        self.log(f"rank {key}: selecting ranks and compressing")
         record = self.rsm.measure(archs[key[0]], key, test, config)
         self.save("rank_selection", record)
         self.log(f"rank {key}: {record['accuracy']:.3f} params {record['achieved_params']:.3f} in {record['seconds']:.1f} s")
 
     def fits(self, exp: str) -> bool:
-        """Whether a new ``exp`` cell may start: before the budget, and (by the longest such cell
-        this worker has seen, or a prior guess before the first) done before the hard stop."""
-        guess = max(self.seconds[exp], default=PRIOR_SECONDS[exp])
-        return time.time() < self.args.deadline and time.time() + guess < self.args.hard
+        """Whether a new ``exp`` cell may start: before the budget, and done before the hard stop by
+        the longest such cell any worker has finished or is still running (a prior guess before
+        any was timed). The first GPU grid showed why others' running cells count: a rank-selection
+        cell ran past the whole budget, and workers went on starting them on a 40 s guess."""
+        now_ = time.time()
+        seen = []
+        for path in (self.args.work / "shards").glob("cells-*.json"):
+            for entry in _read(path).get(exp, []):
+                seen.append(entry["seconds"] if entry.get("seconds") is not None else now_ - entry["started"])
+        guess = max(seen, default=PRIOR_SECONDS[exp])
+        return now_ < self.args.deadline and now_ + guess < self.args.hard
+
+    def track(self, exp: str, started: float, seconds: float | None) -> None:
+        """Publish this worker's cell times (``seconds`` None: still running) for :meth:`fits`."""
+        path = self.args.work / "shards" / f"cells-{self.args.worker}.json"
+        cells = _read(path)
+        entries = [e for e in cells.get(exp, []) if e["started"] != started]
+        cells[exp] = entries + [dict(started=started, seconds=seconds)]
+        save_results(cells, path)
 
     def run(self, units: list[dict]) -> None:
-        self.seconds = {"finetune": [], "rank_selection": []}
         for index, unit in enumerate(units):
             if time.time() > self.args.deadline:
                 self.log("budget reached: no new unit")
@@ -348,6 +364,7 @@ class Worker:
                     self.log(f"budget reached inside unit {index}: {cell} not started")
                     break
                 tic = time.time()
+                self.track(unit["exp"], tic, None)
                 try:
                     if unit["exp"] == "finetune":
                         self.finetune_cell(cell)
@@ -361,7 +378,7 @@ class Worker:
                         dict(cell=cell, worker=self.args.worker, error=repr(error), date=now()))
                     save_results(self.results[unit["exp"]], self.paths[unit["exp"]])
                 waited = self.__dict__.pop("waited", 0.0)  # time spent waiting for the CPU number
-                self.seconds[unit["exp"]].append(time.time() - tic - waited)
+                self.track(unit["exp"], tic, time.time() - tic - waited)
                 self.log(f"unit {index} cell {cell} took {time.time() - tic:.1f} s")
         self.log("no unit left that can finish before the hard stop")
 

@@ -113,3 +113,17 @@ def test_report_folds_grid_runs_and_writes_verdicts(tmp_path):
     assert "| cp 10%: Σ-sequential beats the other inits after the same budget | Σ-seq 90.00 vs frobenius 80.00 | met" in text
     assert "| cp | sigma_seq | distilled, 10 CPU-min budget | – | 90.00 | – | – |" in text
     assert (rs_dir / "README.md").exists()
+
+
+def test_no_cell_starts_that_a_running_one_shows_cannot_finish(tmp_path):
+    import time
+    import types
+
+    (tmp_path / "shards").mkdir()
+    now = time.time()
+    worker = types.SimpleNamespace(args=types.SimpleNamespace(work=tmp_path, worker=0, deadline=now + 300, hard=now + 360))
+    fits = lambda exp: gpu_grid.Worker.fits(worker, exp)  # noqa: E731
+    assert fits("rank_selection") and fits("finetune")  # prior guesses only
+    gpu_grid.Worker.track(worker, "rank_selection", now - 400, None)  # another worker's cell, still running
+    gpu_grid.Worker.track(worker, "finetune", now - 50, 30.0)
+    assert not fits("rank_selection") and fits("finetune")
