@@ -33,6 +33,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,13 +78,14 @@ def full_units() -> list[dict]:
     40%, Σ-parallel and the Frobenius rows of issue 12 come last."""
     units = [
         ft("cp", 0.1, "sigma_seq"), rs("tucker2", "global", BUDGETS_A),
+        # the recipe check (the first grid's curves flattened with budget left: the recipe binds)
+        ft("cp", 0.1, "sigma_seq", lr=0.01), ft("cp", 0.1, "frobenius"), rs("tucker2", "uniform", BUDGETS_A[:1]),
+        ft("cp", 0.1, "sigma_seq", ce=0.5), ft("cp", 0.1, "random"), ft("cp", 0.1, "sigma_seq", lr=0.005),
         ft("tucker2", 0.1, "sigma_seq"), rs("cp", "global", BUDGETS_A),
-        ft("cp", 0.05, "sigma_seq"), ft("cp", 0.2, "sigma_seq"), rs("tucker2", "uniform", BUDGETS_A),
-        ft("cp", 0.1, "frobenius"), ft("cp", 0.1, "random"), rs("cp", "uniform", BUDGETS_A),
+        ft("cp", 0.05, "sigma_seq"), ft("cp", 0.2, "sigma_seq"), rs("tucker2", "uniform", BUDGETS_A[1:]),
+        rs("cp", "uniform", BUDGETS_A),
         ft("tucker2", 0.05, "sigma_seq"), ft("tucker2", 0.2, "sigma_seq"), rs("svd", "global", BUDGETS_A),
         ft("tucker2", 0.1, "frobenius"), ft("tucker2", 0.1, "random"), rs("svd", "uniform", BUDGETS_A),
-        # the recipe check: a higher learning rate, and distillation + cross-entropy on the labels
-        ft("cp", 0.1, "sigma_seq", lr=0.005), ft("cp", 0.1, "sigma_seq", lr=0.01), ft("cp", 0.1, "sigma_seq", ce=0.5),
         ft("cp", 0.05, "frobenius"), ft("cp", 0.2, "frobenius"), ft("cp", 0.05, "random"), ft("cp", 0.2, "random"),
         ft("svd", 0.1, "sigma_seq"), ft("svd", 0.05, "sigma_seq"), ft("svd", 0.2, "sigma_seq"),
         rs("tucker2", "global", BUDGETS_B), rs("cp", "global", BUDGETS_B), rs("tucker2", "uniform", BUDGETS_B),
@@ -104,6 +106,25 @@ def full_units() -> list[dict]:
     units += [rs(f, rule, ("params=0.5", "params=0.33"), arch=a) for a in (32, 56) for f in ("tucker2", "cp", "svd")
               for rule in ("global", "uniform")]
     return units
+
+
+def without_done(units: list[dict], finetune_runs: list[dict], rank_runs: list[dict]) -> list[dict]:
+    """``units`` less the cells that earlier grids already measured (a fine-tuning cell is done when
+    a run with a CPU-minute budget has its format, rate, init, learning rate and CE weight; a
+    rank-selection cell when a run has its key). Units left empty are dropped."""
+    ft_done = {(r["format"], r["ratio"], r["init"], r["learning_rate"], r.get("label_weight", 0.0))
+               for r in finetune_runs if r.get("cpu_budget")}
+    rs_done = {tuple(r[f] for f in ("arch", "format", "norm", "calibration", "rule", "budget")) for r in rank_runs}
+    out = []
+    for unit in units:
+        if unit["exp"] == "finetune":
+            cells = [c for c in unit["cells"]
+                     if (c["format"], c["ratio"], c["init"], c["lr"], c["label_weight"]) not in ft_done]
+        else:
+            cells = [c for c in unit["cells"] if tuple(c) not in rs_done]
+        if cells:
+            out.append(dict(unit, cells=cells))
+    return out
 
 
 def smoke_units() -> list[dict]:
@@ -456,6 +477,11 @@ def parent(args) -> int:
     args.deadline = args.start + args.budget_s
     hard = args.hard = args.deadline + args.grace_s
     args.units = smoke_units() if args.smoke else full_units()
+    if not args.smoke and not args.redo:  # the repository's results are not measured again
+        done = [load_results(HERE / e / "results.json")["runs"] for e in ("finetune", "rank_selection")]
+        args.units = without_done(args.units, *done)
+    if args.models is not None:  # compressed models made elsewhere: the GPU time goes to distillation
+        shutil.copytree(args.models, args.work / "models", dirs_exist_ok=True)
     (args.work / "units.json").write_text(json.dumps(args.units))
     formats = ("svd",) if args.smoke else CPU_FORMATS
     available = sorted(os.sched_getaffinity(0))
@@ -529,6 +555,9 @@ def parse_args(argv=None):
     p.add_argument("--fallback-images-per-s", type=float, default=40.0,
                    help="CPU throughput used only if the measurement fails (recorded as such)")
     p.add_argument("--no-compile-cache", dest="compile_cache", action="store_false")
+    p.add_argument("--redo", action="store_true", help="also run cells already in experiments/*/results.json")
+    p.add_argument("--models", type=pathlib.Path, default=None, help="compressed models made beforehand (folders "
+                   "named as experiments/finetune/main.py caches them), used instead of compressing on the device")
     p.add_argument("--work", type=pathlib.Path, default=None, help="scratch folder (claims, shards, models, logs)")
     p.add_argument("--smoke", action="store_true", help="tiny grid on the CPU (seconds)")
     # internal: the modes of the child processes

@@ -154,7 +154,7 @@ def observations(runs, sessions) -> str:
     """What the grid's runs show, one line per run, then what did not run (all from the files)."""
     lines = []
     for r in sorted(runs, key=lambda r: (r["format"], r["ratio"], INIT_ORDER.index(r["init"]))):
-        ev, tr = r["history"]["eval"], r["history"]["train"]
+        ev, tr = r["history"]["eval"], r["history"]["train"] or [dict(step=0, loss=float("nan"))]
         quarter = next((e for e in ev if e["step"] >= 0.75 * r["steps"]), ev[-1])
         images = r["steps"] * r["batch_size"]
         steady = r.get("steady_images_per_second")
