@@ -309,6 +309,8 @@ class Worker:
         cache.mkdir(exist_ok=True)
         key = (cell["format"], cell["ratio"], cell["init"])
         source = "frobenius" if cell["init"] == "random" else cell["init"]
+        folder = cache / f"resnet{base.arch}-{cell['format']}-{cell['ratio']}-{source}-sweeps{base.max_steps}"
+        given = (self.args.models / folder.name).is_dir() if self.args.models else False
         tic = time.perf_counter()
         with open(cache / f"{cell['format']}-{cell['ratio']}-{source}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one worker compresses, the others wait and load it
@@ -322,7 +324,8 @@ class Worker:
                                      label_weight=cell["label_weight"], eval_every=max(1, steps // 8))
         record = self.ftm.measure(model, train, calib, test, key, config, cache)
         record.update(compress_seconds=None if compress_seconds is None else round(compress_seconds, 2),
-                      compress_wall_seconds=round(compress_wall, 2), cpu_budget=budget)
+                      compress_wall_seconds=round(compress_wall, 2), cpu_budget=budget,
+                      compressed_by="--models (made beforehand)" if given else "this worker or another of this grid")
         self.save("finetune", record)
         self.log(f"finetune {self.ftm.run_key(record)}: {record['accuracy_compressed']:.3f} -> "
                  f"{record['accuracy_finetuned']:.3f} ({record['finetune_seconds']:.1f} s GPU)")
@@ -404,6 +407,28 @@ class Worker:
         self.log("no unit left that can finish before the hard stop")
 
 
+def precompress(args) -> None:
+    """Compress the fine-tuning cells ``args.precompress`` (``FORMAT:RATIO:INIT``) into
+    ``args.models`` (e.g. on a CPU before the device call; ``--models`` then hands them over)."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    ftm = load_experiment("finetune")
+    from sigmadecomp.data import cifar10_normalize, load_cifar10, sample
+    from sigmadecomp.models import pretrained_resnet
+
+    config = ftm.SMOKE if args.smoke else ftm.FULL
+    model = pretrained_resnet(config.arch, args.data / "weights" / f"resnet{config.arch}_cifar10.safetensors")
+    train_x, _ = load_cifar10(args.data / "cifar10", "train")
+    calib = cifar10_normalize(sample(train_x, None, config.calib_images, key=jax.random.key(config.calib_seed)))
+    for cell in args.precompress:
+        fmt, ratio, init = cell.split(":")
+        tic = time.perf_counter()
+        ftm.compressed_model(model, calib, fmt, float(ratio), init, config, args.models)
+        print(f"{now()}: {cell} compressed in {time.perf_counter() - tic:.1f} s ({machine()}, load "
+              f"{os.getloadavg()[0]:.1f})", flush=True)
+
+
 # ------------------------------------------------------------------------------ the parent
 
 
@@ -426,6 +451,7 @@ def spawn(args, mode: list[str], env_extra: dict, cores, log: pathlib.Path) -> s
             "--fallback-images-per-s", repr(args.fallback_images_per_s)]
     argv += ["--smoke"] if args.smoke else []
     argv += [] if args.compile_cache else ["--no-compile-cache"]
+    argv += ["--models", str(args.models)] if args.models else []
     if cores:
         argv += ["--pin", ",".join(map(str, cores))]
     return subprocess.Popen(argv, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -496,6 +522,8 @@ def parent(args) -> int:
              for fmt, pair in zip(formats, pairs)}
     fraction = f"{min(0.9 / args.workers, 0.45):.3f}"
     gpu_env = dict(XLA_PYTHON_CLIENT_MEM_FRACTION=fraction, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    if args.gpu_xla_flags:
+        gpu_env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.gpu_xla_flags}".strip()
     if args.smoke:
         gpu_env["JAX_PLATFORMS"] = os.environ.get("JAX_PLATFORMS", "cpu")
     for i, cores in enumerate(cores_for(total, args.workers, cpu_cores)):
@@ -555,9 +583,13 @@ def parse_args(argv=None):
     p.add_argument("--fallback-images-per-s", type=float, default=40.0,
                    help="CPU throughput used only if the measurement fails (recorded as such)")
     p.add_argument("--no-compile-cache", dest="compile_cache", action="store_false")
+    p.add_argument("--gpu-xla-flags", default="", help="extra XLA_FLAGS for the GPU workers only, e.g. "
+                   "--xla_gpu_autotune_level=0 (compiling dominated the first grid; not yet tried on the device)")
     p.add_argument("--redo", action="store_true", help="also run cells already in experiments/*/results.json")
     p.add_argument("--models", type=pathlib.Path, default=None, help="compressed models made beforehand (folders "
                    "named as experiments/finetune/main.py caches them), used instead of compressing on the device")
+    p.add_argument("--precompress", nargs="+", default=None, metavar="FORMAT:RATIO:INIT",
+                   help="only compress these fine-tuning cells into --models (no grid)")
     p.add_argument("--work", type=pathlib.Path, default=None, help="scratch folder (claims, shards, models, logs)")
     p.add_argument("--smoke", action="store_true", help="tiny grid on the CPU (seconds)")
     # internal: the modes of the child processes
@@ -584,6 +616,11 @@ def main(argv=None) -> int:
         os.sched_setaffinity(0, [int(c) for c in args.pin.split(",")])  # before JAX sizes its thread pools
     if args.cpu_measure:
         measure_cpu(args)  # a failure is written into that rate's file before it propagates
+        return 0
+    if args.precompress:
+        if args.models is None:
+            raise SystemExit("--precompress needs --models DIR")
+        precompress(args)
         return 0
     if args.worker is not None:
         Worker(args).run(json.loads((args.work / "units.json").read_text()))
