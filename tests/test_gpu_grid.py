@@ -125,8 +125,10 @@ def test_no_cell_starts_that_a_running_one_shows_cannot_finish(tmp_path):
     now = time.time()
     worker = types.SimpleNamespace(args=types.SimpleNamespace(work=tmp_path, worker=0, deadline=now + 300, hard=now + 360))
     fits = lambda exp: gpu_grid.Worker.fits(worker, exp)  # noqa: E731
-    assert fits("rank_selection") and fits("finetune")  # prior guesses only
-    gpu_grid.Worker.track(worker, "rank_selection", now - 400, None)  # another worker's cell, still running
+    assert not fits("rank_selection") and fits("finetune")  # prior guesses only (a rank cell: 400 s)
+    worker.args.hard = now + 1000
+    assert fits("rank_selection")
+    gpu_grid.Worker.track(worker, "rank_selection", now - 1200, None)  # another worker's cell, still running
     gpu_grid.Worker.track(worker, "finetune", now - 50, 30.0)
     assert not fits("rank_selection") and fits("finetune")
 
