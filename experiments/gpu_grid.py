@@ -33,6 +33,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,9 +55,11 @@ LEARNING_RATE = 0.002
 CPU_FORMATS = ("cp", "tucker2", "svd")  # throughput measured per format, in this order
 BUDGETS_A = ("params=0.5", "params=0.33", "flops=0.5")  # issue 12's target budgets first
 BUDGETS_B = ("flops=0.33", "params=0.25", "params=0.15")
-# Guesses of one cell's seconds on the GPU before a worker has timed one (they only decide whether
-# a cell may still finish before the hard stop; the measured times replace them).
-PRIOR_SECONDS = {"finetune": 90.0, "rank_selection": 40.0}
+# Guesses of one cell's seconds on the GPU before any worker has timed one (they only decide whether
+# a cell may still finish before the hard stop; the measured times replace them). From the first
+# grid (H200, 5 workers): a distillation cell took ~60 s plus ~230 s when it compressed its model
+# itself; no ResNet-20 rank-selection cell (rule global) finished within 380 s.
+PRIOR_SECONDS = {"finetune": 90.0, "rank_selection": 400.0}
 
 
 # ------------------------------------------------------------------------------ the cell list
@@ -77,13 +80,14 @@ def full_units() -> list[dict]:
     40%, Σ-parallel and the Frobenius rows of issue 12 come last."""
     units = [
         ft("cp", 0.1, "sigma_seq"), rs("tucker2", "global", BUDGETS_A),
+        # the recipe check (the first grid's curves flattened with budget left: the recipe binds)
+        ft("cp", 0.1, "sigma_seq", lr=0.01), ft("cp", 0.1, "frobenius"), rs("tucker2", "uniform", BUDGETS_A[:1]),
+        ft("cp", 0.1, "sigma_seq", ce=0.5), ft("cp", 0.1, "random"), ft("cp", 0.1, "sigma_seq", lr=0.005),
         ft("tucker2", 0.1, "sigma_seq"), rs("cp", "global", BUDGETS_A),
-        ft("cp", 0.05, "sigma_seq"), ft("cp", 0.2, "sigma_seq"), rs("tucker2", "uniform", BUDGETS_A),
-        ft("cp", 0.1, "frobenius"), ft("cp", 0.1, "random"), rs("cp", "uniform", BUDGETS_A),
+        ft("cp", 0.05, "sigma_seq"), ft("cp", 0.2, "sigma_seq"), rs("tucker2", "uniform", BUDGETS_A[1:]),
+        rs("cp", "uniform", BUDGETS_A),
         ft("tucker2", 0.05, "sigma_seq"), ft("tucker2", 0.2, "sigma_seq"), rs("svd", "global", BUDGETS_A),
         ft("tucker2", 0.1, "frobenius"), ft("tucker2", 0.1, "random"), rs("svd", "uniform", BUDGETS_A),
-        # the recipe check: a higher learning rate, and distillation + cross-entropy on the labels
-        ft("cp", 0.1, "sigma_seq", lr=0.005), ft("cp", 0.1, "sigma_seq", lr=0.01), ft("cp", 0.1, "sigma_seq", ce=0.5),
         ft("cp", 0.05, "frobenius"), ft("cp", 0.2, "frobenius"), ft("cp", 0.05, "random"), ft("cp", 0.2, "random"),
         ft("svd", 0.1, "sigma_seq"), ft("svd", 0.05, "sigma_seq"), ft("svd", 0.2, "sigma_seq"),
         rs("tucker2", "global", BUDGETS_B), rs("cp", "global", BUDGETS_B), rs("tucker2", "uniform", BUDGETS_B),
@@ -106,9 +110,30 @@ def full_units() -> list[dict]:
     return units
 
 
+def without_done(units: list[dict], finetune_runs: list[dict], rank_runs: list[dict]) -> list[dict]:
+    """``units`` less the cells that earlier grids already measured (a fine-tuning cell is done when
+    a run with a CPU-minute budget has its format, rate, init, learning rate and CE weight; a
+    rank-selection cell when a run has its key). Units left empty are dropped."""
+    ft_done = {(r["format"], r["ratio"], r["init"], r["learning_rate"], r.get("label_weight", 0.0))
+               for r in finetune_runs if r.get("cpu_budget")}
+    rs_done = {tuple(r[f] for f in ("arch", "format", "norm", "calibration", "rule", "budget")) for r in rank_runs}
+    out = []
+    for unit in units:
+        if unit["exp"] == "finetune":
+            cells = [c for c in unit["cells"]
+                     if (c["format"], c["ratio"], c["init"], c["lr"], c["label_weight"]) not in ft_done]
+        else:
+            cells = [c for c in unit["cells"] if tuple(c) not in rs_done]
+        if cells:
+            out.append(dict(unit, cells=cells))
+    return out
+
+
 def smoke_units() -> list[dict]:
-    return [ft("svd", 0.5, "sigma_seq"),
-            dict(exp="rank_selection", cells=[[20, "svd", "sigma", "parallel", r, "params=0.5"] for r in ("uniform", "global")])]
+    """The cheapest cell of each experiment (closed-form SVD, no sequential pass, no damage curves):
+    the machinery end to end in about a minute on 2 CPU cores."""
+    return [ft("svd", 0.5, "frobenius"),
+            dict(exp="rank_selection", cells=[[20, "svd", "sigma", "parallel", "uniform", "params=0.5"]])]
 
 
 # ------------------------------------------------------------------------------ the experiments
@@ -130,16 +155,19 @@ def load_experiment(name: str):
     return module
 
 
-def cpu_ratio(smoke: bool) -> float:
-    return 0.5 if smoke else 0.1
+def cpu_ratios(smoke: bool) -> tuple:
+    """The conv-parameter rates whose 2-core CPU throughput is measured, in this order (10% first:
+    a 5% cell that finds only the 10% number uses it, which is conservative)."""
+    return (0.5,) if smoke else (0.1, 0.2, 0.05, 0.4)
 
 
-# ------------------------------------------------------------------------------ CPU throughput
+def cpu_path(work: pathlib.Path, fmt: str, ratio: float) -> pathlib.Path:
+    return work / f"cpu_throughput-{fmt}@{ratio}.json"
 
 
 def measure_cpu(args) -> None:
-    """Distillation throughput of a ResNet-32 student in format ``args.cpu_format`` on the cores
-    this process is pinned to; written to ``args.work / cpu_throughput-<format>.json``."""
+    """Distillation throughput of ResNet-32 students in format ``args.cpu_format``, one per rate of
+    :func:`cpu_ratios`, on the cores this process is pinned to; one file per rate in ``--work``."""
     import jax
 
     jax.config.update("jax_enable_x64", True)
@@ -148,52 +176,78 @@ def measure_cpu(args) -> None:
     from sigmadecomp import finetune as ftlib
     from sigmadecomp.data import cifar10_normalize, load_cifar10, sample
     from sigmadecomp.models import pretrained_resnet
+    from sigmadecomp.surgery import plan
 
     config = ftm.SMOKE if args.smoke else ftm.FULL
     fmt = args.cpu_format
-    path = args.work / f"cpu_throughput-{fmt}.json"
-    record = dict(format=fmt, machine=machine(), affinity=sorted(os.sched_getaffinity(0)), date=now(),
-                  loadavg_start=list(os.getloadavg()), arch=config.arch, ratio=cpu_ratio(args.smoke),
-                  batch_size=BATCH_SIZE, time_limit=args.cpu_seconds + args.cpu_compile_s, jax=jax.__version__,
-                  backend=jax.default_backend(), xla_flags=os.environ.get("XLA_FLAGS"))
-    save_results(record, path)
     model = pretrained_resnet(config.arch, args.data / "weights" / f"resnet{config.arch}_cifar10.safetensors")
     train_x, train_y = load_cifar10(args.data / "cifar10", "train")
     train = (cifar10_normalize(train_x), train_y)
     calib = cifar10_normalize(sample(train_x, None, 64, key=jax.random.key(0)))
     images, _ = ftm.training_stream(train, (20 if args.smoke else 200) * BATCH_SIZE, 1)
-    tic = time.perf_counter()
-    # The student's architecture is all that matters for throughput: a cheap Frobenius fit.
-    student = compress.compress_model(model, calib, format=fmt, ratio=cpu_ratio(args.smoke), norm="frobenius",
-                                      key=jax.random.key(0), skip=config.skip, max_steps=1, progress=False).model
-    fit_seconds = time.perf_counter() - tic
-    run = ftlib.finetune(student, model, images, key=jax.random.key(0), progress=False, config=ftlib.FinetuneConfig(
-        epochs=1, batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE, log_every=1,
-        time_limit=args.cpu_seconds + args.cpu_compile_s))  # the first step holds the compilation
-    rate = ftm.steady_throughput(run.history, BATCH_SIZE)
-    # Too few steps for a steady rate (a tiny --cpu-seconds): the whole run, compilation included.
-    steady = rate is not None
-    rate = rate if steady else run.steps * BATCH_SIZE / run.seconds
-    train_log = run.history["train"]
-    record.update(images_per_second=rate, steady=steady, steps=run.steps, seconds=round(run.seconds, 2),
-                  first_step_seconds=train_log[0]["seconds"] if train_log else None,
-                  fit_seconds=round(fit_seconds, 2), loadavg_end=list(os.getloadavg()), date_end=now(), done=True)
-    save_results(record, path)
-    print(f"cpu throughput {fmt}: {rate:.1f} images/s ({run.steps} steps in {run.seconds:.1f} s)", flush=True)
+    for ratio in cpu_ratios(args.smoke):
+        path = cpu_path(args.work, fmt, ratio)
+        record = dict(format=fmt, ratio=ratio, machine=machine(), affinity=sorted(os.sched_getaffinity(0)), date=now(),
+                      loadavg_start=list(os.getloadavg()), arch=config.arch, batch_size=BATCH_SIZE,
+                      time_limit=args.cpu_seconds + args.cpu_compile_s, jax=jax.__version__,
+                      backend=jax.default_backend(), xla_flags=os.environ.get("XLA_FLAGS"))
+        save_results(record, path)
+        try:
+            tic = time.perf_counter()
+            # The student's architecture is all that matters for throughput: a cheap Frobenius fit.
+            student = compress.compress_model(model, calib, format=fmt, ratio=ratio, norm="frobenius",
+                                              key=jax.random.key(0), skip=config.skip, max_steps=1, progress=False).model
+            fit_seconds = time.perf_counter() - tic
+            run = ftlib.finetune(student, model, images, key=jax.random.key(0), progress=False, config=ftlib.FinetuneConfig(
+                epochs=1, batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE, log_every=1,
+                time_limit=args.cpu_seconds + args.cpu_compile_s))  # the first step holds the compilation
+        except Exception:
+            import traceback
+
+            record.update(failed=traceback.format_exc())
+            save_results(record, path)
+            raise
+        rate = ftm.steady_throughput(run.history, BATCH_SIZE)
+        # Too few steps for a steady rate (a tiny --cpu-seconds): the whole run, compilation included.
+        steady = rate is not None
+        rate = rate if steady else run.steps * BATCH_SIZE / run.seconds
+        train_log = run.history["train"]
+        record.update(images_per_second=rate, steady=steady, steps=run.steps, seconds=round(run.seconds, 2),
+                      first_step_seconds=train_log[0]["seconds"] if train_log else None,
+                      conv_param_rate=ftm.conv_rate(model, plan(model, format=fmt, ratio=ratio, skip=config.skip)),
+                      fit_seconds=round(fit_seconds, 2), loadavg_end=list(os.getloadavg()), date_end=now(), done=True)
+        save_results(record, path)
+        print(f"cpu throughput {fmt} {ratio}: {rate:.1f} images/s ({run.steps} steps in {run.seconds:.1f} s)", flush=True)
 
 
-def images_budget(args, fmt: str) -> tuple[int, dict]:
-    """``--cpu-budget-s`` × the 2-core throughput for ``fmt`` (waits for the measurement; falls back
-    to ``--fallback-images-per-s`` when it failed or is not there by the deadline)."""
-    path = args.work / f"cpu_throughput-{fmt}.json"
+def _read(path: pathlib.Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def images_budget(args, fmt: str, ratio: float) -> tuple[int, dict]:
+    """``--cpu-budget-s`` × the 2-core throughput of this (format, rate). Waits for it; a rate below
+    the first one measured takes the first one's number when its own is not there yet (a smaller
+    student trains faster, so that budget is smaller: conservative); a failed or missing
+    measurement falls back to the nearest rate measured, else ``--fallback-images-per-s``."""
+    first = cpu_ratios(args.smoke)[0]
     tic = time.time()
     while True:
-        got = json.loads(path.read_text()) if path.exists() else {}
+        got = _read(cpu_path(args.work, fmt, ratio))
         if got.get("images_per_second"):
-            rate, source = got["images_per_second"], f"measured, {got['machine']}, cores {got['affinity']}"
+            rate, source = got["images_per_second"], f"measured at this rate, {got['machine']}, cores {got['affinity']}"
+            break
+        early = _read(cpu_path(args.work, fmt, first))
+        if ratio < first and early.get("images_per_second"):
+            rate, source = early["images_per_second"], f"measured at {first} (conservative for {ratio}), {early['machine']}"
             break
         if got.get("failed") or time.time() > args.deadline:
-            rate, source = args.fallback_images_per_s, "fallback (--fallback-images-per-s): CPU measurement missing"
+            others = {r: _read(cpu_path(args.work, fmt, r)).get("images_per_second") for r in cpu_ratios(args.smoke)}
+            others = {r: v for r, v in others.items() if v}
+            if others:
+                near = min(others, key=lambda r: abs(r - ratio))
+                rate, source = others[near], f"measured at {near} (nearest; {ratio} missing)"
+            else:
+                rate, source = args.fallback_images_per_s, "fallback (--fallback-images-per-s): CPU measurement missing"
             break
         time.sleep(2)
     images = int(args.cpu_budget_s * rate)
@@ -259,20 +313,23 @@ class Worker:
         cache.mkdir(exist_ok=True)
         key = (cell["format"], cell["ratio"], cell["init"])
         source = "frobenius" if cell["init"] == "random" else cell["init"]
+        folder = cache / f"resnet{base.arch}-{cell['format']}-{cell['ratio']}-{source}-sweeps{base.max_steps}"
+        given = (self.args.models / folder.name).is_dir() if self.args.models else False
         tic = time.perf_counter()
         with open(cache / f"{cell['format']}-{cell['ratio']}-{source}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one worker compresses, the others wait and load it
             _, _, compress_seconds = self.ftm.compressed_model(model, calib, *key, base, cache)
         compress_wall = time.perf_counter() - tic
         self.log(f"compressed {key} in {compress_wall:.1f} s")
-        images, budget = images_budget(self.args, cell["format"])
+        images, budget = images_budget(self.args, cell["format"], cell["ratio"])
         self.waited = budget["waited_seconds"]
         steps = max(1, images // BATCH_SIZE)
         config = dataclasses.replace(base, steps=steps, batch_size=BATCH_SIZE, learning_rate=cell["lr"],
                                      label_weight=cell["label_weight"], eval_every=max(1, steps // 8))
         record = self.ftm.measure(model, train, calib, test, key, config, cache)
         record.update(compress_seconds=None if compress_seconds is None else round(compress_seconds, 2),
-                      compress_wall_seconds=round(compress_wall, 2), cpu_budget=budget)
+                      compress_wall_seconds=round(compress_wall, 2), cpu_budget=budget,
+                      compressed_by="--models (made beforehand)" if given else "this worker or another of this grid")
         self.save("finetune", record)
         self.log(f"finetune {self.ftm.run_key(record)}: {record['accuracy_compressed']:.3f} -> "
                  f"{record['accuracy_finetuned']:.3f} ({record['finetune_seconds']:.1f} s GPU)")
@@ -293,19 +350,35 @@ class Worker:
             self.data["rs"] = (calib, (cifar10_normalize(test_x), test_y), {})
         calib, test, archs = self.data["rs"]
         if key[0] not in archs:
+            self.log(f"calibrating ResNet-{key[0]}")
             archs[key[0]] = self.rsm.Arch(key[0], self.args.data, calib, config)
+        self.log(f"rank {key}: selecting ranks and compressing")
         record = self.rsm.measure(archs[key[0]], key, test, config)
         self.save("rank_selection", record)
         self.log(f"rank {key}: {record['accuracy']:.3f} params {record['achieved_params']:.3f} in {record['seconds']:.1f} s")
 
     def fits(self, exp: str) -> bool:
-        """Whether a new ``exp`` cell may start: before the budget, and (by the longest such cell
-        this worker has seen, or a prior guess before the first) done before the hard stop."""
-        guess = max(self.seconds[exp], default=PRIOR_SECONDS[exp])
-        return time.time() < self.args.deadline and time.time() + guess < self.args.hard
+        """Whether a new ``exp`` cell may start: before the budget, and done before the hard stop by
+        the longest such cell any worker has finished or is still running (a prior guess before
+        any was timed). The first GPU grid showed why others' running cells count: a rank-selection
+        cell ran past the whole budget, and workers went on starting them on a 40 s guess."""
+        now_ = time.time()
+        seen = []
+        for path in (self.args.work / "shards").glob("cells-*.json"):
+            for entry in _read(path).get(exp, []):
+                seen.append(entry["seconds"] if entry.get("seconds") is not None else now_ - entry["started"])
+        guess = max(seen, default=10.0 if getattr(self.args, "smoke", False) else PRIOR_SECONDS[exp])
+        return now_ < self.args.deadline and now_ + guess < self.args.hard
+
+    def track(self, exp: str, started: float, seconds: float | None) -> None:
+        """Publish this worker's cell times (``seconds`` None: still running) for :meth:`fits`."""
+        path = self.args.work / "shards" / f"cells-{self.args.worker}.json"
+        cells = _read(path)
+        entries = [e for e in cells.get(exp, []) if e["started"] != started]
+        cells[exp] = entries + [dict(started=started, seconds=seconds)]
+        save_results(cells, path)
 
     def run(self, units: list[dict]) -> None:
-        self.seconds = {"finetune": [], "rank_selection": []}
         for index, unit in enumerate(units):
             if time.time() > self.args.deadline:
                 self.log("budget reached: no new unit")
@@ -319,6 +392,7 @@ class Worker:
                     self.log(f"budget reached inside unit {index}: {cell} not started")
                     break
                 tic = time.time()
+                self.track(unit["exp"], tic, None)
                 try:
                     if unit["exp"] == "finetune":
                         self.finetune_cell(cell)
@@ -332,8 +406,31 @@ class Worker:
                         dict(cell=cell, worker=self.args.worker, error=repr(error), date=now()))
                     save_results(self.results[unit["exp"]], self.paths[unit["exp"]])
                 waited = self.__dict__.pop("waited", 0.0)  # time spent waiting for the CPU number
-                self.seconds[unit["exp"]].append(time.time() - tic - waited)
+                self.track(unit["exp"], tic, time.time() - tic - waited)
                 self.log(f"unit {index} cell {cell} took {time.time() - tic:.1f} s")
+        self.log("no unit left that can finish before the hard stop")
+
+
+def precompress(args) -> None:
+    """Compress the fine-tuning cells ``args.precompress`` (``FORMAT:RATIO:INIT``) into
+    ``args.models`` (e.g. on a CPU before the device call; ``--models`` then hands them over)."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    ftm = load_experiment("finetune")
+    from sigmadecomp.data import cifar10_normalize, load_cifar10, sample
+    from sigmadecomp.models import pretrained_resnet
+
+    config = ftm.SMOKE if args.smoke else ftm.FULL
+    model = pretrained_resnet(config.arch, args.data / "weights" / f"resnet{config.arch}_cifar10.safetensors")
+    train_x, _ = load_cifar10(args.data / "cifar10", "train")
+    calib = cifar10_normalize(sample(train_x, None, config.calib_images, key=jax.random.key(config.calib_seed)))
+    for cell in args.precompress:
+        fmt, ratio, init = cell.split(":")
+        tic = time.perf_counter()
+        ftm.compressed_model(model, calib, fmt, float(ratio), init, config, args.models)
+        print(f"{now()}: {cell} compressed in {time.perf_counter() - tic:.1f} s ({machine()}, load "
+              f"{os.getloadavg()[0]:.1f})", flush=True)
 
 
 # ------------------------------------------------------------------------------ the parent
@@ -358,6 +455,7 @@ def spawn(args, mode: list[str], env_extra: dict, cores, log: pathlib.Path) -> s
             "--fallback-images-per-s", repr(args.fallback_images_per_s)]
     argv += ["--smoke"] if args.smoke else []
     argv += [] if args.compile_cache else ["--no-compile-cache"]
+    argv += ["--models", str(args.models)] if args.models else []
     if cores:
         argv += ["--pin", ",".join(map(str, cores))]
     return subprocess.Popen(argv, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -376,7 +474,7 @@ def merge_out(args) -> None:
                               elapsed_seconds=round(time.time() - args.start, 1), units=len(args.units),
                               units_claimed=len(list((args.work / "claims").iterdir())))
         save_results(merged, args.out / f"{exp}.json")
-    cpu = {f.stem.split("-", 1)[1]: json.loads(f.read_text()) for f in sorted(args.work.glob("cpu_throughput-*.json"))}
+    cpu = {f.stem.split("-", 1)[1]: _read(f) for f in sorted(args.work.glob("cpu_throughput-*.json"))}
     if cpu:
         save_results(dict(formats=cpu, cpu_budget_s=args.cpu_budget_s), args.out / "cpu_throughput.json")
 
@@ -409,6 +507,11 @@ def parent(args) -> int:
     args.deadline = args.start + args.budget_s
     hard = args.hard = args.deadline + args.grace_s
     args.units = smoke_units() if args.smoke else full_units()
+    if not args.smoke and not args.redo:  # the repository's results are not measured again
+        done = [load_results(HERE / e / "results.json")["runs"] for e in ("finetune", "rank_selection")]
+        args.units = without_done(args.units, *done)
+    if args.models is not None:  # compressed models made elsewhere: the GPU time goes to distillation
+        shutil.copytree(args.models, args.work / "models", dirs_exist_ok=True)
     (args.work / "units.json").write_text(json.dumps(args.units))
     formats = ("svd",) if args.smoke else CPU_FORMATS
     available = sorted(os.sched_getaffinity(0))
@@ -423,6 +526,8 @@ def parent(args) -> int:
              for fmt, pair in zip(formats, pairs)}
     fraction = f"{min(0.9 / args.workers, 0.45):.3f}"
     gpu_env = dict(XLA_PYTHON_CLIENT_MEM_FRACTION=fraction, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    if args.gpu_xla_flags:
+        gpu_env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.gpu_xla_flags}".strip()
     if args.smoke:
         gpu_env["JAX_PLATFORMS"] = os.environ.get("JAX_PLATFORMS", "cpu")
     for i, cores in enumerate(cores_for(total, args.workers, cpu_cores)):
@@ -476,12 +581,19 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=5, help="GPU worker processes sharing the GPU (pinned to the cores "
                    "left after one pair per CPU-throughput format)")
     p.add_argument("--cpu-budget-s", type=float, default=600.0, help="issue 13's CPU distillation budget, seconds")
-    p.add_argument("--cpu-seconds", type=float, default=20.0, help="seconds of distillation timed per format on the CPU")
-    p.add_argument("--cpu-compile-s", type=float, default=50.0, help="allowance for the train step's compilation on "
+    p.add_argument("--cpu-seconds", type=float, default=15.0, help="seconds of distillation timed per format on the CPU")
+    p.add_argument("--cpu-compile-s", type=float, default=40.0, help="allowance for the train step's compilation on "
                    "the CPU (the timed seconds are those after the first step)")
     p.add_argument("--fallback-images-per-s", type=float, default=40.0,
                    help="CPU throughput used only if the measurement fails (recorded as such)")
     p.add_argument("--no-compile-cache", dest="compile_cache", action="store_false")
+    p.add_argument("--gpu-xla-flags", default="", help="extra XLA_FLAGS for the GPU workers only, e.g. "
+                   "--xla_gpu_autotune_level=0 (compiling dominated the first grid; not yet tried on the device)")
+    p.add_argument("--redo", action="store_true", help="also run cells already in experiments/*/results.json")
+    p.add_argument("--models", type=pathlib.Path, default=None, help="compressed models made beforehand (folders "
+                   "named as experiments/finetune/main.py caches them), used instead of compressing on the device")
+    p.add_argument("--precompress", nargs="+", default=None, metavar="FORMAT:RATIO:INIT",
+                   help="only compress these fine-tuning cells into --models (no grid)")
     p.add_argument("--work", type=pathlib.Path, default=None, help="scratch folder (claims, shards, models, logs)")
     p.add_argument("--smoke", action="store_true", help="tiny grid on the CPU (seconds)")
     # internal: the modes of the child processes
@@ -507,16 +619,12 @@ def main(argv=None) -> int:
     if args.pin:
         os.sched_setaffinity(0, [int(c) for c in args.pin.split(",")])  # before JAX sizes its thread pools
     if args.cpu_measure:
-        try:
-            measure_cpu(args)
-        except Exception:
-            path = args.work / f"cpu_throughput-{args.cpu_format}.json"
-            got = json.loads(path.read_text()) if path.exists() else {}
-            import traceback
-
-            got.update(failed=traceback.format_exc())
-            save_results(got, path)
-            raise
+        measure_cpu(args)  # a failure is written into that rate's file before it propagates
+        return 0
+    if args.precompress:
+        if args.models is None:
+            raise SystemExit("--precompress needs --models DIR")
+        precompress(args)
         return 0
     if args.worker is not None:
         Worker(args).run(json.loads((args.work / "units.json").read_text()))

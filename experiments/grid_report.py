@@ -25,6 +25,14 @@ from _results import add_run, load_results, save_results  # noqa: E402
 from gpu_grid import LEARNING_RATE, load_experiment  # noqa: E402
 
 RATES = (0.05, 0.1, 0.2, 0.4)
+KEEP = "<!-- grid_report.py: everything below this line is hand-written and kept as it is -->"
+
+
+def write_readme(path: pathlib.Path, generated: str) -> None:
+    """Replace the generated part of ``path``; the hand-written part below ``KEEP`` stays."""
+    old = path.read_text() if path.exists() else ""
+    kept = old[old.index(KEEP):] if KEEP in old else KEEP + "\n"
+    path.write_text(generated.rstrip() + "\n\n" + kept)
 INIT_ORDER = ("sigma_seq", "sigma_par", "frobenius", "random")
 
 
@@ -48,8 +56,9 @@ def fold(args) -> dict:
     meta = {}
     if args.dev_cpu is not None:
         kept = load_results(args.finetune_dir / "cpu_throughput.json")
-        kept["dev"] = dict(formats={f.stem.split("-", 1)[1]: json.loads(f.read_text())
-                                    for f in sorted(args.dev_cpu.glob("cpu_throughput-*.json"))})
+        stems = {f.stem.split("-", 1)[1]: f for f in sorted(args.dev_cpu.glob("cpu_throughput-*.json"))}
+        # (the first dev file predates the per-rate names: it is the 10% student)
+        kept["dev"] = dict(formats={(k if "@" in k else f"{k}@0.1"): json.loads(f.read_text()) for k, f in stems.items()})
         save_results(kept, args.finetune_dir / "cpu_throughput.json")
     if args.grid is None:
         return meta
@@ -72,7 +81,10 @@ def fold(args) -> dict:
     cpu = args.grid / "cpu_throughput.json"
     if cpu.exists():
         kept = load_results(args.finetune_dir / "cpu_throughput.json")
-        kept["device"] = json.loads(cpu.read_text())
+        device = json.loads(cpu.read_text())
+        # (grids before per-rate measurement timed the 10% student only and named it by format)
+        device["formats"] = {(k if "@" in k else f"{k}@0.1"): v for k, v in device.get("formats", {}).items()}
+        kept["device"] = device
         save_results(kept, args.finetune_dir / "cpu_throughput.json")
     return meta
 
@@ -110,18 +122,56 @@ def tnn_table(runs, ftm) -> str:
     return "\n".join(lines)
 
 
-def time_table(runs) -> str:
-    lines = ["| run | conv params | images (= CPU s × CPU img/s) | CPU img/s (2 cores) | GPU s (all) | GPU img/s (steady) "
-             "| CPU s / GPU s | compress s (GPU) | device |", "|---|---|---|---|---|---|---|---|---|"]
+def time_table(runs, device_cpu: dict) -> str:
+    """Per distilled run: its image budget, the 2-core CPU rate it came from, the CPU seconds those
+    images take at the rate measured for the run's own (format, rate) (600 when the budget used
+    it; otherwise shows how far a borrowed rate was off), and the GPU seconds."""
+    lines = ["| run | conv params | images (= CPU s × CPU img/s) | budget's CPU rate from | CPU s at own rate "
+             "| GPU s (all) | GPU img/s (steady) | CPU s / GPU s | compress s (GPU) | device |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(runs, key=lambda r: (r["format"], r["ratio"], INIT_ORDER.index(r["init"]))):
         b = r["cpu_budget"]
+        own = device_cpu.get(f"{r['format']}@{r['ratio']}", {}).get("images_per_second")
+        used = [k for k, m in device_cpu.items() if m.get("images_per_second") == b["cpu_images_per_second"]]
+        own_s = "–" if not own else f"{r['steps'] * r['batch_size'] / own:.0f}"
         steady = r.get("steady_images_per_second")
         lines.append(f"| {r['format']} {r['ratio']:.0%} {r['init']} lr {r['learning_rate']}"
                      f"{' +CE ' + str(r['label_weight']) if r.get('label_weight') else ''} | {r['conv_param_rate']:.3f} | "
                      f"{r['steps'] * r['batch_size']} (= {b['cpu_seconds']:.0f} × {b['cpu_images_per_second']:.1f}) | "
-                     f"{b['cpu_images_per_second']:.1f} | {r['finetune_seconds']:.1f} | "
+                     f"{used[0] if used else b['source'].split(',')[0]} | {own_s} | {r['finetune_seconds']:.1f} | "
                      f"{'–' if steady is None else f'{steady:.0f}'} | {b['cpu_seconds'] / r['finetune_seconds']:.1f}× | "
                      f"{r.get('compress_wall_seconds', '–')} | {r.get('device', '–')} |")
+    return "\n".join(lines)
+
+
+def mean_loss(train, lo: float, hi: float) -> float:
+    last = train[-1]["step"]
+    losses = [t["loss"] for t in train if lo * last <= t["step"] < hi * last]
+    return sum(losses) / max(len(losses), 1)
+
+
+def observations(runs, sessions) -> str:
+    """What the grid's runs show, one line per run, then what did not run (all from the files)."""
+    lines = []
+    for r in sorted(runs, key=lambda r: (r["format"], r["ratio"], INIT_ORDER.index(r["init"]))):
+        ev, tr = r["history"]["eval"], r["history"]["train"] or [dict(step=0, loss=float("nan"))]
+        quarter = next((e for e in ev if e["step"] >= 0.75 * r["steps"]), ev[-1])
+        images = r["steps"] * r["batch_size"]
+        steady = r.get("steady_images_per_second")
+        compile_s = None if not steady else r["finetune_seconds"] - images / steady
+        lines.append(
+            f"- {r['format']} {r['ratio']:.0%} {r['init']}: {pct(r['accuracy_compressed'])}% → {pct(r['accuracy_finetuned'])}% "
+            f"after {images} images ({images / r['train_images']:.1f} passes over the {r['train_images']} training images); "
+            f"over the last quarter of the budget the accuracy moved {100 * (ev[-1]['accuracy'] - quarter['accuracy']):+.2f} "
+            f"points and the mean training loss went {mean_loss(tr, 0.5, 0.75):.2f} (third quarter) → "
+            f"{mean_loss(tr, 0.75, 1.01):.2f} (last quarter), from {tr[0]['loss']:.2f} at the start. "
+            f"GPU: {r['finetune_seconds']:.1f} s"
+            + ("" if compile_s is None else f", of which about {compile_s:.0f} s compiling the train step "
+               f"(the rest at {steady:.0f} images/s)") + ".")
+    for g in sessions:
+        lines.append(f"- Grid of {g.get('date')} ({g.get('gpu')}, {g.get('machine')}): {g.get('units_claimed')} of "
+                     f"{g.get('units')} units started in {g.get('elapsed_seconds')} s; the runs above are the ones that "
+                     "finished, the other started units were killed at the hard stop.")
     return "\n".join(lines)
 
 
@@ -160,6 +210,7 @@ def finetune_targets(runs, ftm) -> str:
                      f"formats run: {', '.join(sorted({r['format'] for r in got}))}) | "
                      f"{'met' if acc >= goal else f'missed by {goal - acc:.2f} points'}"
                      f"{'' if t is None else f'; GPU time to {goal}%: {t:.1f} s'} |")
+    compared = False
     for fmt, ratio in sorted({(r["format"], r["ratio"]) for r in runs}):
         cell = {r["init"]: r["accuracy_finetuned"] for r in runs if (r["format"], r["ratio"]) == (fmt, ratio)}
         if "sigma_seq" not in cell or len(cell) < 2:
@@ -167,9 +218,13 @@ def finetune_targets(runs, ftm) -> str:
         others = {k: v for k, v in cell.items() if k != "sigma_seq"}
         missing = [i for i in ("frobenius", "random") if i not in cell]
         wins = all(cell["sigma_seq"] > v for v in others.values())
+        compared = True
         lines.append(f"| {fmt} {ratio:.0%}: Σ-sequential beats the other inits after the same budget | "
                      f"Σ-seq {pct(cell['sigma_seq'])} vs " + ", ".join(f"{k} {pct(v)}" for k, v in others.items())
                      + f" | {'met' if wins else 'missed'}{f' (not run: {missing})' if missing else ''} |")
+    if not compared:
+        lines.append("| Σ-sequential beats Frobenius and random initialisation after the same budget | no cell has "
+                      "Σ-sequential and another init distilled with this recipe | not measured |")
     return "\n".join(lines)
 
 
@@ -243,10 +298,13 @@ Generated by `experiments/grid_report.py` from `results.json` and `cpu_throughpu
 **Budget.** Issue 13 allows "10 minutes of distillation on the 2-core CPU". `experiments/gpu_grid.py`
 turns that into an image count: a process pinned to 2 cores of the device machine with
 `JAX_PLATFORMS=cpu` times ResNet-32 distillation (teacher forward + student forward/backward,
-batch {runs[0]['batch_size'] if runs else 128}, augmentation included, compilation excluded) of a student in each format at
-10% of the conv parameters; every GPU distillation of that format then trains on exactly
-600 s × that throughput images, i.e. the same optimisation the 2-core CPU would do in 10 minutes.
-The GPU seconds of each run are recorded beside it.
+batch {runs[0]['batch_size'] if runs else 128}, augmentation included, compilation excluded) of a student in each format
+at each rate (10%, 20%, 5%, 40% in turn; students fitted by one cheap Frobenius sweep: only the
+architecture matters); every GPU distillation of that (format, rate) then trains on exactly 600 s ×
+that throughput images, i.e. the same optimisation the 2-core CPU would do in 10 minutes. A 5%
+cell that found only the 10% number used it (column "budget's CPU rate from"; the next column
+gives the CPU seconds at the rate measured later for its own rate). The GPU seconds are recorded
+beside each run.
 
 ## Distilled accuracy, TNN-seed layout (dev test set, 512 images)
 
@@ -261,11 +319,20 @@ Dense ResNet-32: {pct(runs[0]['baseline_accuracy']) if runs else '–'}%.
 
 {finetune_targets(main, ftm) if main else '_Not measured: no GPU-grid run yet._'}
 
+## What the grid shows
+
+{observations(runs, sessions) if runs else '_No GPU-grid run yet._'}
+
 ## Time: the 10-minute CPU budget on the GPU
 
-{time_table(runs) if runs else '_No GPU-grid run yet._'}
+{time_table(runs, load_results(args.finetune_dir / "cpu_throughput.json").get("device", {}).get("formats", {}))
+  if runs else '_No GPU-grid run yet._'}
 
-2-core CPU throughput (images/s of distillation), on the device machine and on the development machine:
+2-core CPU throughput (images/s of distillation), on the device machine and on the development
+machine. On the device the three measurements ran side by side on their own core pairs while the
+GPU workers used the other 10 cores (hence the load rising during them); on the development
+machine other engineers' jobs shared the 2 cores (the load column), so those numbers are lower
+bounds of a quiet 2-core CPU.
 
 {cpu_section(args.finetune_dir)}
 
@@ -297,7 +364,7 @@ cross-entropy term on one cell:
 Grid sessions: {json.dumps(sessions) if sessions else 'none yet'}.
 Cells that failed on the device: {len(failures)}{''.join(f'; {f["cell"]}: {f["error"][:160]}' for f in failures[:5])}.
 """
-    (args.finetune_dir / "README.md").write_text(text)
+    write_readme(args.finetune_dir / "README.md", text)
 
 
 # ------------------------------------------------------------------------------ issue 12
@@ -312,6 +379,11 @@ def rank_readme(args, meta) -> None:
         devices[r.get("device", "2-core CPU (previous session)")] = devices.get(r.get("device", "2-core CPU (previous session)"), 0) + 1
     sessions = results.get("grid_sessions", [])
     failures = results.get("grid_failures", [])
+    grid_note = "".join(
+        f"\nGPU grid of {g.get('date')} ({g.get('gpu')}): {sum(r.get('grid_date', '') != '' for r in results['runs'])} "
+        f"rank-selection runs came back; the grid started {g.get('units_claimed')} of its {g.get('units')} units "
+        f"(both experiments) in {g.get('elapsed_seconds')} s and killed the unfinished ones at its hard stop."
+        for g in sessions)
     published = "\n".join(f"- {p['method']}: −{p['drop']} points at params ratio {p['params_ratio']}" for p in rsm.PUBLISHED)
     text = f"""# Rank selection: uniform, energy, VBMF and a Σ-aware global budget (issue 12, no fine-tuning)
 
@@ -319,6 +391,7 @@ Generated by `experiments/grid_report.py` from `results.json`. CIFAR-10 ResNets,
 images, 256 calibration images, Σ-norm fits with sequential calibration unless the row says
 Frobenius; `global` chooses every layer's ranks under one whole-model budget from measured damage
 curves, `uniform` is the per-layer ratio. Runs per machine: {json.dumps(devices)}.
+{grid_note}
 
 ![accuracy vs achieved ratio](figure.png)
 
@@ -354,7 +427,7 @@ towards low rank, so theirs are not no-fine-tuning points.
 Grid sessions: {json.dumps(sessions) if sessions else 'none yet'}.
 Cells that failed on the device: {len(failures)}{''.join(f'; {f["cell"]}: {f["error"][:160]}' for f in failures[:5])}.
 """
-    (args.rank_dir / "README.md").write_text(text)
+    write_readme(args.rank_dir / "README.md", text)
 
 
 def main(argv=None) -> int:
