@@ -33,6 +33,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from sigmadecomp._ttmatrix import core_attribute
+
 __all__ = ["FORMATS", "NUM_MODES", "RCP", "RTR", "RTT", "RTucker", "Reshaped", "balanced_factors",
            "default_modes", "regroup", "reshaped_labels", "ungroup"]
 
@@ -218,12 +220,7 @@ class Reshaped:
         return w.reshape(self.kernel_shape)
 
     def __getattr__(self, name: str):
-        """``core_k`` is ``cores[k]`` (the registry checks factors by field name)."""
-        if name.startswith("core_") and name[5:].isdigit():
-            cores = object.__getattribute__(self, "cores")
-            if int(name[5:]) < len(cores):
-                return cores[int(name[5:])]
-        raise AttributeError(name)
+        return core_attribute(self, name)
 
 
 def _register(cls):

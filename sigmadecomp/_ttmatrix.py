@@ -38,6 +38,16 @@ __all__ = [
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
+def core_attribute(factorized, name: str):
+    """``core_k`` is ``cores[k]`` for pytrees that hold a tuple ``cores`` (the format registry
+    checks factors by field name). Used as ``__getattr__`` by the TT-matrix and reshaped formats."""
+    if name.startswith("core_") and name[5:].isdigit():
+        cores = object.__getattribute__(factorized, "cores")
+        if int(name[5:]) < len(cores):
+            return cores[int(name[5:])]
+    raise AttributeError(name)
+
+
 @functools.partial(
     jax.tree_util.register_dataclass, data_fields=["cores"], meta_fields=["in_modes", "out_modes"]
 )
@@ -71,12 +81,7 @@ class TTMatrix:
         return self.cores[0].dtype
 
     def __getattr__(self, name: str):
-        """``core_k`` is ``cores[k]`` (the registry checks factors by field name)."""
-        if name.startswith("core_") and name[5:].isdigit():
-            cores = object.__getattribute__(self, "cores")
-            if int(name[5:]) < len(cores):
-                return cores[int(name[5:])]
-        raise AttributeError(name)
+        return core_attribute(self, name)
 
 
 def tt_to_dense(tt: TTMatrix) -> jax.Array:

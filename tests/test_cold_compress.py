@@ -15,6 +15,7 @@ from sigmadecomp._compile import fast_compile_jit
 from sigmadecomp._patches import kernel_to_matrix
 from sigmadecomp.compress import rejection
 from sigmadecomp.covariance._stats import accumulate_chunks
+from _compiles import count_compiles
 
 
 def _streams(dtype, n=300, d=12, seed=0):
@@ -59,24 +60,10 @@ def test_target_energy_replaces_target_cov(dtype, tol):
         sd.decompose(kernel, solver, cov=stats.cov_hat, cross_cov=stats.cross_cov, target_energy=jnp.ones(2))
 
 
-def _count_compiles(fn):
-    count = [0]
-
-    def listener(event, duration, **_):
-        count[0] += event == "/jax/core/compile/backend_compile_duration"
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        out = fn()
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    return out, count[0]
-
-
 def test_rejection_check_compiles_nothing():
     """The finiteness check of every solution runs on the host: no eager XLA programs per shape."""
     sol = sd.decompose(jax.random.normal(jax.random.key(0), (3, 3, 5, 7)), sd.SVD(2))
-    reason, compiles = _count_compiles(lambda: rejection(sol))
+    reason, compiles = count_compiles(lambda: rejection(sol))
     assert reason is None and compiles == 0
 
 
@@ -84,7 +71,7 @@ def test_fast_compile_jit_matches_jit_and_caches():
     f = fast_compile_jit(lambda x, n: x * n, static_argnames="n")
     x, y = jnp.arange(4.0), jnp.ones(4)
     np.testing.assert_array_equal(f(x, n=3), x * 3)
-    _, again = _count_compiles(lambda: f(y, n=3))
+    _, again = count_compiles(lambda: f(y, n=3))
     assert again == 0 and f._cache_size() == 1
     # inside another trace the plain jit is used (compiler options are top-level only)
     np.testing.assert_array_equal(jax.jit(lambda v: f(v, n=2))(x), 2 * x)

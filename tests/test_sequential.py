@@ -16,6 +16,7 @@ from sigmadecomp.calibration import (
 from sigmadecomp.calibration._activations import check_stages, run_stages
 from sigmadecomp.compress import compress_model
 from sigmadecomp.models import CifarResNet
+from _compiles import count_compiles
 
 F64 = jnp.float64
 
@@ -319,21 +320,6 @@ def test_bad_inputs():
 # ----------------------------------------------------------------------------- (6) compile once per shape
 
 
-def _count_compiles(fn):
-    """(result, number of XLA backend compilations while running ``fn``)."""
-    count = [0]
-
-    def listener(event, duration, **_):
-        count[0] += event == "/jax/core/compile/backend_compile_duration"
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        out = fn()
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    return out, count[0]
-
-
 def test_identical_blocks_compile_once():
     """Stage and cross-statistics functions are keyed on the block's own structure and the layer's
     path inside it: after compressing blocks 0 and 1 of a stage, compressing blocks 0 and 2 (an
@@ -345,8 +331,8 @@ def test_identical_blocks_compile_once():
         ranks = {f"layer1.{b}.conv{c}": (4, 4) for b in blocks for c in (1, 2)}
         return compress_sequential(model, x, ranks=ranks, skip=lambda path: path not in ranks, **common, **kw)
 
-    first, _ = _count_compiles(lambda: run((0, 1)))
-    other, compiles = _count_compiles(lambda: run((0, 2)))
+    first, _ = count_compiles(lambda: run((0, 1)))
+    other, compiles = count_compiles(lambda: run((0, 2)))
     assert compiles == 0
     assert [r.path for r in other.layers] == ["layer1.0.conv1", "layer1.0.conv2", "layer1.2.conv1", "layer1.2.conv2"]
     # block 2 is really fitted (to other inputs than block 1), and the cached block-wise stages equal
