@@ -376,7 +376,8 @@ def rank_readme(args, meta) -> None:
     rsm.figure(results, args.rank_dir / "figure.png")
     devices = {}
     for r in results["runs"]:
-        devices[r.get("device", "2-core CPU (previous session)")] = devices.get(r.get("device", "2-core CPU (previous session)"), 0) + 1
+        where = r.get("device", "2-core development CPU")  # runs of main.py carry no device
+        devices[where] = devices.get(where, 0) + 1
     sessions = results.get("grid_sessions", [])
     failures = results.get("grid_failures", [])
     grid_note = "".join(
