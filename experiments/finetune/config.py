@@ -46,6 +46,8 @@ class Config:
     batch_norm: str = "frozen"
     eval_every: int = 12
     label_weight: float = 0.0  # α of the cross-entropy term on the training labels (0: distillation only)
+    feature_weight: float = 0.0  # β of the feature-matching term on the residual blocks' outputs
+    optimizer: str = "sgd"  # "sgd" (Nesterov) or "adamw"
 
 
 FULL = Config()

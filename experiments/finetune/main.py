@@ -56,6 +56,16 @@ def parse_args(argv=None):
     p.add_argument("--table", action="store_true", help="print the table and draw the figure only")
     p.add_argument("--limit", type=int, default=None, help="run at most this many new runs")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the config's)")
+    p.add_argument("--feature-weight", type=float, default=None,
+                   help="β of the feature-matching term on the residual blocks' outputs (default: the config's, 0)")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="default: the config's (sgd)")
+    p.add_argument("--ce", type=float, default=None, help="α of the cross-entropy term on the labels")
+    p.add_argument("--batch-norm", choices=("frozen", "update"), default=None, help="default: the config's")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the config's")
+    p.add_argument("--images", type=int, default=None, help="distillation budget in training images "
+                   "(steps = images // batch size; default: the config's steps)")
+    p.add_argument("--models", type=pathlib.Path, default=None, help="folder of compressed models made "
+                   "beforehand (e.g. by experiments/gpu_grid.py --precompress), used when it has the cell")
     p.add_argument("--only", nargs="+", default=None, metavar="FORMAT:RATIO:INIT",
                    help="run only these cells, e.g. tucker2:0.1:sigma_seq")
     p.add_argument("--results", default="results.json", help="results file name inside --out (parallel "
@@ -71,7 +81,9 @@ def run_key(r) -> str:
     lr = r.get("learning_rate", 0.02)
     key = f"resnet{r['arch']}/{r['format']}/{r['ratio']}/{r['init']}/bn-{r.get('batch_norm', 'update')}/lr{lr}"
     key += f"/img{r.get('steps', 48) * r.get('batch_size', 64)}"
-    return key + (f"/ce{r['label_weight']}" if r.get("label_weight") else "")
+    key += f"/ce{r['label_weight']}" if r.get("label_weight") else ""
+    key += f"/feat{r['feature_weight']}" if r.get("feature_weight") else ""
+    return key + (f"/{r['optimizer']}" if r.get("optimizer", "sgd") != "sgd" else "")
 
 
 def training_stream(train, n: int, seed: int):
@@ -112,15 +124,20 @@ def compress_for(model, calib, format, ratio, init, config: Config):
     return compress.compress_model(model, calib, norm="sigma" if init == "sigma_par" else "frobenius", **common)
 
 
-def compressed_model(model, calib, format, ratio, init, config: Config, cache: pathlib.Path):
+def compressed_model(model, calib, format, ratio, init, config: Config, cache: pathlib.Path,
+                     given: pathlib.Path | None = None):
     """The compressed model and its plan, from ``cache`` when an earlier run saved it there (the
-    distillation settings can change without recompressing); ``None`` seconds when cached."""
+    distillation settings can change without recompressing), else from ``given`` (models made
+    beforehand, same folder names); ``None`` seconds when cached."""
     from sigmadecomp.surgery import Plan, load, save
 
     if init == "random":  # the Frobenius model's architecture, every factor redrawn
-        frobenius, plan, seconds = compressed_model(model, calib, format, ratio, "frobenius", config, cache)
+        frobenius, plan, seconds = compressed_model(model, calib, format, ratio, "frobenius", config, cache, given)
         return randomize(nnx.clone(frobenius), plan.paths, jax.random.key(config.compress_seed)), plan, seconds
-    folder = cache / f"resnet{config.arch}-{format}-{ratio}-{init}-sweeps{config.max_steps}"
+    name = f"resnet{config.arch}-{format}-{ratio}-{init}-sweeps{config.max_steps}"
+    folder = cache / name
+    if not (folder / "plan.json").is_file() and given is not None and (given / name / "plan.json").is_file():
+        folder = given / name
     if (folder / "plan.json").is_file():
         plan = Plan.from_dict(json.loads((folder / "plan.json").read_text())["plan"])
         return load(folder, model), plan, None
@@ -156,10 +173,11 @@ def baseline_accuracy(model, test) -> float:
     return _BASELINE["acc"]
 
 
-def measure(model, train, calib, test, key: tuple, config: Config, cache: pathlib.Path) -> dict:
+def measure(model, train, calib, test, key: tuple, config: Config, cache: pathlib.Path,
+            given: pathlib.Path | None = None) -> dict:
     format, ratio, init = key
     accuracy = lambda m: {"accuracy": float(np.mean(compress.predict_labels(m, test[0]) == test[1]))}  # noqa: E731
-    compressed, plan, compress_seconds = compressed_model(model, calib, format, ratio, init, config, cache)
+    compressed, plan, compress_seconds = compressed_model(model, calib, format, ratio, init, config, cache, given)
     before = accuracy(compressed)["accuracy"]
     tic = time.perf_counter()
     bn = ft.reestimate_batch_norm(compressed, calib)
@@ -173,7 +191,8 @@ def measure(model, train, calib, test, key: tuple, config: Config, cache: pathli
     ft_config = ft.FinetuneConfig(
         epochs=1, batch_size=config.batch_size, learning_rate=config.learning_rate,
         temperature=config.temperature, batch_norm=config.batch_norm, eval_every=config.eval_every,
-        log_every=min(config.eval_every, 6), label_weight=config.label_weight)
+        log_every=min(config.eval_every, 6), label_weight=config.label_weight,
+        feature_weight=config.feature_weight, optimizer=config.optimizer)
     # One "epoch" of exactly `steps` batches of the training images (key train_seed + 1).
     images, labels = training_stream(train, config.steps * config.batch_size, config.train_seed + 1)
     load_before = os.getloadavg()
@@ -193,7 +212,8 @@ def measure(model, train, calib, test, key: tuple, config: Config, cache: pathli
         finetune_config=dataclasses.asdict(ft_config), loadavg=[load_before, os.getloadavg()],
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         train_images=len(train[0]), test_images=len(test[1]), calib_images=len(calib),
-        label_weight=config.label_weight, device=str(jax.devices()[0].device_kind),
+        label_weight=config.label_weight, feature_weight=config.feature_weight, optimizer=config.optimizer,
+        device=str(jax.devices()[0].device_kind),
         steady_images_per_second=steady_throughput(run.history, config.batch_size),
     )
 
@@ -225,7 +245,8 @@ def run_all(config: Config, args, results, out):
     todo = [k for k in runs if run_key(dict(arch=config.arch, format=k[0], ratio=k[1], init=k[2],
                                             batch_norm=config.batch_norm, learning_rate=config.learning_rate,
                                             steps=config.steps, batch_size=config.batch_size,
-                                            label_weight=config.label_weight)) not in done]
+                                            label_weight=config.label_weight, feature_weight=config.feature_weight,
+                                            optimizer=config.optimizer)) not in done]
     todo = todo[: args.limit] if args.limit is not None else todo
     print(f"{len(todo)} run(s) to do, {len(done)} already in {out}", flush=True)
     if not todo:
@@ -238,7 +259,7 @@ def run_all(config: Config, args, results, out):
     test = (cifar10_normalize(test_x), test_y)
     results["meta"] = dict(machine=machine(), config=dataclasses.asdict(config))
     for key in todo:
-        record = measure(model, train, calib, test, key, config, out / "models")
+        record = measure(model, train, calib, test, key, config, out / "models", args.models)
         add_run(results, record, run_key)
         save_results(results, out / args.results)
         print(f"{run_key(record)}: compressed {record['accuracy_compressed']:.3f}  BN {record['accuracy_bn']:.3f}  "
@@ -337,11 +358,24 @@ def figure(results, path):
     plt.close(fig)
 
 
+def with_overrides(config: Config, args) -> Config:
+    """The configuration with the command line's recipe overrides applied."""
+    names = dict(lr="learning_rate", feature_weight="feature_weight", optimizer="optimizer", ce="label_weight",
+                 batch_norm="batch_norm", batch_size="batch_size")
+    config = dataclasses.replace(config, **{field: getattr(args, arg) for arg, field in names.items()
+                                            if getattr(args, arg) is not None})
+    if args.images is not None:
+        if args.images < config.batch_size:
+            raise SystemExit(f"--images {args.images} is less than one batch of {config.batch_size}")
+        steps = args.images // config.batch_size
+        config = dataclasses.replace(config, steps=steps, eval_every=max(1, steps // 8))
+    return config
+
+
 def main(argv=None):
     args = parse_args(argv)
     config = SMOKE if args.smoke else FULL
-    if args.lr is not None:
-        config = dataclasses.replace(config, learning_rate=args.lr)
+    config = with_overrides(config, args)
     out = args.out or (pathlib.Path(tempfile.mkdtemp(prefix="finetune_smoke_")) if args.smoke else HERE)
     results = load_results(out / args.results)
     if args.merge:

@@ -57,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--table", action="store_true", help="print tables and draw the figure from results.json")
     p.add_argument("--limit", type=int, default=None, help="do at most this many runs")
     p.add_argument("--formats", nargs="+", help="only runs of these formats (e.g. a second process for cp)")
+    p.add_argument("--rules", nargs="+", help="only runs of these rules (e.g. global_sweeps)")
+    p.add_argument("--budgets", nargs="+", help="only runs of these budgets (e.g. flops=0.5 flops=0.33)")
     p.add_argument("--merge", type=pathlib.Path, nargs="+", default=[],
                    help="add the runs of these results.json files (from other --out folders) first")
     return p.parse_args(argv)
@@ -85,11 +87,15 @@ def measure(arch: Arch, key, test, config) -> dict:
     depth, fmt, norm, calibration, rule, budget = key
     start = time.perf_counter()
     damage = "linear" if rule == "global_linear" else "curve"  # the ablation of the damage model
-    sel = select_ranks(arch.model, arch.covariances, format=fmt, rule=rule.removesuffix("_linear"), damage=damage,
+    # global_sweeps: Tucker-2's ε from a few ALS sweeps at grid ratios (CP's default) instead of
+    # the HOSVD spectrum proxy.
+    proxy = "sweeps" if rule == "global_sweeps" or fmt not in ("svd", "tucker2") else None
+    sel = select_ranks(arch.model, arch.covariances, format=fmt, rule=rule.split("_")[0], damage=damage,
                        budget=None if budget == "none" else budget, norm=norm, images=arch.calib,
                        key=jax.random.key(config.calib_seed + 1), skip=config.skip, input_shape=INPUT_SHAPE,
-                       grid=config.grid if fmt in ("svd", "tucker2") else config.sweep_grid, sweeps=config.proxy_sweeps, cache=arch.cache.setdefault(norm, {}),
-                       progress=False)
+                       proxy=proxy if rule.startswith("global") else None,
+                       grid=config.sweep_grid if proxy == "sweeps" else config.grid, sweeps=config.proxy_sweeps,
+                       cache=arch.cache.setdefault(norm, {}), progress=False)
     select_seconds = time.perf_counter() - start
     common = dict(format=fmt, ranks=sel, skip=sel.is_dense, key=jax.random.key(config.compress_seed),
                   max_steps=config.max_steps, batch_size=config.batch_size, progress=False)
@@ -119,7 +125,8 @@ def measure(arch: Arch, key, test, config) -> dict:
 
 def run_all(config, args, results, out):
     done = {run_key(r) for r in results["runs"]}
-    todo = [k for k in config.runs if k not in done and (not args.formats or k[1] in args.formats)][: args.limit]
+    todo = [k for k in config.runs if k not in done and (not args.formats or k[1] in args.formats)
+            and (not args.budgets or k[5] in args.budgets) and (not args.rules or k[4] in args.rules)][: args.limit]
     print(f"{len(todo)} run(s) to do, {len(done)} already in {out}", flush=True)
     if not todo:
         return
@@ -238,7 +245,7 @@ def figure(results, path) -> None:
     if not runs:
         return
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
-    markers = {"uniform": "o", "energy": "s", "vbmf": "^", "global": "*", "global_linear": "x"}
+    markers = {"uniform": "o", "energy": "s", "vbmf": "^", "global": "*", "global_linear": "x", "global_sweeps": "P"}
     for ax, fmt in zip(axes, ("svd", "tucker2", "cp")):
         for rule, marker in markers.items():
             pts = sorted((r["params_ratio"], 100 * r["accuracy"]) for r in runs

@@ -39,6 +39,8 @@ class Config:
     learning_rate: float = 0.002  # the fine-tuning experiment's setting (experiments/finetune)
     temperature: float = 4.0
     batch_norm: str = "frozen"
+    feature_weight: float = 0.0  # β of the feature-matching term on the residual blocks' outputs
+    optimizer: str = "sgd"
 
 
 FULL = Config()

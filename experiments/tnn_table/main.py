@@ -61,6 +61,12 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget of this worker in seconds")
     p.add_argument("--shard", default="0/1", help="i/n: run cells i, i+n, i+2n, … (one results file per shard)")
     p.add_argument("--distill-steps", type=int, default=None, help="distillation steps per cell (0: none)")
+    p.add_argument("--lr", type=float, default=None, help="peak distillation learning rate (default: the config's)")
+    p.add_argument("--feature-weight", type=float, default=None, help="β of the block-output feature term")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="distillation batch size")
+    p.add_argument("--models", type=pathlib.Path, default=None, help="cache of compressed models: a cell "
+                   "whose model is there is not compressed again (saved there otherwise)")
     p.add_argument("--only", nargs="+", default=None, metavar="FORMAT:RATIO", help="run only these cells")
     p.add_argument("--arch", type=int, default=None, help="ResNet depth (default: the config's, 32)")
     p.add_argument("--compile-cache", default="/tmp/sigmadecomp_tnn_jax_cache",
@@ -79,7 +85,25 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def cell_key(arch, fmt, ratio, config: Config) -> str:
-    return f"resnet{arch}/{fmt}/{ratio}/sweeps{config.max_steps}/distill{config.distill_steps}"
+    key = f"resnet{arch}/{fmt}/{ratio}/sweeps{config.max_steps}/distill{config.distill_steps}"
+    return key + recipe_tag(config)
+
+
+def record_key(r: dict) -> str:
+    """The key of a recorded cell, from its own settings (a results file may hold several recipes)."""
+    return (f"resnet{r['arch']}/{r['format']}/{r['ratio']}/sweeps{r['max_steps']}/distill{r['distill_steps']}"
+            + recipe_tag(r))
+
+
+def recipe_tag(c) -> str:
+    """The distillation recipe where it differs from the first runs' (lr 0.002, SGD, batch 64, KL only)."""
+    get = (lambda k, d: c.get(k, d)) if isinstance(c, dict) else (lambda k, d: getattr(c, k, d))
+    if not get("distill_steps", 0):
+        return ""
+    parts = [f"lr{get('learning_rate', 0.002)}"] if get("learning_rate", 0.002) != 0.002 else []
+    parts += [f"feat{get('feature_weight', 0.0)}"] if get("feature_weight", 0.0) else []
+    parts += [get("optimizer", "sgd")] if get("optimizer", "sgd") != "sgd" else []
+    return "".join("/" + p for p in parts)
 
 
 def load_results(path: pathlib.Path) -> dict:
@@ -130,16 +154,46 @@ def _convs(model):
     return [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Conv)]
 
 
-def run_cell(d: Data, fmt: str, ratio: float, config: Config, deadline: float | None) -> dict:
+class _Cached:
+    """What run_cell reads of a compression result, for a model loaded from the cache."""
+
+    def __init__(self, model, plan, meta):
+        self.model, self.plan, self.layers = model, plan, meta["layers"]
+        self.mean_relative_error, self.kept_dense = meta["mean_relative_error"], meta["kept_dense"]
+
+
+def compressed(d: Data, fmt: str, ratio: float, config: Config, skip, models: pathlib.Path | None):
+    """Σ-sequential compression of the cell, or its model from the ``models`` cache."""
+    from sigmadecomp.surgery import load, save
+
+    folder = None if models is None else models / f"resnet{config.arch}-{fmt}-{ratio}-sweeps{config.max_steps}"
+    if folder is not None and (folder / "cell.json").is_file():
+        meta = json.loads((folder / "cell.json").read_text())
+        model = load(folder, d.model)
+        from sigmadecomp.surgery import Plan
+
+        return _Cached(model, Plan.from_dict(json.loads((folder / "plan.json").read_text())["plan"]), meta)
+    result = seqcal.compress_sequential(d.model, d.calib, format=fmt, ratio=ratio, key=jax.random.key(config.compress_seed),
+                                        skip=skip, max_steps=config.max_steps, progress=False)
+    if folder is not None:
+        save(folder, result.model, result.plan)
+        (folder / "cell.json").write_text(json.dumps(dict(
+            layers=len(result.layers), kept_dense=list(getattr(result, "kept_dense", [])),
+            mean_relative_error=result.mean_relative_error if result.layers else None)))
+    return result
+
+
+def run_cell(d: Data, fmt: str, ratio: float, config: Config, deadline: float | None,
+             models: pathlib.Path | None = None) -> dict:
     skip = (lambda p: p not in config.only) if config.only else config.skip
     load = os.getloadavg()
     tic = time.perf_counter()
-    result = seqcal.compress_sequential(d.model, d.calib, format=fmt, ratio=ratio, key=jax.random.key(config.compress_seed),
-                                        skip=skip, max_steps=config.max_steps, progress=False)
+    result = compressed(d, fmt, ratio, config, skip, models)
     compress_seconds = time.perf_counter() - tic
     record = dict(
         arch=config.arch, format=fmt, ratio=ratio, max_steps=config.max_steps, distill_steps=config.distill_steps,
-        batch_size=config.batch_size, learning_rate=config.learning_rate,
+        batch_size=config.batch_size, learning_rate=config.learning_rate, feature_weight=config.feature_weight,
+        optimizer=config.optimizer, model_from_cache=isinstance(result, _Cached),
         conv_param_rate=conv_rate(d.model, result.plan) if result.plan.entries else 1.0,
         layers_compressed=len(result.plan.entries), kept_dense=[k["path"] for k in getattr(result, "kept_dense", [])],
         accuracy_dense=d.accuracy(d.model), accuracy_no_training=d.accuracy(result.model),
@@ -159,6 +213,7 @@ def distill(d: Data, student, config: Config, deadline: float | None) -> dict:
         return dict(distill="skipped: budget spent")
     cfg = ft.FinetuneConfig(epochs=1, batch_size=config.batch_size, learning_rate=config.learning_rate,
                             temperature=config.temperature, batch_norm=config.batch_norm,
+                            feature_weight=config.feature_weight, optimizer=config.optimizer,
                             eval_every=config.distill_steps, log_every=max(1, config.distill_steps // 10),
                             time_limit=left)
     images = sample(d.train, None, config.distill_steps * config.batch_size, key=jax.random.key(config.train_seed + 1))
@@ -182,12 +237,13 @@ def failed_cell(fmt, ratio, config: Config) -> dict:
     import traceback
 
     return dict(arch=config.arch, format=fmt, ratio=ratio, max_steps=config.max_steps, distill_steps=config.distill_steps,
-                batch_size=config.batch_size, error=traceback.format_exc(), date=now(), device=device(),
+                batch_size=config.batch_size, learning_rate=config.learning_rate, feature_weight=config.feature_weight,
+                optimizer=config.optimizer, error=traceback.format_exc(), date=now(), device=device(),
                 loadavg=[os.getloadavg()] * 2)
 
 
-def _same(a, b, config) -> bool:
-    return cell_key(a["arch"], a["format"], a["ratio"], config) == cell_key(b["arch"], b["format"], b["ratio"], config)
+def _same(a, b) -> bool:
+    return record_key(a) == record_key(b)
 
 
 def run_all(config: Config, args, out: pathlib.Path) -> dict:
@@ -197,7 +253,7 @@ def run_all(config: Config, args, out: pathlib.Path) -> dict:
     start, deadline = time.perf_counter(), None if args.budget_s is None else time.perf_counter() + args.budget_s
     cells = list(config.cells) if args.only is None else [(f, float(r)) for f, r in (c.split(":") for c in args.only)]
     mine = cells[shard::shards]
-    done = {cell_key(r["arch"], r["format"], r["ratio"], config) for r in results["cells"] if complete(r)}
+    done = {record_key(r) for r in results["cells"] if complete(r)}
     todo = [c for c in mine if cell_key(config.arch, *c, config) not in done]
     print(f"shard {shard}/{shards}: {len(todo)} cell(s) to do of {len(mine)}; results in {path}", flush=True)
     results["meta"] = dict(config=dataclasses.asdict(config), device=device(), jax=jax.__version__,
@@ -208,15 +264,15 @@ def run_all(config: Config, args, out: pathlib.Path) -> dict:
             print(f"budget of {args.budget_s:.0f} s spent; {fmt}:{ratio} and later cells not started", flush=True)
             break
         try:
-            record = run_cell(d, fmt, ratio, config, deadline)
+            record = run_cell(d, fmt, ratio, config, deadline, args.models)
         except Exception:  # noqa: BLE001  (one failing cell must not stop an unattended worker)
             record = failed_cell(fmt, ratio, config)
             print(f"{fmt}:{ratio} FAILED:\n{record['error']}", flush=True)
-            results["cells"] = [r for r in results["cells"] if not _same(r, record, config)] + [record]
+            results["cells"] = [r for r in results["cells"] if not _same(r, record)] + [record]
             save_results(results, path)
             continue
         key = cell_key(config.arch, fmt, ratio, config)
-        results["cells"] = [r for r in results["cells"] if cell_key(r["arch"], r["format"], r["ratio"], config) != key] + [record]
+        results["cells"] = [r for r in results["cells"] if record_key(r) != key] + [record]
         save_results(results, path)
         print(f"{key}: conv params {record['conv_param_rate']:.3f}  no training {record['accuracy_no_training']:.4f}  "
               f"distilled {record['accuracy_distilled']}  ({record['distill']}; compress {record['compress_seconds']:.0f} s)",
@@ -232,7 +288,9 @@ def main(argv=None):
     if args.compile_cache:  # the workers compile the same solver and layer programs: compile once
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
     config = SMOKE if args.smoke else FULL
-    overrides = {k: v for k, v in (("distill_steps", args.distill_steps), ("arch", args.arch)) if v is not None}
+    overrides = {k: v for k, v in (("distill_steps", args.distill_steps), ("arch", args.arch), ("learning_rate", args.lr),
+                                   ("feature_weight", args.feature_weight), ("optimizer", args.optimizer),
+                                   ("batch_size", args.batch_size)) if v is not None}
     config = dataclasses.replace(config, **overrides)
     out = args.out or (pathlib.Path(tempfile.mkdtemp(prefix="tnn_smoke_")) if args.smoke else HERE / "results")
     return run_all(config, args, out)

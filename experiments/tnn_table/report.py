@@ -38,7 +38,19 @@ MARK = ("<!-- tables:start -->", "<!-- tables:end -->")
 
 
 def _key(r) -> tuple:
-    return (r["arch"], r["format"], r["ratio"], r["max_steps"], r["distill_steps"])
+    return (r["arch"], r["format"], r["ratio"], r["max_steps"], r["distill_steps"], _recipe(r))
+
+
+def _recipe(r) -> tuple:
+    """(steps, batch, lr, feature β, optimizer) of a distilled cell; one table row per recipe."""
+    return (r["distill_steps"], r.get("batch_size", 64), r.get("learning_rate", 0.002), r.get("feature_weight", 0.0),
+            r.get("optimizer", "sgd"))
+
+
+def _recipe_text(recipe) -> str:
+    steps, batch, lr, beta, opt = recipe
+    return (f"{steps} steps × batch {batch} ({steps * batch} images), {opt} lr {lr}"
+            + (f", features β {beta}" if beta else ""))
 
 
 errors: list = []  # cells that raised (listed in the report, left out of the tables)
@@ -64,7 +76,7 @@ def _pct(x) -> str:
 
 def accuracy_table(cells) -> str:
     """One block per format: the seed's row, ours with no training, ours distilled."""
-    distills = sorted({(r["distill_steps"], r.get("batch_size", 64)) for r in cells if r["distill_steps"] > 0})
+    distills = sorted({_recipe(r) for r in cells if r["distill_steps"] > 0})
     head = "| format | row | " + " | ".join(f"{r:.0%}" for r in RATIOS) + " |"
     lines = [head, "|" + "---|" * (2 + len(RATIOS))]
     for f in [f for f in FORMATS if any(r["format"] == f for r in cells) or SEED.get(f)]:
@@ -73,10 +85,12 @@ def accuracy_table(cells) -> str:
         lines.append(f"| {f} | TNN seed: full retraining, 50 000 images | " + " | ".join(seed) + " |")
         row = [_pct(mine[r]["accuracy_no_training"]) if r in mine else "–" for r in RATIOS]
         lines.append(f"| {f} | ours: Σ-sequential, no training | " + " | ".join(row) + " |")
-        for steps, batch in distills:
-            got = {r["ratio"]: r for r in cells if r["format"] == f and (r["distill_steps"], r.get("batch_size", 64)) == (steps, batch)}
+        for recipe in distills:
+            got = {r["ratio"]: r for r in cells if r["format"] == f and _recipe(r) == recipe}
+            if not got:
+                continue
             row = [_pct(got[r]["accuracy_distilled"]) if r in got else "–" for r in RATIOS]
-            lines.append(f"| {f} | ours: + distillation, {steps} steps × batch {batch}, 5 085 images | " + " | ".join(row) + " |")
+            lines.append(f"| {f} | ours: + distillation, {_recipe_text(recipe)}, 5 085 images | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
