@@ -79,6 +79,42 @@ def test_augment_crops_padded_windows_and_flips_deterministically():
         ft.augment(jax.random.key(0), x[0])
 
 
+def test_mixup_and_cutmix_mix_each_image_with_its_partner():
+    x = jnp.asarray(_images(8, size=8, channels=2))
+    mixed, lam, partner = ft.mix(jax.random.key(1), x, mode="mixup", alpha=0.4)
+    assert sorted(np.asarray(partner).tolist()) == list(range(8)) and np.all((lam >= 0) & (lam <= 1))
+    w = np.asarray(lam)[:, None, None, None]
+    np.testing.assert_allclose(np.asarray(mixed), w * np.asarray(x) + (1 - w) * np.asarray(x)[np.asarray(partner)],
+                               rtol=1e-6, atol=1e-6)
+    cut, kept, partner = ft.mix(jax.random.key(2), x, mode="cutmix")
+    cut, kept, partner, x = (np.asarray(a) for a in (cut, kept, partner, x))
+    from_self = np.all(cut == x, axis=-1)  # pixel by pixel: the image's own or its partner's
+    from_partner = np.all(cut == x[partner], axis=-1)
+    assert np.all(from_self | from_partner)
+    own = np.where(partner == np.arange(8), 1.0, np.mean(from_self & ~from_partner, axis=(1, 2)))
+    np.testing.assert_allclose(kept[partner != np.arange(8)], own[partner != np.arange(8)], atol=1e-6)
+    same = [np.asarray(ft.mix(jax.random.key(2), jnp.asarray(x), mode="cutmix")[0]) for _ in range(2)]
+    assert np.array_equal(same[0], same[1]) and np.array_equal(same[0], cut)
+    with pytest.raises(ValueError, match="mode"):
+        ft.mix(jax.random.key(0), jnp.asarray(x), mode="mosaic")
+
+
+def test_mixed_distillation_with_labels_trains_and_is_deterministic(teacher_and_data):
+    teacher, images = teacher_and_data
+    student = _compressed(teacher, images, "svd")
+    labels = np.arange(len(images)) % 10
+    config = ft.FinetuneConfig(epochs=2, batch_size=16, learning_rate=0.05, log_every=1, mix="cutmix",
+                               label_weight=0.5)
+    runs = [ft.finetune(student, teacher, images, labels, key=jax.random.key(0), config=config, progress=False)
+            for _ in range(2)]
+    assert runs[0].compilations == 1
+    assert all(e["ce"] > 0 and np.isfinite(e["loss"]) for e in runs[0].history["train"])
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(_params(runs[0].model), _params(runs[1].model)))
+    plain = ft.finetune(student, teacher, images, labels, key=jax.random.key(0), progress=False,
+                        config=ft.FinetuneConfig(**{**config.__dict__, "mix": "none"}))
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(_params(runs[0].model), _params(plain.model)))
+
+
 # ---------------------------------------------------------------- BatchNorm re-estimation
 
 
@@ -198,7 +234,8 @@ def test_batch_norm_modes_and_feature_term():
 @pytest.mark.parametrize("options, needle", [
     (dict(epochs=0), "epochs"), (dict(learning_rate=0.0), "learning_rate"), (dict(optimizer="lion"), "optimizer"),
     (dict(batch_norm="x"), "batch_norm"), (dict(warmup_fraction=2.0), "warmup_fraction"),
-    (dict(time_limit=-1.0), "time_limit"), (dict(clip_norm=0.0), "clip_norm"),
+    (dict(time_limit=-1.0), "time_limit"), (dict(clip_norm=0.0), "clip_norm"), (dict(mix="mosaic"), "mix"),
+    (dict(mix_alpha=0.0), "mix_alpha"),
 ])
 def test_bad_config_is_a_clear_error(options, needle):
     with pytest.raises(ValueError, match=needle):

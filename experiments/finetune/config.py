@@ -48,6 +48,7 @@ class Config:
     label_weight: float = 0.0  # α of the cross-entropy term on the training labels (0: distillation only)
     feature_weight: float = 0.0  # β of the feature-matching term on the residual blocks' outputs
     optimizer: str = "sgd"  # "sgd" (Nesterov) or "adamw"
+    mix: str = "none"  # "none", "mixup" or "cutmix" of the training images (the teacher labels the mix)
 
 
 FULL = Config()

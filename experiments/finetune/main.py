@@ -59,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--feature-weight", type=float, default=None,
                    help="β of the feature-matching term on the residual blocks' outputs (default: the config's, 0)")
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="default: the config's (sgd)")
+    p.add_argument("--mix", choices=("none", "mixup", "cutmix"), default=None,
+                   help="mix each training image with a partner; the teacher labels the mix (default: none)")
     p.add_argument("--ce", type=float, default=None, help="α of the cross-entropy term on the labels")
     p.add_argument("--batch-norm", choices=("frozen", "update"), default=None, help="default: the config's")
     p.add_argument("--batch-size", type=int, default=None, help="default: the config's")
@@ -83,7 +85,8 @@ def run_key(r) -> str:
     key += f"/img{r.get('steps', 48) * r.get('batch_size', 64)}"
     key += f"/ce{r['label_weight']}" if r.get("label_weight") else ""
     key += f"/feat{r['feature_weight']}" if r.get("feature_weight") else ""
-    return key + (f"/{r['optimizer']}" if r.get("optimizer", "sgd") != "sgd" else "")
+    key += f"/{r['optimizer']}" if r.get("optimizer", "sgd") != "sgd" else ""
+    return key + (f"/{r['mix']}" if r.get("mix", "none") != "none" else "")
 
 
 def training_stream(train, n: int, seed: int):
@@ -192,7 +195,7 @@ def measure(model, train, calib, test, key: tuple, config: Config, cache: pathli
         epochs=1, batch_size=config.batch_size, learning_rate=config.learning_rate,
         temperature=config.temperature, batch_norm=config.batch_norm, eval_every=config.eval_every,
         log_every=min(config.eval_every, 6), label_weight=config.label_weight,
-        feature_weight=config.feature_weight, optimizer=config.optimizer)
+        feature_weight=config.feature_weight, optimizer=config.optimizer, mix=config.mix)
     # One "epoch" of exactly `steps` batches of the training images (key train_seed + 1).
     images, labels = training_stream(train, config.steps * config.batch_size, config.train_seed + 1)
     load_before = os.getloadavg()
@@ -213,7 +216,7 @@ def measure(model, train, calib, test, key: tuple, config: Config, cache: pathli
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         train_images=len(train[0]), test_images=len(test[1]), calib_images=len(calib),
         label_weight=config.label_weight, feature_weight=config.feature_weight, optimizer=config.optimizer,
-        device=str(jax.devices()[0].device_kind),
+        mix=config.mix, device=str(jax.devices()[0].device_kind),
         steady_images_per_second=steady_throughput(run.history, config.batch_size),
     )
 
@@ -246,7 +249,7 @@ def run_all(config: Config, args, results, out):
                                             batch_norm=config.batch_norm, learning_rate=config.learning_rate,
                                             steps=config.steps, batch_size=config.batch_size,
                                             label_weight=config.label_weight, feature_weight=config.feature_weight,
-                                            optimizer=config.optimizer)) not in done]
+                                            optimizer=config.optimizer, mix=config.mix)) not in done]
     todo = todo[: args.limit] if args.limit is not None else todo
     print(f"{len(todo)} run(s) to do, {len(done)} already in {out}", flush=True)
     if not todo:
@@ -361,7 +364,7 @@ def figure(results, path):
 def with_overrides(config: Config, args) -> Config:
     """The configuration with the command line's recipe overrides applied."""
     names = dict(lr="learning_rate", feature_weight="feature_weight", optimizer="optimizer", ce="label_weight",
-                 batch_norm="batch_norm", batch_size="batch_size")
+                 batch_norm="batch_norm", batch_size="batch_size", mix="mix")
     config = dataclasses.replace(config, **{field: getattr(args, arg) for arg, field in names.items()
                                             if getattr(args, arg) is not None})
     if args.images is not None:

@@ -41,6 +41,7 @@ class Config:
     batch_norm: str = "frozen"
     feature_weight: float = 0.0  # β of the feature-matching term on the residual blocks' outputs
     optimizer: str = "sgd"
+    mix: str = "none"  # "none", "mixup" or "cutmix" (sigmadecomp.finetune.mix)
 
 
 FULL = Config()

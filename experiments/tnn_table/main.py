@@ -64,6 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="peak distillation learning rate (default: the config's)")
     p.add_argument("--feature-weight", type=float, default=None, help="β of the block-output feature term")
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default=None)
+    p.add_argument("--mix", choices=("none", "mixup", "cutmix"), default=None)
     p.add_argument("--batch-size", type=int, default=None, help="distillation batch size")
     p.add_argument("--models", type=pathlib.Path, default=None, help="cache of compressed models: a cell "
                    "whose model is there is not compressed again (saved there otherwise)")
@@ -103,6 +104,7 @@ def recipe_tag(c) -> str:
     parts = [f"lr{get('learning_rate', 0.002)}"] if get("learning_rate", 0.002) != 0.002 else []
     parts += [f"feat{get('feature_weight', 0.0)}"] if get("feature_weight", 0.0) else []
     parts += [get("optimizer", "sgd")] if get("optimizer", "sgd") != "sgd" else []
+    parts += [get("mix", "none")] if get("mix", "none") != "none" else []
     return "".join("/" + p for p in parts)
 
 
@@ -193,7 +195,7 @@ def run_cell(d: Data, fmt: str, ratio: float, config: Config, deadline: float | 
     record = dict(
         arch=config.arch, format=fmt, ratio=ratio, max_steps=config.max_steps, distill_steps=config.distill_steps,
         batch_size=config.batch_size, learning_rate=config.learning_rate, feature_weight=config.feature_weight,
-        optimizer=config.optimizer, model_from_cache=isinstance(result, _Cached),
+        optimizer=config.optimizer, mix=config.mix, model_from_cache=isinstance(result, _Cached),
         conv_param_rate=conv_rate(d.model, result.plan) if result.plan.entries else 1.0,
         layers_compressed=len(result.plan.entries), kept_dense=[k["path"] for k in getattr(result, "kept_dense", [])],
         accuracy_dense=d.accuracy(d.model), accuracy_no_training=d.accuracy(result.model),
@@ -213,7 +215,7 @@ def distill(d: Data, student, config: Config, deadline: float | None) -> dict:
         return dict(distill="skipped: budget spent")
     cfg = ft.FinetuneConfig(epochs=1, batch_size=config.batch_size, learning_rate=config.learning_rate,
                             temperature=config.temperature, batch_norm=config.batch_norm,
-                            feature_weight=config.feature_weight, optimizer=config.optimizer,
+                            feature_weight=config.feature_weight, optimizer=config.optimizer, mix=config.mix,
                             eval_every=config.distill_steps, log_every=max(1, config.distill_steps // 10),
                             time_limit=left)
     images = sample(d.train, None, config.distill_steps * config.batch_size, key=jax.random.key(config.train_seed + 1))
@@ -238,7 +240,7 @@ def failed_cell(fmt, ratio, config: Config) -> dict:
 
     return dict(arch=config.arch, format=fmt, ratio=ratio, max_steps=config.max_steps, distill_steps=config.distill_steps,
                 batch_size=config.batch_size, learning_rate=config.learning_rate, feature_weight=config.feature_weight,
-                optimizer=config.optimizer, error=traceback.format_exc(), date=now(), device=device(),
+                optimizer=config.optimizer, mix=config.mix, error=traceback.format_exc(), date=now(), device=device(),
                 loadavg=[os.getloadavg()] * 2)
 
 
@@ -290,7 +292,7 @@ def main(argv=None):
     config = SMOKE if args.smoke else FULL
     overrides = {k: v for k, v in (("distill_steps", args.distill_steps), ("arch", args.arch), ("learning_rate", args.lr),
                                    ("feature_weight", args.feature_weight), ("optimizer", args.optimizer),
-                                   ("batch_size", args.batch_size)) if v is not None}
+                                   ("batch_size", args.batch_size), ("mix", args.mix)) if v is not None}
     config = dataclasses.replace(config, **overrides)
     out = args.out or (pathlib.Path(tempfile.mkdtemp(prefix="tnn_smoke_")) if args.smoke else HERE / "results")
     return run_all(config, args, out)

@@ -44,13 +44,13 @@ def _key(r) -> tuple:
 def _recipe(r) -> tuple:
     """(steps, batch, lr, feature β, optimizer) of a distilled cell; one table row per recipe."""
     return (r["distill_steps"], r.get("batch_size", 64), r.get("learning_rate", 0.002), r.get("feature_weight", 0.0),
-            r.get("optimizer", "sgd"))
+            r.get("optimizer", "sgd"), r.get("mix", "none"))
 
 
 def _recipe_text(recipe) -> str:
-    steps, batch, lr, beta, opt = recipe
+    steps, batch, lr, beta, opt, mix = recipe
     return (f"{steps} steps × batch {batch} ({steps * batch} images), {opt} lr {lr}"
-            + (f", features β {beta}" if beta else ""))
+            + (f", features β {beta}" if beta else "") + (f", {mix}" if mix != "none" else ""))
 
 
 errors: list = []  # cells that raised (listed in the report, left out of the tables)

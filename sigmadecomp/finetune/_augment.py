@@ -1,4 +1,4 @@
-"""CIFAR augmentation inside jit: random crop after zero padding, and horizontal flip."""
+"""CIFAR augmentation inside jit: random crop after zero padding, horizontal flip, and mixup / cutmix."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["augment"]
+__all__ = ["augment", "mix"]
 
 
 def augment(key: jax.Array, images: jax.Array, *, pad: int = 4, flip: bool = True) -> jax.Array:
@@ -34,3 +34,50 @@ def augment(key: jax.Array, images: jax.Array, *, pad: int = 4, flip: bool = Tru
         flips = jax.random.bernoulli(flip_key, 0.5, (n, 1, 1, 1))
         images = jnp.where(flips, images[:, :, ::-1, :], images)
     return images
+
+
+def mix(key: jax.Array, images: jax.Array, *, mode: str, alpha: float = 1.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Mix every image with a partner from the same batch: ``(mixed, lam, partner)``.
+
+    ``mode="mixup"``: ``lam·x + (1 − lam)·x[partner]`` with ``lam ~ Beta(alpha, alpha)`` per image.
+    ``mode="cutmix"``: a box of area ``≈ (1 − lam)`` of ``x`` replaced by the same box of its partner;
+    ``lam`` is returned as the fraction of ``x`` actually kept. ``partner`` is a random permutation of
+    the batch, so a soft-label loss can weigh ``labels`` by ``lam`` and ``labels[partner]`` by
+    ``1 − lam``. With distillation the teacher simply labels the mixed image: the inputs cover the
+    space between the few training images, which is what a small training set lacks. Same key,
+    same result; static shapes (compiles once per batch shape).
+
+    >>> import jax, jax.numpy as jnp
+    >>> x = jnp.arange(2 * 4 * 4 * 1, dtype=jnp.float32).reshape(2, 4, 4, 1)
+    >>> mixed, lam, partner = mix(jax.random.key(0), x, mode="mixup")
+    >>> mixed.shape, lam.shape, sorted(partner.tolist())
+    ((2, 4, 4, 1), (2,), [0, 1])
+    >>> bool(jnp.allclose(mixed, lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * x[partner]))
+    True
+    """
+    if images.ndim != 4:
+        raise ValueError(f"mix expects NHWC images (N, H, W, C); got shape {images.shape}")
+    if mode not in ("mixup", "cutmix"):
+        raise ValueError(f"mode must be 'mixup' or 'cutmix', got {mode!r}")
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha!r}")
+    n, h, w, _ = images.shape
+    perm_key, lam_key, box_key = jax.random.split(key, 3)
+    partner = jax.random.permutation(perm_key, n)
+    lam = jax.random.beta(lam_key, alpha, alpha, (n,), dtype=images.dtype)
+    other = images[partner]
+    if mode == "mixup":
+        weight = lam[:, None, None, None]
+        return weight * images + (1 - weight) * other, lam, partner
+    # cutmix: a box of side sqrt(1 - lam) of the image's sides, centred uniformly, clipped at the edges
+    side = jnp.sqrt(1 - lam)
+    bh, bw = jnp.round(side * h), jnp.round(side * w)
+    centre = jax.random.uniform(box_key, (n, 2), dtype=images.dtype) * jnp.array([[h, w]], images.dtype)
+    top, left = jnp.clip(centre[:, 0] - bh / 2, 0, h), jnp.clip(centre[:, 1] - bw / 2, 0, w)
+    bottom, right = jnp.clip(centre[:, 0] + bh / 2, 0, h), jnp.clip(centre[:, 1] + bw / 2, 0, w)
+    rows, cols = jnp.arange(h, dtype=images.dtype), jnp.arange(w, dtype=images.dtype)
+    inside_r = (rows[None, :] >= top[:, None]) & (rows[None, :] < bottom[:, None])
+    inside_c = (cols[None, :] >= left[:, None]) & (cols[None, :] < right[:, None])
+    box = (inside_r[:, :, None] & inside_c[:, None, :])[..., None]
+    kept = 1 - jnp.mean(box.astype(images.dtype), axis=(1, 2, 3))
+    return jnp.where(box, other, images), kept, partner

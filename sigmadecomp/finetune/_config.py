@@ -13,6 +13,7 @@ __all__ = ["FinetuneConfig"]
 
 OPTIMIZERS = ("sgd", "adamw")
 BATCH_NORM_MODES = ("frozen", "update")
+MIX_MODES = ("none", "mixup", "cutmix")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,10 @@ class FinetuneConfig:
             offset still train) or ``"update"`` (training-mode BN: batch statistics, running
             statistics re-estimated by the moving average).
         augment: random crop (after ``pad`` pixels of padding) and horizontal flip.
+        mix: ``"none"``, ``"mixup"`` or ``"cutmix"`` of each (augmented) image with a partner from
+            its batch (:func:`~sigmadecomp.finetune.mix`); the teacher labels the mixed image, and the
+            cross-entropy term, if any, weighs both images' labels by their share.
+        mix_alpha: ``alpha`` of the ``Beta(alpha, alpha)`` mixing proportion.
         time_limit: stop after this many seconds of training (evaluation and checkpoints not
             counted); ``None``: run every step. The schedule is step-based either way.
         log_every: steps between history entries (loss averaged over them, throughput).
@@ -64,6 +69,8 @@ class FinetuneConfig:
     batch_norm: str = "frozen"
     augment: bool = True
     pad: int = 4
+    mix: str = "none"
+    mix_alpha: float = 1.0
     time_limit: float | None = None
     log_every: int = 10
     eval_every: int | None = None
@@ -88,6 +95,10 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.mix not in MIX_MODES:
+            raise ValueError(f"mix must be one of {MIX_MODES}, got {self.mix!r}")
+        if not self.mix_alpha > 0:
+            raise ValueError(f"mix_alpha must be > 0, got {self.mix_alpha!r}")
         if self.batch_norm not in BATCH_NORM_MODES:
             raise ValueError(f"batch_norm must be one of {BATCH_NORM_MODES}, got {self.batch_norm!r}")
         if self.clip_norm is not None and not self.clip_norm > 0:

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from sigmadecomp.finetune._augment import augment
+from sigmadecomp.finetune._augment import augment, mix
 from sigmadecomp.finetune._checkpoint import load_checkpoint, save_checkpoint
 from sigmadecomp.finetune._config import FinetuneConfig
 from sigmadecomp.finetune._features import default_features
@@ -68,7 +68,11 @@ def _make_step(graphdef, teacher_graphdef, config: FinetuneConfig, total: int, f
         return features(model, x) if use_features else (model(x), [])
 
     def step(params, rest, opt_state, teacher_state, images, labels, key):
-        x = augment(key, images, pad=config.pad) if config.augment else images
+        mixed = config.mix != "none"
+        augment_key, mix_key = jax.random.split(key) if mixed else (key, None)  # mix "none": as before
+        x = augment(augment_key, images, pad=config.pad) if config.augment else images
+        if mixed:
+            x, lam, partner = mix(mix_key, x, mode=config.mix, alpha=config.mix_alpha)
         t_logits, t_features = jax.lax.stop_gradient(forward(nnx.merge(teacher_graphdef, teacher_state), x))
 
         def loss_fn(params):
@@ -76,9 +80,15 @@ def _make_step(graphdef, teacher_graphdef, config: FinetuneConfig, total: int, f
             model = nnx.merge(graphdef, params, rest, copy=True)
             logits, s_features = forward(model, x)
             loss, parts = distillation_loss(
-                logits, t_logits, temperature=config.temperature, labels=labels,
-                label_weight=config.label_weight, student_features=s_features,
+                logits, t_logits, temperature=config.temperature, labels=None if mixed else labels,
+                label_weight=0.0 if mixed else config.label_weight, student_features=s_features,
                 teacher_features=t_features, feature_weight=config.feature_weight)
+            if mixed and config.label_weight:  # each image's label weighed by its share of the mix
+                log_p = jax.nn.log_softmax(logits, axis=-1)
+                nll = lambda y: -jnp.take_along_axis(log_p, y[:, None], axis=-1)[:, 0]  # noqa: E731
+                ce = jnp.mean(lam * nll(labels) + (1 - lam) * nll(labels[partner]))
+                parts = dict(parts, ce=ce)
+                loss = loss + jnp.asarray(config.label_weight, loss.dtype) * ce
             return loss, (parts, nnx.split(model, nnx.Param, ...)[2])
 
         (loss, (parts, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
