@@ -66,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="default: the config's")
     p.add_argument("--images", type=int, default=None, help="distillation budget in training images "
                    "(steps = images // batch size; default: the config's steps)")
+    p.add_argument("--cpu-budget", action="store_true", help="issue 13's budget: train 600 s × the 2-core CPU "
+                   "throughput measured for this (format, rate) on the device machine (cpu_throughput.json; a "
+                   "reshaped format uses its plain format's, a missing rate the nearest one's), like gpu_grid.py")
     p.add_argument("--models", type=pathlib.Path, default=None, help="folder of compressed models made "
                    "beforehand (e.g. by experiments/gpu_grid.py --precompress), used when it has the cell")
     p.add_argument("--only", nargs="+", default=None, metavar="FORMAT:RATIO:INIT",
@@ -245,11 +248,15 @@ def run_all(config: Config, args, results, out):
     done = {run_key(r) for r in results["runs"]}
     runs = config.runs if args.only is None else [
         (f, float(r), i) for f, r, i in (item.split(":") for item in args.only)]
-    todo = [k for k in runs if run_key(dict(arch=config.arch, format=k[0], ratio=k[1], init=k[2],
-                                            batch_norm=config.batch_norm, learning_rate=config.learning_rate,
-                                            steps=config.steps, batch_size=config.batch_size,
-                                            label_weight=config.label_weight, feature_weight=config.feature_weight,
-                                            optimizer=config.optimizer, mix=config.mix)) not in done]
+
+    def key_of(k):
+        c, _ = cell_config(config, k, args)
+        return run_key(dict(arch=c.arch, format=k[0], ratio=k[1], init=k[2], batch_norm=c.batch_norm,
+                            learning_rate=c.learning_rate, steps=c.steps, batch_size=c.batch_size,
+                            label_weight=c.label_weight, feature_weight=c.feature_weight, optimizer=c.optimizer,
+                            mix=c.mix))
+
+    todo = [k for k in runs if key_of(k) not in done]
     todo = todo[: args.limit] if args.limit is not None else todo
     print(f"{len(todo)} run(s) to do, {len(done)} already in {out}", flush=True)
     if not todo:
@@ -262,7 +269,10 @@ def run_all(config: Config, args, results, out):
     test = (cifar10_normalize(test_x), test_y)
     results["meta"] = dict(machine=machine(), config=dataclasses.asdict(config))
     for key in todo:
-        record = measure(model, train, calib, test, key, config, out / "models", args.models)
+        cell, budget = cell_config(config, key, args)
+        record = measure(model, train, calib, test, key, cell, out / "models", args.models)
+        if budget is not None:
+            record["cpu_budget"] = budget
         add_run(results, record, run_key)
         save_results(results, out / args.results)
         print(f"{run_key(record)}: compressed {record['accuracy_compressed']:.3f}  BN {record['accuracy_bn']:.3f}  "
@@ -359,6 +369,37 @@ def figure(results, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+CPU_BUDGET_S = 600.0  # issue 13: "at most 10 minutes of distillation on the 2-core CPU"
+
+
+def cpu_budget(format: str, ratio: float, batch_size: int) -> dict:
+    """Issue 13's budget as an image count, from the 2-core throughput that gpu_grid.py measured on
+    the device machine (a quiet, pinned 2-core CPU), so that runs on a loaded development CPU or on
+    a GPU train exactly as much as the 2-core CPU would in 10 minutes."""
+    measured = {k: v["images_per_second"] for k, v in
+                load_results(HERE / "cpu_throughput.json").get("device", {}).get("formats", {}).items()
+                if v.get("images_per_second")}
+    base = format.removeprefix("r-")
+    rates = {float(k.split("@")[1]): v for k, v in measured.items() if k.split("@")[0] == base}
+    if not rates:
+        raise SystemExit(f"--cpu-budget: no 2-core throughput of {base} in cpu_throughput.json")
+    near = min(rates, key=lambda r: abs(r - ratio))
+    rate = rates[near]
+    source = f"device 2-core CPU, {base}@{near}" + ("" if (base, near) == (format, ratio) else
+                                                     f" (used for {format}@{ratio}: its own was not measured)")
+    images = int(CPU_BUDGET_S * rate) // batch_size * batch_size
+    return dict(cpu_seconds=CPU_BUDGET_S, cpu_images_per_second=rate, source=source, images=images, waited_seconds=0.0)
+
+
+def cell_config(config: Config, key: tuple, args) -> tuple[Config, dict | None]:
+    """The configuration of one cell: with ``--cpu-budget``, its steps come from its image budget."""
+    if not args.cpu_budget:
+        return config, None
+    budget = cpu_budget(key[0], key[1], config.batch_size)
+    steps = budget["images"] // config.batch_size
+    return dataclasses.replace(config, steps=steps, eval_every=max(1, steps // 8)), budget
 
 
 def with_overrides(config: Config, args) -> Config:
