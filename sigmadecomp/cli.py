@@ -209,6 +209,10 @@ def _add_compress(commands) -> None:
     compress.add_argument("--budget", type=_budget, default=None,
                           help="whole-model budget params=R or flops=R (R in (0, 1], relative to the "
                                "compressed layers' dense counts); replaces --ratio")
+    compress.add_argument("--replan", action="store_true",
+                          help="with --rank-rule global and --calibration sequential: re-solve the global "
+                               "selection stage by stage during the sequential pass, with each layer's "
+                               "candidate errors measured on the inputs it sees then")
     compress.add_argument("--tau", type=_ratio, default=None,
                           help="kept energy fraction for --rank-rule energy without --budget")
     compress.add_argument("--calib", type=_positive_int, default=256,
@@ -389,7 +393,19 @@ def _check_writable(flag: str, path: pathlib.Path, *, folder: bool) -> None:
         raise ValueError(f"{flag}: cannot create {path}: {ancestor} is not writable")
 
 
+def _check_replan_flags(args) -> None:
+    if not args.replan:
+        return
+    if args.rank_rule != "global":
+        raise ValueError(f"--replan re-solves a global rank selection: add --rank-rule global --budget params=R "
+                         f"(got --rank-rule {args.rank_rule})")
+    if args.calibration == "parallel" or (args.calibration is None and args.norm != "sigma"):
+        raise ValueError("--replan re-plans during sequential calibration: use --calibration sequential "
+                         "(with --norm sigma)")
+
+
 def _run_compress(args) -> int:
+    _check_replan_flags(args)
     _check_paths(args)
     if args.finetune_epochs < 0:
         raise ValueError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
@@ -400,6 +416,8 @@ def _run_compress(args) -> int:
     if args.save is not None:
         _check_writable("--save", args.save, folder=True)
     if not _cifar_only(args):
+        if args.replan:
+            raise ValueError("--replan applies to --arch on CIFAR-10 folders only, for now")
         if args.finetune_epochs:
             raise ValueError("--finetune-* applies to --arch on CIFAR-10 folders only, for now")
         return _finish(args, _run_user_model(args))
@@ -411,7 +429,7 @@ def _run_compress(args) -> int:
         ratio=args.ratio, calib=args.calib, key=args.key, max_steps=args.max_steps,
         skip_first=args.skip_first, batch_size=args.batch_size, save_dir=args.save,
         calibration=args.calibration, bias_correction=args.bias_correction,
-        rank_rule=args.rank_rule, budget=args.budget, tau=args.tau,
+        rank_rule=args.rank_rule, budget=args.budget, tau=args.tau, replan=args.replan,
         finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
         finetune_data=args.finetune_data, progress=args.progress, implementation=args.implementation,
         latency_repeats=args.latency_repeats, deploy_batch=args.deploy_batch,

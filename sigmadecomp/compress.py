@@ -93,6 +93,7 @@ class Compressed:
     layers: tuple[LayerReport, ...]
     seconds: float
     kept_dense: tuple = ()  # {"path", "status", "reason"} of planned layers left dense
+    replan: dict | None = None  # compress_sequential(replan=...): ranks up front / re-planned, achieved budget
 
     @property
     def mean_relative_error(self) -> float:
@@ -425,6 +426,7 @@ def compress_pretrained(
     rank_rule: str = "uniform",
     budget: str | None = None,
     tau: float | None = None,
+    replan: bool = False,
     finetune_epochs: int = 0,
     finetune_lr: float | None = None,
     finetune_data=None,
@@ -458,7 +460,10 @@ def compress_pretrained(
     ``ratio``) and ``tau`` choose the ranks with :func:`sigmadecomp.surgery.select_ranks`, on the
     original network's statistics, before any layer is fitted (also under sequential
     calibration). The report then has a ``rank_selection`` entry (rule, achieved budget,
-    predicted damage) and each layer its ``predicted_error`` and ``sensitivity``.
+    predicted damage) and each layer its ``predicted_error`` and ``sensitivity``. ``replan=True``
+    (rule ``global`` with sequential calibration) re-solves that selection stage by stage during
+    the sequential pass (:class:`sigmadecomp.surgery.Replanner`); the report's ``replan`` entry
+    lists each layer's up-front and re-planned ranks and the achieved budget.
 
     ``implementation``: ``"auto"`` times every planned layer on this machine (at ``deploy_batch``) and runs
     each the faster way, factorized or with the kernel rebuilt from the factors; a layer whose
@@ -475,6 +480,7 @@ def compress_pretrained(
     """
     start = time.perf_counter()
     calibration = _check_calibration(calibration, norm)
+    _check_replan(replan, rank_rule, calibration)
     if implementation not in sd.latency.MODES:
         raise ValueError(f"implementation must be one of {sd.latency.MODES}; got {implementation!r}")
     model = sd.models.pretrained_resnet(resnet_depth(arch), weights)
@@ -494,29 +500,24 @@ def compress_pretrained(
         ratio, ranks, skip = None, selection, selection.is_dense
     elif budget is not None:
         ratio = sd.surgery.Budget.parse(budget).ratio
-    chosen = sd.latency.choose_implementations(
-        model, sd.plan(model, format=format, ratio=ratio, ranks=ranks, skip=skip, input_shape=_INPUT_SHAPE),
-        mode=implementation, batch_size=deploy_batch)
-    slow = tuple(path for path, _ in chosen.left_dense)
-    if selection is not None:  # the selection's dense layers, and those the latency check keeps dense
-        ranks = {p: r for p, r in selection.items() if p not in slow}
-        skip = lambda path: path not in ranks  # noqa: E731
-    else:
-        skip = skip + slow
-    if calibration == "sequential":
+    if replan:  # ranks decided during the pass; implementations chosen for the layers it compressed
         result = sd.calibration.compress_sequential(
-            model, calib_images, format=format, ratio=ratio, ranks=ranks, skip=skip, key=solve_key,
-            max_steps=max_steps, bias_correction=bias_correction, batch_size=batch_size,
-            progress=progress)
+            model, calib_images, format=format, replan=selection.replanner(), key=solve_key, max_steps=max_steps,
+            bias_correction=bias_correction, batch_size=batch_size, progress=progress)
+        chosen = _implementations_after(model, result.plan, implementation, deploy_batch)
     else:
-        result = compress_model(model, calib_images, format=format, norm=norm, ratio=ratio, ranks=ranks,
-                                skip=skip, key=solve_key, max_steps=max_steps,
-                                batch_size=batch_size, progress=progress)
-        if bias_correction:
-            corrected = sd.calibration.correct_bias(model, result.model, calib_images,
-                                                    plan=result.plan, batch_size=batch_size,
-                                                    progress=progress)
-            result = dataclasses.replace(result, model=corrected)
+        chosen = sd.latency.choose_implementations(
+            model, sd.plan(model, format=format, ratio=ratio, ranks=ranks, skip=skip, input_shape=_INPUT_SHAPE),
+            mode=implementation, batch_size=deploy_batch)
+        slow = tuple(path for path, _ in chosen.left_dense)
+        if selection is not None:  # the selection's dense layers, and those the latency check keeps dense
+            ranks = {p: r for p, r in selection.items() if p not in slow}
+            skip = lambda path: path not in ranks  # noqa: E731
+        else:
+            skip = skip + slow
+        result = _compress_fixed(model, calib_images, calibration=calibration, format=format, norm=norm,
+                                 ratio=ratio, ranks=ranks, skip=skip, key=solve_key, max_steps=max_steps,
+                                 bias_correction=bias_correction, batch_size=batch_size, progress=progress)
     result = _with_implementations(result, chosen)
     test_images = sd.data.cifar10_normalize(test_images)
     result, tuned = _maybe_finetune(model, result, test_images, test_labels, epochs=finetune_epochs,
@@ -530,7 +531,7 @@ def compress_pretrained(
                   eval_data=str(eval_dir or data_dir), format=format, norm=norm, ratio=ratio,
                   calib=calib, key=key, max_steps=max_steps, skip_first=skip_first,
                   calibration=calibration, bias_correction=bias_correction, rank_rule=rank_rule,
-                  budget=budget, tau=tau,
+                  budget=budget, tau=tau, replan=replan,
                   finetune_lr=finetune_lr, finetune_data=str(finetune_data or data_dir),
                   save=None if save_dir is None else str(save_dir), implementation=implementation,
                   deploy_batch=deploy_batch)
@@ -539,6 +540,8 @@ def compress_pretrained(
     layers = [dict(dataclasses.asdict(layer), in_model_relative_error=in_model.get(layer.path),
                    **how.get(layer.path, {})) for layer in result.layers]
     extra = {}
+    if result.replan is not None:
+        extra["replan"] = result.replan
     if selection is not None:
         extra["rank_selection"] = selection.to_dict()
         picked = {c.path: c for c in selection.layers}
@@ -552,6 +555,40 @@ def compress_pretrained(
                 mean_relative_error=result.mean_relative_error,
                 num_eval_images=int(len(test_labels)), decompose_seconds=result.seconds,
                 seconds=time.perf_counter() - start, config=config, layers=layers)
+
+
+def _compress_fixed(model, calib_images, *, calibration, format, norm, ratio, ranks, skip, key, max_steps,
+                    bias_correction, batch_size, progress) -> Compressed:
+    """Compress with ranks decided beforehand, sequential or parallel (+ bias correction)."""
+    if calibration == "sequential":
+        return sd.calibration.compress_sequential(
+            model, calib_images, format=format, ratio=ratio, ranks=ranks, skip=skip, key=key,
+            max_steps=max_steps, bias_correction=bias_correction, batch_size=batch_size,
+            progress=progress)
+    result = compress_model(model, calib_images, format=format, norm=norm, ratio=ratio, ranks=ranks,
+                            skip=skip, key=key, max_steps=max_steps, batch_size=batch_size, progress=progress)
+    if bias_correction:
+        corrected = sd.calibration.correct_bias(model, result.model, calib_images, plan=result.plan,
+                                                batch_size=batch_size, progress=progress)
+        result = dataclasses.replace(result, model=corrected)
+    return result
+
+
+def _check_replan(replan: bool, rank_rule: str, calibration: str) -> None:
+    if replan and (rank_rule != "global" or calibration != "sequential"):
+        raise ValueError(f"replan re-solves a global rank selection during sequential calibration: use it with "
+                         f"rank_rule='global' and calibration='sequential' (got {rank_rule!r}, {calibration!r})")
+
+
+def _implementations_after(model, plan, implementation: str, deploy_batch: int):
+    """Implementations for layers already compressed: one that is neither faster nor smaller
+    factorized runs with its kernel rebuilt from the factors (it cannot be left out any more)."""
+    chosen = sd.latency.choose_implementations(model, plan, mode=implementation, batch_size=deploy_batch)
+    slow = dict(chosen.left_dense)
+    done = {e.path: e for e in chosen.entries}
+    entries = tuple(done.get(e.path) or dataclasses.replace(e, implementation="dense", reason=slow[e.path])
+                    for e in plan.entries)
+    return dataclasses.replace(chosen, entries=entries, left_dense=())
 
 
 def _select(model, calib_images, *, format, norm, rule, budget, tau, skip, key, batch_size, progress):

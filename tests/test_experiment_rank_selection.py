@@ -23,7 +23,7 @@ def test_smoke_runs_records_and_resumes(data_dir, tmp_path):
     proc = run("--data", str(data_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = {r["rule"]: r for r in json.loads((tmp_path / "results.json").read_text())["runs"]}
-    assert set(runs) == {"uniform", "global", "vbmf"}
+    assert set(runs) == {"uniform", "global", "vbmf", "global_replan"}
     for r in runs.values():
         assert 0 <= r["accuracy"] <= 1 and r["baseline_accuracy"] > 0.8
         assert len(r["layers"]) == 18 and r["loadavg"] and r["date"]
@@ -34,6 +34,9 @@ def test_smoke_runs_records_and_resumes(data_dir, tmp_path):
     for layer in glob["layers"]:  # parallel SVD-Σ: the measured error is the closed-form prediction
         if layer["ranks"] is not None:
             assert layer["measured_error"] == pytest.approx(layer["predicted_error"], rel=1e-3, abs=1e-6)
+    replan = runs["global_replan"]
+    assert replan["achieved_params"] <= 0.5 and replan["replan"]["achieved_params"] == replan["achieved_params"]
+    assert all("upfront_ranks" in layer for layer in replan["layers"])
     assert "| ResNet-20 | parallel | svd | params=0.5 | global |" in proc.stdout
     assert (tmp_path / "figure.png").stat().st_size > 0
     again = run("--data", str(tmp_path / "missing"))  # nothing left to do: no data needed

@@ -282,3 +282,103 @@ def test_cli_global_rule_writes_the_selection(data_dir, tmp_path):
     assert sel["rule"] == "global" and sel["achieved_flops"] <= 0.5
     assert report["config"]["budget"] == "flops=0.5"
     assert all("predicted_error" in layer and layer["sensitivity"] > 0 for layer in report["layers"])
+
+
+# ----------------------------------------------------------------------------- re-planning
+
+
+def _replanned(small_net, sel, key=0):
+    from sigmadecomp.calibration import compress_sequential
+
+    net, images, _ = small_net
+    return compress_sequential(net, images, format=sel.layers[0].format, key=jax.random.key(key),
+                               replan=sel.replanner(window=1), progress=False)  # 3 fits a layer: fast
+
+
+def test_replanned_ranks_fit_the_budget_are_valid_and_deterministic(small_net):
+    net, _, _ = small_net
+    sel = _select(small_net, format="svd", rule="global", budget="params=0.4")
+    out = _replanned(small_net, sel)
+    report = out.replan
+    assert report["achieved_params"] <= 0.4 and report["budget"] == {"kind": "params", "ratio": 0.4}
+    assert [r["path"] for r in report["layers"]] == [c.path for c in sel.layers]
+    used = {r["path"]: r["used"] for r in report["layers"]}
+    assert {layer.path: [layer.rank] for layer in out.layers} == {p: r for p, r in used.items() if r is not None}
+    assert all(r["replanned"] == r["used"] and "upfront" in r for r in report["layers"])
+    params = sum(e.params_after for e in out.plan.entries) + sum(
+        c.params_before for c in sel.layers if used[c.path] is None)
+    assert params == pytest.approx(report["achieved_params"] * sum(c.params_before for c in sel.layers))
+    sd.plan(net, format="svd", ranks={e.path: e.ranks for e in out.plan.entries},
+            skip=lambda p: p not in used or used[p] is None)  # valid ranks of each layer
+    assert _replanned(small_net, sel).replan == report  # deterministic for a fixed key
+
+
+def test_replanning_the_first_layer_repeats_the_upfront_choice(small_net):
+    # Nothing upstream has changed at the first layer: given the predicted errors as its measured
+    # ones, the re-solve is the up-front knapsack. Under SVD-Σ the real fit measures exactly them.
+    for fmt in ("svd", "tucker2"):
+        sel = _select(small_net, format=fmt, rule="global", budget="params=0.4")
+        first = sel.candidates[0]
+        replanner = sel.replanner()
+        same = dict(zip(first.options, first.errors))
+        assert replanner.ranks_for(first.path, None, lambda r, _: same[r]) == first.options[first.pick]
+    sel = _select(small_net, format="svd", rule="global", budget="params=0.4")
+    out, first = _replanned(small_net, sel), sel.candidates[0]
+    record = out.replan["layers"][0]
+    candidates = {str(None if o is None else list(o)): e for o, e in zip(first.options, first.errors)}
+    assert record["drift"] == pytest.approx(0.0, abs=1e-9)
+    for ranks, error in record["measured"].items():
+        assert error == pytest.approx(candidates[ranks], rel=1e-4, abs=1e-7)
+    assert record["replanned"] == record["upfront"]
+
+
+def test_replan_rejects_bad_input(small_net):
+    from sigmadecomp.calibration import compress_sequential
+
+    net, images, _ = small_net
+    with pytest.raises(ValueError, match="rule='global'"):
+        _select(small_net, format="svd", rule="uniform", budget="params=0.5").replanner()
+    sel = _select(small_net, format="svd", rule="global", budget="params=0.5")
+    with pytest.raises(ValueError, match="window"):
+        sel.replanner(window=-1)
+    for kw, needle in (({"ratio": 0.5}, "leave out ratio="), ({"format": "tucker2"}, "format 'svd'")):
+        with pytest.raises(ValueError, match=needle):
+            compress_sequential(net, images, key=jax.random.key(0), replan=sel.replanner(),
+                                **{"format": "svd", **kw})
+    with pytest.raises(ValueError, match="replanner"):
+        compress_sequential(net, images, format="svd", key=jax.random.key(0), replan=object())
+
+
+@pytest.mark.parametrize("argv, needle", [(["--replan"], "--rank-rule global"),
+                                          (["--replan", "--rank-rule", "global", "--budget", "params=0.5",
+                                            "--calibration", "parallel"], "--calibration sequential")])
+def test_cli_replan_errors_are_clear(tmp_path, capsys, argv, needle):
+    from sigmadecomp.cli import main
+
+    base = ["compress", "--arch", "resnet20", "--weights", str(tmp_path / "w"), "--data", str(tmp_path)]
+    assert main(base + argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and needle in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_cli_replan_end_to_end_on_a_tiny_resnet(tmp_path):
+    from safetensors.numpy import save_file
+    from test_hardening import _random_torch_state_dict, _write_cifar
+
+    from sigmadecomp.cli import main
+    from sigmadecomp.models import CifarResNet
+
+    save_file(_random_torch_state_dict(nnx.eval_shape(lambda: CifarResNet(8, rngs=nnx.Rngs(0)))),
+              str(tmp_path / "w.safetensors"))
+    out = tmp_path / "r.json"
+    code = main(["compress", "--arch", "resnet8", "--weights", str(tmp_path / "w.safetensors"),
+                 "--data", str(_write_cifar(tmp_path / "cifar")), "--format", "svd", "--rank-rule", "global",
+                 "--budget", "params=0.5", "--replan", "--calib", "16", "--batch-size", "16",
+                 "--implementation", "factorized", "--latency-repeats", "0", "--json", str(out), "--no-progress"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["replan"] is True and report["config"]["calibration"] == "sequential"
+    replan = report["replan"]
+    assert replan["achieved_params"] <= 0.5 and len(replan["layers"]) == len(report["rank_selection"]["layers"])
+    assert {layer["path"] for layer in report["layers"]} == {r["path"] for r in replan["layers"] if r["used"]}

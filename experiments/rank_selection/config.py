@@ -2,7 +2,9 @@
 
 A run is one (arch, format, norm, calibration, rule, budget). ``budget`` is ``"params=R"`` /
 ``"flops=R"`` relative to the compressed layers' dense counts, or ``"none"`` for ``vbmf`` (which
-has no knob). ``global_linear`` is ``global`` with ``damage="linear"`` (the ablation). Runs are listed in priority order: an interrupted run still covers the most
+has no knob). ``global_linear`` is ``global`` with ``damage="linear"`` (the ablation);
+``global_replan`` is ``global`` re-solved stage by stage during the sequential pass
+(:class:`sigmadecomp.surgery.Replanner`, ``replan_window`` / ``proxy_sweeps``). Runs are listed in priority order: an interrupted run still covers the most
 important comparisons (Tucker-2 and SVD, uniform vs global at 0.33 and 0.5) first.
 """
 
@@ -20,7 +22,8 @@ class Config:
     compress_seed: int = 0
     max_steps: int = 10  # ALS sweeps per layer (SVD is closed form)
     grid: tuple = (0.03, 0.05, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.35, 0.42, 0.5, 0.6, 0.7, 0.8, 0.9)
-    proxy_sweeps: int = 3  # ALS sweeps per grid point for the CP damage proxy
+    proxy_sweeps: int = 3  # ALS sweeps per grid point for the CP damage proxy (and per re-planning fit)
+    replan_window: int = 2  # global_replan: hull neighbours fitted on each side of the up-front pick
     # Ratios at which CP's ε is measured by sweeps (every distinct rank compiles a solver: few points).
     sweep_grid: tuple = (0.08, 0.16, 0.25, 0.35, 0.5, 0.7)
     skip: tuple = ("conv1", "linear")
@@ -41,6 +44,8 @@ _PRIORITY = (
     + _block(("tucker2", "svd", "cp"), ("uniform", "global"), ("flops=0.33", "params=0.15"))
     # Tucker-2's damage curves from sweeps instead of the HOSVD proxy (proxy="sweeps")
     + _block(("tucker2",), ("global_sweeps",), ("params=0.5", "params=0.33", "flops=0.5"))
+    # the global selection re-planned stage by stage inside the sequential pass (Replanner)
+    + _block(("tucker2", "svd"), ("global_replan",), ("params=0.5", "params=0.33"))
     + _block(("tucker2", "svd"), ("uniform", "global"), ("params=0.5",), norm="frobenius", calibration="parallel")
     + _block(("tucker2", "svd", "cp"), ("uniform", "global"), ("params=0.33", "params=0.5"), arch=32)
 )
@@ -48,14 +53,16 @@ _PRIORITY = (
 FULL = Config(runs=tuple(dict.fromkeys(_PRIORITY)))
 
 # For CI: ResNet-20, SVD (closed form, the least compilation), parallel calibration (sequential
-# compiles once per layer), three rules, a few images.
+# compiles once per layer), three rules, a few images; one sequential re-planned run.
 SMOKE = Config(
     runs=(
         (20, "svd", "sigma", "parallel", "uniform", "params=0.5"),
         (20, "svd", "sigma", "parallel", "global", "params=0.5"),
         (20, "svd", "sigma", "parallel", "vbmf", "none"),
+        (20, "svd", "sigma", "sequential", "global_replan", "params=0.5"),  # the re-planning path
     ),
     calib_images=32,
     test_images=64,
     max_steps=2,
+    replan_window=1,
 )

@@ -99,7 +99,13 @@ def measure(arch: Arch, key, test, config) -> dict:
     select_seconds = time.perf_counter() - start
     common = dict(format=fmt, ranks=sel, skip=sel.is_dense, key=jax.random.key(config.compress_seed),
                   max_steps=config.max_steps, batch_size=config.batch_size, progress=False)
-    if calibration == "sequential":
+    if rule == "global_replan":  # the pass re-solves the selection layer by layer: no ranks/skip up front
+        if calibration != "sequential":
+            raise ValueError(f"{key}: global_replan re-plans during sequential calibration only")
+        common = {k: v for k, v in common.items() if k not in ("ranks", "skip")}
+        result = seqcal.compress_sequential(arch.model, arch.calib, **common, replan=sel.replanner(
+            window=config.replan_window, sweeps=config.proxy_sweeps))
+    elif calibration == "sequential":
         result = seqcal.compress_sequential(arch.model, arch.calib, **common)
     else:
         result = compress.compress_model(arch.model, norm=norm, covariances=arch.covariances,
@@ -108,15 +114,21 @@ def measure(arch: Arch, key, test, config) -> dict:
     p = result.plan
     measured = {layer.path: layer.relative_error for layer in result.layers}
     params = compress.count_params(result.model)
+    replan = result.replan or {}
+    used = {r["path"]: r.get("used") for r in replan.get("layers", [])}
     return dict(
         zip(KEY_FIELDS, key), **scores,
-        achieved_params=sel.achieved("params"), achieved_flops=sel.achieved("flops"),
+        achieved_params=replan.get("achieved_params", sel.achieved("params")),
+        achieved_flops=replan.get("achieved_flops", sel.achieved("flops")),
         params=params, baseline_params=arch.params, params_ratio=params / arch.params,
         macs_ratio=(arch.macs - p.flops_before + p.flops_after) / arch.macs,
         predicted_damage=sel.predicted_damage,
-        layers=[dict(path=c.path, ranks=None if c.ranks is None else list(c.ranks),
+        layers=[dict(path=c.path, ranks=used[c.path] if replan else None if c.ranks is None else list(c.ranks),
                      predicted_error=c.predicted_error, sensitivity=c.sensitivity,
-                     measured_error=measured.get(c.path)) for c in sel.layers],
+                     measured_error=measured.get(c.path),
+                     **({"upfront_ranks": None if c.ranks is None else list(c.ranks)} if replan else {}))
+                for c in sel.layers],
+        **({"replan": replan} if replan else {}),
         select_seconds=round(select_seconds, 2), seconds=round(time.perf_counter() - start, 2),
         calib_images=config.calib_images, test_images=len(test[1]), max_steps=config.max_steps,
         loadavg=list(os.getloadavg()), date=datetime.datetime.now().isoformat(timespec="seconds"),
@@ -187,6 +199,23 @@ def versus(results) -> str:
     return "\n".join(lines)
 
 
+def replan_versus(results) -> str:
+    """global_replan − global at the same budget (sequential Σ): re-planned stage by stage or not."""
+    by = {run_key(r): r for r in results["runs"]}
+    lines = ["| model | format | budget | global | global_replan | replan − global (points) | achieved params g / r "
+             "| layers re-ranked | seconds g / r |", "|---|---|---|---|---|---|---|---|---|"]
+    for key, r in sorted(by.items()):
+        g = by.get(key[:4] + ("global", key[5]))
+        if key[4] != "global_replan" or g is None:
+            continue
+        moved = sum(layer["ranks"] != layer.get("upfront_ranks") for layer in r["layers"])
+        lines.append(f"| ResNet-{key[0]} | {key[1]} | {key[5]} | {100 * g['accuracy']:.1f} | {100 * r['accuracy']:.1f} | "
+                     f"{100 * (r['accuracy'] - g['accuracy']):+.1f} | {g['achieved_params']:.3f} / "
+                     f"{r['achieved_params']:.3f} | {moved} of {len(r['layers'])} | {g['seconds']:.0f} / "
+                     f"{r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def targets(results) -> str:
     """The issue's targets (ResNet-20, Σ sequential, rule global), each met / missed / not measured."""
     by = {run_key(r): r for r in results["runs"]}
@@ -247,7 +276,8 @@ def figure(results, path) -> None:
     if not runs:
         return
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
-    markers = {"uniform": "o", "energy": "s", "vbmf": "^", "global": "*", "global_linear": "x", "global_sweeps": "P"}
+    markers = {"uniform": "o", "energy": "s", "vbmf": "^", "global": "*", "global_linear": "x", "global_sweeps": "P",
+               "global_replan": "D"}
     for ax, fmt in zip(axes, ("svd", "tucker2", "cp")):
         for rule, marker in markers.items():
             pts = sorted((r["params_ratio"], 100 * r["accuracy"]) for r in runs
@@ -282,6 +312,8 @@ def main(argv=None):
     print(table(results))
     print()
     print(versus(results))
+    print()
+    print(replan_versus(results))
     print()
     print(targets(results))
     print()

@@ -38,6 +38,7 @@ from sigmadecomp.calibration._bias import apply_shift, bias_sites, output_shift
 from sigmadecomp.compress import Compressed, LayerReport, checked_fit, history_increase, solver_for
 from sigmadecomp.covariance._collect import layer_tap
 from sigmadecomp.layers._config import canonical_convs
+from sigmadecomp.layers._counts import count_format
 from sigmadecomp.surgery._plan import Plan
 from sigmadecomp.surgery._tap import input_spec
 
@@ -151,6 +152,25 @@ def _fit(kernel, entry, stats, *, same, key, max_steps):
     return sd.decompose(kernel, solver_for(entry, max_steps=max_steps), key=key, **moments)
 
 
+def _with_ranks(entry, ranks):
+    """``entry`` at other ranks of its format, with the counts that go with them."""
+    c = count_format(entry.format, entry.kernel_shape, tuple(ranks), groups=entry.groups, bias=entry.use_bias,
+                     in_spatial=entry.in_spatial, out_spatial=entry.out_spatial)
+    return dataclasses.replace(entry, ranks=tuple(int(r) for r in ranks), params_after=c.params,
+                               flops_after=None if entry.flops_before is None else c.flops)
+
+
+def _measuring_fit(kernel, entry, stats, *, same, key):
+    """``fit(ranks, sweeps)`` for a replanner: the relative output error of the layer fitted at
+    ``ranks`` (``None``: the dense kernel, i.e. the drift of its input alone)."""
+    def fit(ranks, sweeps):
+        if ranks is None:
+            return relative_output_error(kernel, kernel, stats, same=same)
+        solution = _fit(kernel, _with_ranks(entry, ranks), stats, same=same, key=key, max_steps=sweeps)
+        return relative_output_error(kernel, to_dense(solution.value), stats, same=same)
+    return fit
+
+
 def _report(entry, solution, error: float) -> LayerReport:
     return LayerReport(
         path=entry.path, format=entry.format,
@@ -185,6 +205,7 @@ def compress_sequential(
     batch_size: int = 256,
     progress: bool = True,
     cache_activations: bool = True,
+    replan=None,
 ) -> Compressed:
     """Compress ``model`` layer by layer in forward execution order, each layer fitted (Σ-norm) to
     the inputs it sees in the partially compressed network: ``min E‖W x − W̃ x̂‖²``.
@@ -203,6 +224,14 @@ def compress_sequential(
         cache_activations: advance cached activations of both networks stage by stage (default;
             :func:`forward_stages` — CifarResNet and models with ``forward_stages()``; other models
             get one stage). ``False`` runs both networks from the input for every layer.
+        replan: instead of ``ratio``/``ranks``/``skip``: an object with ``paths`` (the layers to
+            compress), ``ranks_for(path, stats, fit) -> ranks | None`` (asked when the pass
+            reaches a layer; ``fit(ranks, sweeps)`` returns the layer's relative output error
+            fitted at ``ranks`` with ``sweeps`` sweeps, ``fit(None, 0)`` that of keeping it dense),
+            ``settle(path, ranks)`` (told the ranks used, ``None``: dense) and ``report()``
+            (stored as the result's ``replan``): e.g. ``selection.replanner()``
+            (:class:`sigmadecomp.surgery.Replanner`) re-solves a ``global`` rank selection
+            stage by stage. A layer it keeps dense is listed in ``kept_dense``.
 
     Returns:
         A :class:`sigmadecomp.compress.Compressed` (reports in plan order). Each report's
@@ -222,6 +251,9 @@ def compress_sequential(
     """
     start = time.perf_counter()
     model = canonical_convs(model)  # one normalised conv configuration for every jitted stage
+    if replan is not None:
+        _check_replan(replan, format, ratio, ranks, skip)
+        ratio, skip = 1.0, (lambda path: path not in replan.paths)  # entries re-ranked layer by layer
     layer_plan = sd.plan(model, format=format, ratio=ratio, ranks=ranks, skip=skip,
                          input_shape=(1, *np.shape(calib_images)[1:]))
     if len(layer_plan) == 0:
@@ -231,13 +263,22 @@ def compress_sequential(
                          cache_activations=cache_activations)
     sites = schedule.sites(model, layer_plan.paths) if bias_correction else {}
     keys = dict(zip(layer_plan.paths, jax.random.split(key, len(layer_plan))))
-    reports, replaced, kept = {}, [], []
+    reports, replaced, kept, entries = {}, [], [], {e.path: e for e in layer_plan.entries}
 
     def on_layer(compressed, path, stats):
         entry, kernel = layer_plan[path], get_by_path(model, path).kernel[...]
         same = not replaced or _same_inputs(stats)
+        if replan is not None:
+            chosen = replan.ranks_for(path, stats, _measuring_fit(kernel, entry, stats, same=same, key=keys[path]))
+            if chosen is None:
+                replan.settle(path, None)
+                kept.append(dict(path=path, status="REPLANNED_DENSE", reason="re-planning kept it dense"))
+                return compressed
+            entry = entries[path] = _with_ranks(entry, chosen)
         solution, dense = checked_fit(path, lambda: _fit(kernel, entry, stats, same=same, key=keys[path],
                                                           max_steps=max_steps))
+        if replan is not None:
+            replan.settle(path, None if dense is not None else entry.ranks)
         if dense is not None:  # stays dense; later layers see this layer's true output
             kept.append(dense)
             return compressed
@@ -254,8 +295,20 @@ def compress_sequential(
     compressed = _walk(schedule, model, nnx.clone(model), set(layer_plan.paths), on_layer,
                        progress=progress, desc=f"{format}/sequential", gram=False)
     layers = tuple(reports[p] for p in layer_plan.paths if p in reports)
-    used = Plan(tuple(e for e in layer_plan.entries if e.path in reports), layer_plan.input_shape)
-    return Compressed(compressed, used, layers, time.perf_counter() - start, tuple(kept))
+    used = Plan(tuple(entries[p] for p in layer_plan.paths if p in reports), layer_plan.input_shape)
+    return Compressed(compressed, used, layers, time.perf_counter() - start, tuple(kept),
+                      None if replan is None else replan.report())
+
+
+def _check_replan(replan, format, ratio, ranks, skip) -> None:
+    missing = [m for m in ("paths", "ranks_for", "settle", "report") if not hasattr(replan, m)]
+    if missing:
+        raise ValueError(f"replan must be a replanner (e.g. selection.replanner()); {type(replan).__name__} "
+                         f"has no {missing}")
+    if ratio is not None or ranks is not None or skip not in ((), None):
+        raise ValueError("replan chooses the ranks and the layers: leave out ratio=, ranks= and skip=")
+    if getattr(replan, "format", format) != format:
+        raise ValueError(f"the replanner's selection is for format {replan.format!r}, not {format!r}")
 
 
 def correct_bias(

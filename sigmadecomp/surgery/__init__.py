@@ -16,7 +16,9 @@ Typical use (``factors`` maps each planned path to its factorized kernel, e.g. f
 * :func:`select_ranks` / :class:`RankSelection` — ranks by rule (``uniform``, ``energy``,
   ``vbmf``, ``global`` under one params/FLOPs :class:`Budget`): ``plan(model, format=f,
   ranks=sel, skip=sel.is_dense)``; building blocks :func:`evbmf`, :func:`energy_rank`,
-  :func:`whitened_spectrum`, :func:`damage_curves`, :func:`layer_sensitivities`, :func:`allocate`.
+  :func:`whitened_spectrum`, :func:`damage_curves`, :func:`layer_sensitivities`, :func:`allocate`;
+  :class:`Replanner` (``selection.replanner()``) re-solves a ``global`` selection stage by stage
+  inside ``compress_sequential(..., replan=...)``.
 * :func:`apply` — a compressed copy with factorized layers (:mod:`sigmadecomp.layers`).
 * :func:`verify` / :class:`Report` — per-layer relative Σ-error on real inputs, end-to-end output
   error and top-1 agreement, parameters and measured MACs.
@@ -27,6 +29,7 @@ from sigmadecomp.surgery._allocate import (
     RANK_RULES, Budget, LayerChoice, RankSelection, allocate, damage_curves, layer_sensitivities, select_ranks,
 )
 from sigmadecomp.surgery._apply import apply
+from sigmadecomp.surgery._replan import Replanner
 from sigmadecomp.surgery._io import FILE_VERSION, load, save
 from sigmadecomp.surgery._plan import FORMAT_NAMES, PLAN_VERSION, Plan, PlanEntry, plan
 from sigmadecomp.surgery._ranks import (
@@ -42,6 +45,7 @@ __all__ = [
     "Budget",
     "LayerChoice",
     "RankSelection",
+    "Replanner",
     "VBMFResult",
     "allocate",
     "damage_curves",

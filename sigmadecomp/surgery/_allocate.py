@@ -49,6 +49,7 @@ from sigmadecomp.layers._counts import count_format
 from sigmadecomp.surgery import _rank_rules as rr
 from sigmadecomp.surgery._plan import PlanEntry, plan
 from sigmadecomp.surgery._ranks import rank_for_ratio, svd_rank_for_ratio
+from sigmadecomp.surgery._replan import LayerCandidates, Replanner
 from sigmadecomp.surgery._tap import input_spec, intercept
 
 __all__ = ["RANK_RULES", "Budget", "LayerChoice", "RankSelection", "allocate", "damage_curves", "layer_sensitivities",
@@ -121,6 +122,8 @@ class RankSelection(Mapping):
     layers: tuple
     options: dict
     seconds: float
+    # rule "global": every layer's options, predicted errors and counts (for re-planning)
+    candidates: tuple = dataclasses.field(default=(), compare=False, repr=False)
 
     def __getitem__(self, path):
         for layer in self.layers:
@@ -157,6 +160,11 @@ class RankSelection(Mapping):
         if not terms or any(s is None or e is None for s, e in terms):
             return None
         return float(sum(s * e for s, e in terms))
+
+    def replanner(self, *, window: int = 2, sweeps: int = 3):
+        """A :class:`sigmadecomp.surgery.Replanner` that re-solves this ``global`` selection
+        stage by stage inside ``compress_sequential(..., replan=...)`` (see its docstring)."""
+        return Replanner(self, window=window, sweeps=sweeps)
 
     def to_dict(self) -> dict:
         return dict(rule=self.rule, budget=None if self.budget is None else dataclasses.asdict(self.budget),
@@ -582,7 +590,7 @@ def select_ranks(
               for e in base.entries]
     _check_groups(layers)
     options = dict(norm=norm, tau=tau, proxy=proxy, relative_noise=relative_noise)
-    sensitivity = None
+    sensitivity, tables = None, ()
     if rule == "global":
         if images is None or key is None:
             raise ValueError("rule 'global' measures sensitivities: give images= and key=")
@@ -596,8 +604,8 @@ def select_ranks(
                 progress=progress)
         sensitivity = cache["sensitivity", relative_noise]
         curves = cache["curves"] if damage == "curve" else None
-        ranks, errors = _global(layers, sensitivity, curves, budget, proxy, tuple(grid), sweeps, key, progress,
-                                cache)
+        ranks, errors, tables = _global(layers, sensitivity, curves, budget, proxy, tuple(grid), sweeps, key,
+                                        progress, cache)
         options.update(grid=list(grid), sweeps=sweeps, damage=damage)
     else:
         ranks = _rule_ranks(rule, layers, budget, tau)
@@ -605,7 +613,7 @@ def select_ranks(
         sensitivity = cache.get(("sensitivity", relative_noise))  # measured by an earlier global call
     curves = cache.get("curves") if damage == "curve" else None  # measured by this or an earlier global call
     choices = tuple(_choice(layer, r, err, sensitivity, curves) for layer, r, err in zip(layers, ranks, errors))
-    return RankSelection(rule, budget, choices, options, time.perf_counter() - start)
+    return RankSelection(rule, budget, choices, options, time.perf_counter() - start, tables)
 
 
 def _check_select(rule, norm, proxy, tau) -> None:
@@ -658,7 +666,7 @@ def _rule_ranks(rule: str, layers: list, budget: Budget | None, tau) -> list:
     return _largest_fitting(energy, layers, budget, total, 1e-6, 1.0, "energy")
 
 
-def _global(layers, sensitivity, curves, budget, proxy, grid, sweeps, key, progress, cache) -> tuple[list, list]:
+def _global(layers, sensitivity, curves, budget, proxy, grid, sweeps, key, progress, cache) -> tuple[list, list, tuple]:
     costs, damages, options, errors = [], [], [], []
     keys = jax.random.split(jax.random.fold_in(key, 1), len(layers))
     for layer, layer_key in zip(tqdm(layers, desc="candidates", disable=not progress, leave=False), keys):
@@ -673,7 +681,16 @@ def _global(layers, sensitivity, curves, budget, proxy, grid, sweeps, key, progr
         damages.append(s * errors[-1] if curves is None else np.interp(errors[-1], *curves[layer.entry.path]))
     total = sum(c[0] for c in costs)
     picks = allocate(costs, damages, budget.ratio * total)
-    return [o[j] for o, j in zip(options, picks)], [float(e[j]) for e, j in zip(errors, picks)]
+    tables = tuple(_table(layer, o, e, sensitivity, curves, j) for layer, o, e, j in zip(layers, options, errors, picks))
+    return [o[j] for o, j in zip(options, picks)], [float(e[j]) for e, j in zip(errors, picks)], tables
+
+
+def _table(layer: _Layer, options, errors, sensitivity, curves, pick) -> LayerCandidates:
+    path = layer.entry.path
+    counts = [layer.counts(r) for r in options]
+    flops = None if layer.entry.flops_before is None else np.array([f for _, f in counts], np.float64)
+    return LayerCandidates(path, tuple(options), errors, np.array([p for p, _ in counts], np.float64), flops,
+                           None if curves is None else curves[path], float(sensitivity[path]), int(pick))
 
 
 def _candidates(layer: _Layer, proxy, grid, sweeps, key) -> list:
