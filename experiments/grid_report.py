@@ -329,11 +329,14 @@ architecture matters); every GPU distillation of that (format, rate) then trains
 that throughput images, i.e. the same optimisation the 2-core CPU would do in 10 minutes. A 5%
 cell that found only the 10% number used it (column "budget's CPU rate from"; the next column
 gives the CPU seconds at the rate measured later for its own rate). The GPU seconds are recorded
-beside each run.
+beside each run. Runs on the development CPU (`experiments/finetune/main.py --cpu-budget`) train on
+the same image count; their wall time there is recorded (column "device" gives the load) but is
+not the budget: the development CPU is slower than the device's pinned cores and was shared with
+other jobs. A reshaped format (r-cp, …) uses its plain format's measured rate.
 
 ## Distilled accuracy, TNN-seed layout (dev test set, 512 images)
 
-Rows of our runs use the recipe below (learning rate {LEARNING_RATE}, KL only); `–`: not run.
+One distilled row per recipe (section "Recipe"); `–`: not run.
 Dense ResNet-32: {pct(runs[0]['baseline_accuracy']) if runs else '–'}%.
 
 {tnn_table(runs, ftm) if runs else '_No budgeted run yet._'}

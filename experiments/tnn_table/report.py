@@ -44,16 +44,38 @@ def _key(r) -> tuple:
 def _recipe(r) -> tuple:
     """(steps, batch, lr, feature β, optimizer) of a distilled cell; one table row per recipe."""
     return (r["distill_steps"], r.get("batch_size", 64), r.get("learning_rate", 0.002), r.get("feature_weight", 0.0),
-            r.get("optimizer", "sgd"), r.get("mix", "none"))
+            r.get("optimizer", "sgd"), r.get("mix", "none"), r.get("label_weight", 0.0))
 
 
 def _recipe_text(recipe) -> str:
-    steps, batch, lr, beta, opt, mix = recipe
+    steps, batch, lr, beta, opt, mix, ce = recipe
     return (f"{steps} steps × batch {batch} ({steps * batch} images), {opt} lr {lr}"
-            + (f", features β {beta}" if beta else "") + (f", {mix}" if mix != "none" else ""))
+            + (f", features β {beta}" if beta else "") + (f", {mix}" if mix != "none" else "")
+            + (f", CE {ce}" if ce else ""))
 
 
 errors: list = []  # cells that raised (listed in the report, left out of the tables)
+
+
+def from_finetune(path: pathlib.Path) -> list:
+    """The ResNet-32 Σ-sequential runs of ``experiments/finetune`` distilled with issue 13's
+    10-CPU-minute image budget, as cells of this table (one distillation pipeline for both)."""
+    if not path.is_file():
+        return []
+    cells = []
+    for r in json.loads(path.read_text())["runs"]:
+        if r["arch"] != 32 or r["init"] != "sigma_seq" or not r.get("cpu_budget"):
+            continue
+        cells.append(dict(
+            arch=32, format=r["format"], ratio=r["ratio"], max_steps=r["max_steps"], distill_steps=r["steps"],
+            batch_size=r["batch_size"], learning_rate=r["learning_rate"], feature_weight=r.get("feature_weight", 0.0),
+            optimizer=r.get("optimizer", "sgd"), mix=r.get("mix", "none"), label_weight=r.get("label_weight", 0.0),
+            conv_param_rate=r["conv_param_rate"], accuracy_dense=r["baseline_accuracy"],
+            accuracy_no_training=r["accuracy_compressed"], accuracy_distilled=r["accuracy_finetuned"],
+            compress_seconds=r.get("compress_seconds") or 0.0, distill_seconds=r["finetune_seconds"],
+            distill="done (experiments/finetune, 10-CPU-minute image budget)", loadavg=r["loadavg"],
+            device=r.get("device", "–"), date=r["date"], test_images=r["test_images"], file=str(path)))
+    return cells
 
 
 def merge(folders) -> list:
@@ -80,7 +102,7 @@ def accuracy_table(cells) -> str:
     head = "| format | row | " + " | ".join(f"{r:.0%}" for r in RATIOS) + " |"
     lines = [head, "|" + "---|" * (2 + len(RATIOS))]
     for f in [f for f in FORMATS if any(r["format"] == f for r in cells) or SEED.get(f)]:
-        mine = {r["ratio"]: r for r in sorted(cells, key=lambda r: r["distill_steps"]) if r["format"] == f}
+        mine = {r["ratio"]: r for r in sorted(cells, key=lambda r: r["distill_steps"] == 0) if r["format"] == f}
         seed = [f"{SEED[f][r]:.2f}" if r in SEED.get(f, {}) else "–" for r in RATIOS]
         lines.append(f"| {f} | TNN seed: full retraining, 50 000 images | " + " | ".join(seed) + " |")
         row = [_pct(mine[r]["accuracy_no_training"]) if r in mine else "–" for r in RATIOS]
@@ -158,8 +180,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", nargs="+", type=pathlib.Path, default=[HERE / "results"], help="folders of results_*.json")
     p.add_argument("--readme", type=pathlib.Path, default=None, help="README whose tables block is rewritten")
+    p.add_argument("--finetune", type=pathlib.Path, default=HERE.parent / "finetune" / "results.json",
+                   help="fine-tuning results whose budgeted ResNet-32 Σ-sequential runs fill the distilled rows")
     args = p.parse_args(argv)
-    text = report(merge(args.out))
+    text = report(merge(args.out) + from_finetune(args.finetune))
     print(text)
     if args.readme is not None:
         readme = args.readme.read_text()
