@@ -326,7 +326,7 @@ def test_replanning_the_first_layer_repeats_the_upfront_choice(small_net):
     out, first = _replanned(small_net, sel), sel.candidates[0]
     record = out.replan["layers"][0]
     candidates = {str(None if o is None else list(o)): e for o, e in zip(first.options, first.errors)}
-    assert record["drift"] == pytest.approx(0.0, abs=1e-9)
+    assert record["floor"] == pytest.approx(0.0, abs=1e-9)
     for ranks, error in record["measured"].items():
         assert error == pytest.approx(candidates[ranks], rel=1e-4, abs=1e-7)
     assert record["replanned"] == record["upfront"]

@@ -30,7 +30,7 @@ import sigmadecomp as sd
 from sigmadecomp import covariance
 from sigmadecomp._factorized import to_dense
 from sigmadecomp._paths import get_by_path
-from sigmadecomp._patches import kernel_to_matrix
+from sigmadecomp._patches import kernel_to_matrix, matrix_to_kernel
 from sigmadecomp.calibration._activations import (
     advance_stage, check_stages, cross_statistics, forward_stages, input_batches, stage_layers, whole_model,
 )
@@ -160,12 +160,25 @@ def _with_ranks(entry, ranks):
                                flops_after=None if entry.flops_before is None else c.flops)
 
 
+def _best_linear_map(kernel, stats, *, same):
+    """``W* = W E[x x̂ᵀ] E[x̂ x̂ᵀ]⁺`` as a kernel: the unconstrained minimiser of
+    ``E‖W x − W' x̂‖²``, whose error is the floor every fit of this layer sits on (0 with the
+    same inputs). On the host in float64: a pseudo-inverse, since ``E[x̂ x̂ᵀ]`` is often singular."""
+    if same:
+        return kernel
+    w = np.asarray(kernel_to_matrix(np.asarray(kernel, np.float64)), np.float64)
+    cross, cov_hat = np.asarray(stats.cross_cov, np.float64), np.asarray(stats.cov_hat, np.float64)
+    best = (w @ cross) @ np.linalg.pinv(cov_hat, rcond=1e-10, hermitian=True)
+    return jnp.asarray(matrix_to_kernel(best, np.shape(kernel)), jnp.asarray(kernel).dtype)
+
+
 def _measuring_fit(kernel, entry, stats, *, same, key):
     """``fit(ranks, sweeps)`` for a replanner: the relative output error of the layer fitted at
-    ``ranks`` (``None``: the dense kernel, i.e. the drift of its input alone)."""
+    ``ranks``; ``fit(None, 0)``: the floor, the error of the best unconstrained linear map (what
+    the input's drift alone costs; 0 when nothing upstream changed)."""
     def fit(ranks, sweeps):
         if ranks is None:
-            return relative_output_error(kernel, kernel, stats, same=same)
+            return relative_output_error(kernel, _best_linear_map(kernel, stats, same=same), stats, same=same)
         solution = _fit(kernel, _with_ranks(entry, ranks), stats, same=same, key=key, max_steps=sweeps)
         return relative_output_error(kernel, to_dense(solution.value), stats, same=same)
     return fit
@@ -227,7 +240,8 @@ def compress_sequential(
         replan: instead of ``ratio``/``ranks``/``skip``: an object with ``paths`` (the layers to
             compress), ``ranks_for(path, stats, fit) -> ranks | None`` (asked when the pass
             reaches a layer; ``fit(ranks, sweeps)`` returns the layer's relative output error
-            fitted at ``ranks`` with ``sweeps`` sweeps, ``fit(None, 0)`` that of keeping it dense),
+            fitted at ``ranks`` with ``sweeps`` sweeps, ``fit(None, 0)`` the floor under every
+            fit: that of the best unconstrained linear map ``W E[x x̂ᵀ] E[x̂ x̂ᵀ]⁺``),
             ``settle(path, ranks)`` (told the ranks used, ``None``: dense) and ``report()``
             (stored as the result's ``replan``): e.g. ``selection.replanner()``
             (:class:`sigmadecomp.surgery.Replanner`) re-solves a ``global`` rank selection
