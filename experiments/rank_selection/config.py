@@ -4,7 +4,8 @@ A run is one (arch, format, norm, calibration, rule, budget). ``budget`` is ``"p
 ``"flops=R"`` relative to the compressed layers' dense counts, or ``"none"`` for ``vbmf`` (which
 has no knob). ``global_linear`` is ``global`` with ``damage="linear"`` (the ablation);
 ``global_replan`` is ``global`` re-solved stage by stage during the sequential pass
-(:class:`sigmadecomp.surgery.Replanner`, ``replan_window`` / ``proxy_sweeps``). Runs are listed in priority order: an interrupted run still covers the most
+(:class:`sigmadecomp.surgery.Replanner`, ``replan_window`` / ``proxy_sweeps``), and
+``global_sweeps_replan`` the same for ``global_sweeps``. Runs are listed in priority order: an interrupted run still covers the most
 important comparisons (Tucker-2 and SVD, uniform vs global at 0.33 and 0.5) first.
 """
 
@@ -46,6 +47,8 @@ _PRIORITY = (
     + _block(("tucker2",), ("global_sweeps",), ("params=0.5", "params=0.33", "flops=0.5"))
     # the global selection re-planned stage by stage inside the sequential pass (Replanner)
     + _block(("tucker2", "svd"), ("global_replan",), ("params=0.5", "params=0.33"))
+    # the same from the swept Tucker-2 selection: up-front ε and re-planning fits are both ALS sweeps
+    + _block(("tucker2",), ("global_sweeps_replan",), ("params=0.33", "params=0.5"))
     + _block(("tucker2", "svd"), ("uniform", "global"), ("params=0.5",), norm="frobenius", calibration="parallel")
     + _block(("tucker2", "svd", "cp"), ("uniform", "global"), ("params=0.33", "params=0.5"), arch=32)
 )

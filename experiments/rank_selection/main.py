@@ -89,7 +89,7 @@ def measure(arch: Arch, key, test, config) -> dict:
     damage = "linear" if rule == "global_linear" else "curve"  # the ablation of the damage model
     # global_sweeps: Tucker-2's ε from a few ALS sweeps at grid ratios (CP's default) instead of
     # the HOSVD spectrum proxy.
-    proxy = "sweeps" if rule == "global_sweeps" or fmt not in ("svd", "tucker2") else None
+    proxy = "sweeps" if rule.startswith("global_sweeps") or fmt not in ("svd", "tucker2") else None
     sel = select_ranks(arch.model, arch.covariances, format=fmt, rule=rule.split("_")[0], damage=damage,
                        budget=None if budget == "none" else budget, norm=norm, images=arch.calib,
                        key=jax.random.key(config.calib_seed + 1), skip=config.skip, input_shape=INPUT_SHAPE,
@@ -99,9 +99,9 @@ def measure(arch: Arch, key, test, config) -> dict:
     select_seconds = time.perf_counter() - start
     common = dict(format=fmt, ranks=sel, skip=sel.is_dense, key=jax.random.key(config.compress_seed),
                   max_steps=config.max_steps, batch_size=config.batch_size, progress=False)
-    if rule == "global_replan":  # the pass re-solves the selection layer by layer: no ranks/skip up front
+    if rule.endswith("_replan"):  # the pass re-solves the selection layer by layer: no ranks/skip up front
         if calibration != "sequential":
-            raise ValueError(f"{key}: global_replan re-plans during sequential calibration only")
+            raise ValueError(f"{key}: {rule} re-plans during sequential calibration only")
         common = {k: v for k, v in common.items() if k not in ("ranks", "skip")}
         result = seqcal.compress_sequential(arch.model, arch.calib, **common, replan=sel.replanner(
             window=config.replan_window, sweeps=config.proxy_sweeps))
@@ -200,16 +200,17 @@ def versus(results) -> str:
 
 
 def replan_versus(results) -> str:
-    """global_replan − global at the same budget (sequential Σ): re-planned stage by stage or not."""
+    """global(_sweeps)_replan − global(_sweeps) at the same budget (sequential Σ): re-planned stage
+    by stage or not, from the same up-front selection."""
     by = {run_key(r): r for r in results["runs"]}
-    lines = ["| model | format | budget | global | global_replan | replan − global (points) | achieved params g / r "
-             "| layers re-ranked | seconds g / r |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | format | budget | rule | up front | re-planned | re-planned − up front (points) | achieved params u / r "
+             "| layers re-ranked | seconds u / r |", "|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in sorted(by.items()):
-        g = by.get(key[:4] + ("global", key[5]))
-        if key[4] != "global_replan" or g is None:
+        g = by.get(key[:4] + (key[4].removesuffix("_replan"), key[5]))
+        if not key[4].endswith("_replan") or g is None:
             continue
         moved = sum(layer["ranks"] != layer.get("upfront_ranks") for layer in r["layers"])
-        lines.append(f"| ResNet-{key[0]} | {key[1]} | {key[5]} | {100 * g['accuracy']:.1f} | {100 * r['accuracy']:.1f} | "
+        lines.append(f"| ResNet-{key[0]} | {key[1]} | {key[5]} | {key[4]} | {100 * g['accuracy']:.1f} | {100 * r['accuracy']:.1f} | "
                      f"{100 * (r['accuracy'] - g['accuracy']):+.1f} | {g['achieved_params']:.3f} / "
                      f"{r['achieved_params']:.3f} | {moved} of {len(r['layers'])} | {g['seconds']:.0f} / "
                      f"{r['seconds']:.0f} |")
@@ -277,7 +278,7 @@ def figure(results, path) -> None:
         return
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
     markers = {"uniform": "o", "energy": "s", "vbmf": "^", "global": "*", "global_linear": "x", "global_sweeps": "P",
-               "global_replan": "D"}
+               "global_replan": "D", "global_sweeps_replan": "d"}
     for ax, fmt in zip(axes, ("svd", "tucker2", "cp")):
         for rule, marker in markers.items():
             pts = sorted((r["params_ratio"], 100 * r["accuracy"]) for r in runs
