@@ -420,6 +420,9 @@ def _run_compress(args) -> int:
             raise ValueError("--replan applies to --arch on CIFAR-10 folders only, for now")
         if args.finetune_epochs:
             raise ValueError("--finetune-* applies to --arch on CIFAR-10 folders only, for now")
+        if args.rank_rule != "uniform" or args.budget is not None or args.tau is not None:
+            raise ValueError("--rank-rule/--budget/--tau apply to --arch on CIFAR-10 folders only, for now "
+                             "(other models take --ratio)")
         return _finish(args, _run_user_model(args))
     from sigmadecomp.compress import compress_pretrained, summary
 
