@@ -382,10 +382,13 @@ calibration images from the training batches, batch 128; distillation starts fro
 the compressed and the BN-re-estimated model has the lower distillation loss on calibration
 images (BN re-estimation alone hurts a Σ-sequential model: it was fitted under the original
 statistics). The peak learning rate is the knob that moved the result most: on CP 10%, 0.002 →
-0.005 → 0.01 raised the distilled accuracy (76.2 → 77.9 → 79.3) and 0.03 lowered it (78.7), so
-0.01 is now `FinetuneConfig`'s default (it was 0.002, chosen from two short CPU runs of the first
-session). The trend is consistent, but one standard error of an accuracy near 79% on 512 test
-images is ±1.8 points, so no single step of it is significant on its own. Mixup of the training
+0.005 → 0.01 raised the distilled accuracy (76.2 → 77.9 → 79.3) and 0.03 lowered it (78.7); the
+trend is consistent, but one standard error of an accuracy near 79% on 512 test images is ±1.8
+points, so no single step of it is significant on its own. At 5%, however, 0.01 diverged during
+the warm-up (training loss 20 → 566 at step 78, accuracy 38% → 12%, never recovered; global-norm
+clipping at 5 did not prevent it), where 0.002 reached 57.8%. `FinetuneConfig`'s default
+therefore stays 0.002; a guard that rolls back and lowers the learning rate when the loss blows
+up would let the faster rate be the default. Mixup of the training
 images (the teacher labels the mix), a cross-entropy term on the labels, and (short probes below)
 the feature term on the block outputs and AdamW changed the result by less than that noise. The
 recipes were compared on the same 512 test images that the targets are read from, so the best

@@ -272,7 +272,7 @@ def _add_finetune_options(compress) -> None:
                                "the JSON then holds accuracy_before_finetune, finetune_seconds, "
                                "finetune_epochs")
     compress.add_argument("--finetune-lr", type=_positive_float, default=None, metavar="LR",
-                          help="peak learning rate of the warm-up + cosine schedule (default: 0.01)")
+                          help="peak learning rate of the warm-up + cosine schedule (default: 0.002)")
     compress.add_argument("--finetune-data", type=pathlib.Path, default=None, metavar="DIR",
                           help="CIFAR-10 folder whose data_batch_* files are the fine-tuning images "
                                "(default: --data; its test_batch is never used for training)")
@@ -298,7 +298,7 @@ def _add_finetune(commands) -> None:
     tune.add_argument("--eval-data", type=pathlib.Path, default=None,
                       help="folder holding test_batch for evaluation (default: --data)")
     tune.add_argument("--epochs", type=_positive_int, default=1, help="passes over the images (default: 1)")
-    tune.add_argument("--lr", type=_positive_float, default=0.01, help="peak learning rate (default: 0.01)")
+    tune.add_argument("--lr", type=_positive_float, default=0.002, help="peak learning rate (default: 0.002)")
     tune.add_argument("--key", type=int, default=0, help="seed of the shuffles and augmentations")
     tune.add_argument("--checkpoint-dir", type=pathlib.Path, default=None,
                       help="save the training state here every epoch; a rerun resumes from it")

@@ -169,12 +169,18 @@ def compressed(d: Data, fmt: str, ratio: float, config: Config, skip, models: pa
     from sigmadecomp.surgery import load, save
 
     folder = None if models is None else models / f"resnet{config.arch}-{fmt}-{ratio}-sweeps{config.max_steps}"
-    if folder is not None and (folder / "cell.json").is_file():
-        meta = json.loads((folder / "cell.json").read_text())
-        model = load(folder, d.model)
-        from sigmadecomp.surgery import Plan
+    # experiments/finetune's cache names the same Σ-sequential model (same calibration images,
+    # seeds and sweeps) with its init; it keeps no per-layer errors.
+    other = (None if models is None or config.only else
+             models / f"resnet{config.arch}-{fmt}-{ratio}-sigma_seq-sweeps{config.max_steps}")
+    for where, meta_file in ((folder, "cell.json"), (other, "plan.json")):
+        if where is not None and (where / meta_file).is_file():
+            meta = (json.loads((where / "cell.json").read_text()) if meta_file == "cell.json"
+                    else dict(layers=None, mean_relative_error=None, kept_dense=[]))
+            from sigmadecomp.surgery import Plan
 
-        return _Cached(model, Plan.from_dict(json.loads((folder / "plan.json").read_text())["plan"]), meta)
+            plan = Plan.from_dict(json.loads((where / "plan.json").read_text())["plan"])
+            return _Cached(load(where, d.model), plan, meta)
     result = seqcal.compress_sequential(d.model, d.calib, format=fmt, ratio=ratio, key=jax.random.key(config.compress_seed),
                                         skip=skip, max_steps=config.max_steps, progress=False)
     if folder is not None:
