@@ -132,7 +132,7 @@ def tnn_table(runs, ftm) -> str:
                      + " | ".join(f"{seed[r]:.2f}" if r in seed else "–" for r in RATES) + " |")
         for init in [i for i in INIT_ORDER if any(r["init"] == i for r in mine)]:
             cell = {}
-            for r in sorted((r for r in mine if r["init"] == init), key=lambda r: r["date"]):
+            for r in sorted((r for r in mine if r["init"] == init), key=lambda r: r.get("date", "")):
                 cell.setdefault(r["ratio"], r)  # the first run of each cell: no training, BN re-estimated
             for stage, field in (("no training", "accuracy_compressed"), ("BN re-estimated", "accuracy_bn")):
                 lines.append(f"| {fmt} | {init} | {stage} | "

@@ -112,9 +112,11 @@ def test_report_folds_grid_runs_and_writes_verdicts(tmp_path):
     grid_report.main(["--grid", str(grid), "--finetune-dir", str(ft_dir), "--rank-dir", str(rs_dir)])  # idempotent
     assert len(json.loads((ft_dir / "results.json").read_text())["runs"]) == 2
     text = (ft_dir / "README.md").read_text()
-    assert "| 10%: ≥ 89.0% (best format) | 90.00% (cp, sigma_seq; formats run: cp) | met; GPU time to 89.0%: 3.0 s |" in text
-    assert "| cp 10%: Σ-sequential beats the other inits after the same budget | Σ-seq 90.00 vs frobenius 80.00 | met" in text
-    assert "| cp | sigma_seq | distilled, 10 CPU-min budget | – | 90.00 | – | – |" in text
+    assert ("| 10%: ≥ 89.0% (best format) | 90.00% (cp, sigma_seq, sgd lr 0.002; formats run: cp; 1 recipe(s)) | "
+            "met; test time to 89.0%: 3.0 s |") in text
+    assert ("| cp 10%, sgd lr 0.002: Σ-sequential beats the other inits after the same budget | Σ-seq 90.00 vs "
+            "frobenius 80.00 | met") in text
+    assert "| cp | sigma_seq | distilled, sgd lr 0.002 | – | 90.00 | – | – |" in text
     assert (rs_dir / "README.md").exists()
 
 
