@@ -57,6 +57,16 @@ def test_distillation_loss_adds_cross_entropy_and_features():
         ft.kl_divergence(z_t, z_s[:, :2])
 
 
+def test_cross_entropy_takes_class_probabilities():
+    z = jnp.array([[2.0, -1.0, 0.5], [0.0, 1.0, 3.0]])
+    y = jnp.array([0, 2])
+    ce = lambda labels: float(ft.distillation_loss(z, z, labels=labels, label_weight=1.0)[1]["ce"])  # noqa: E731
+    np.testing.assert_allclose(ce(jax.nn.one_hot(y, 3, dtype=z.dtype)), ce(y), rtol=1e-6)
+    mixed = ft.mix_labels(y, jnp.array([0.25, 1.0], z.dtype), jnp.array([1, 0]), 3)
+    log_p = np.asarray(jax.nn.log_softmax(z))
+    np.testing.assert_allclose(ce(mixed), -np.mean([0.25 * log_p[0, 0] + 0.75 * log_p[0, 2], log_p[1, 2]]), rtol=1e-6)
+
+
 # ---------------------------------------------------------------- augmentation
 
 

@@ -8,14 +8,14 @@
   and ``sigmadecomp finetune`` run;
 * :func:`reestimate_batch_norm` — no training: recompute BatchNorm statistics on calibration images;
 * the pieces: :func:`distillation_loss`, :func:`kl_divergence`, :func:`feature_loss`,
-  :func:`augment`, :func:`mix`, :func:`resnet_block_outputs`, :func:`save_checkpoint` / :func:`load_checkpoint`.
+  :func:`augment`, :func:`mix`, :func:`mix_labels`, :func:`resnet_block_outputs`, :func:`save_checkpoint` / :func:`load_checkpoint`.
 
     result = finetune(compressed, dense, train_images, key=jax.random.key(0),
                       config=FinetuneConfig(epochs=3, learning_rate=0.01))
     result.model, result.history["train"][-1]["loss"]
 """
 
-from sigmadecomp.finetune._augment import augment, mix
+from sigmadecomp.finetune._augment import augment, mix, mix_labels
 from sigmadecomp.finetune._batch_norm import batch_norm_layers, reestimate_batch_norm
 from sigmadecomp.finetune._checkpoint import load_checkpoint, save_checkpoint
 from sigmadecomp.finetune._config import FinetuneConfig
@@ -29,6 +29,7 @@ __all__ = [
     "FinetuneResult",
     "augment",
     "mix",
+    "mix_labels",
     "batch_norm_layers",
     "distill_on_cifar10",
     "distillation_loss",

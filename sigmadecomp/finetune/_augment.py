@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["augment", "mix"]
+__all__ = ["augment", "mix", "mix_labels"]
 
 
 def augment(key: jax.Array, images: jax.Array, *, pad: int = 4, flip: bool = True) -> jax.Array:
@@ -81,3 +81,15 @@ def mix(key: jax.Array, images: jax.Array, *, mode: str, alpha: float = 1.0) -> 
     box = (inside_r[:, :, None] & inside_c[:, None, :])[..., None]
     kept = 1 - jnp.mean(box.astype(images.dtype), axis=(1, 2, 3))
     return jnp.where(box, other, images), kept, partner
+
+
+def mix_labels(labels: jax.Array, lam: jax.Array, partner: jax.Array, num_classes: int) -> jax.Array:
+    """Class probabilities of images mixed by :func:`mix`: ``lam·onehot(y) + (1 − lam)·onehot(y[partner])``.
+
+    >>> import jax.numpy as jnp
+    >>> mix_labels(jnp.array([0, 1]), jnp.array([0.75, 1.0]), jnp.array([1, 0]), 3).tolist()
+    [[0.75, 0.25, 0.0], [0.0, 1.0, 0.0]]
+    """
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=lam.dtype)
+    share = lam[:, None]
+    return share * onehot + (1 - share) * onehot[partner]

@@ -60,6 +60,8 @@ def distillation_loss(
     feature_weight: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The total loss and its parts ``{"kl", "ce", "feature"}`` (zero when a term is off).
+    ``labels`` are class indices ``(N,)`` or class probabilities ``(N, C)`` (e.g. the labels of
+    mixed images, :func:`~sigmadecomp.finetune.mix_labels`).
 
     >>> import jax.numpy as jnp
     >>> z_t, z_s = jnp.array([[3.0, 0.0]]), jnp.array([[0.0, 3.0]])
@@ -74,7 +76,10 @@ def distillation_loss(
         if labels is None:
             raise ValueError("label_weight > 0 needs labels (or set label_weight=0 for pure distillation)")
         log_p = jax.nn.log_softmax(student_logits, axis=-1)
-        ce = -jnp.mean(jnp.take_along_axis(log_p, labels[:, None].astype(jnp.int32), axis=-1))
+        if labels.ndim == 2:  # class probabilities
+            ce = -jnp.mean(jnp.sum(labels.astype(log_p.dtype) * log_p, axis=-1))
+        else:
+            ce = -jnp.mean(jnp.take_along_axis(log_p, labels[:, None].astype(jnp.int32), axis=-1))
     feature = feature_loss(student_features, teacher_features) if feature_weight else zero
     total = kl + jnp.asarray(label_weight, kl.dtype) * ce + jnp.asarray(feature_weight, kl.dtype) * feature
     return total, {"kl": kl, "ce": ce, "feature": feature}

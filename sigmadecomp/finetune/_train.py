@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from sigmadecomp.finetune._augment import augment, mix
+from sigmadecomp.finetune._augment import augment, mix, mix_labels
 from sigmadecomp.finetune._checkpoint import load_checkpoint, save_checkpoint
 from sigmadecomp.finetune._config import FinetuneConfig
 from sigmadecomp.finetune._features import default_features
@@ -74,21 +74,17 @@ def _make_step(graphdef, teacher_graphdef, config: FinetuneConfig, total: int, f
         if mixed:
             x, lam, partner = mix(mix_key, x, mode=config.mix, alpha=config.mix_alpha)
         t_logits, t_features = jax.lax.stop_gradient(forward(nnx.merge(teacher_graphdef, teacher_state), x))
+        if mixed and config.label_weight:  # each image's label weighed by its share of the mix
+            labels = mix_labels(labels, lam, partner, t_logits.shape[-1])
 
         def loss_fn(params):
             # copy=True: fresh Variables at this trace level, so training-mode BatchNorm may update them.
             model = nnx.merge(graphdef, params, rest, copy=True)
             logits, s_features = forward(model, x)
             loss, parts = distillation_loss(
-                logits, t_logits, temperature=config.temperature, labels=None if mixed else labels,
-                label_weight=0.0 if mixed else config.label_weight, student_features=s_features,
+                logits, t_logits, temperature=config.temperature, labels=labels,
+                label_weight=config.label_weight, student_features=s_features,
                 teacher_features=t_features, feature_weight=config.feature_weight)
-            if mixed and config.label_weight:  # each image's label weighed by its share of the mix
-                log_p = jax.nn.log_softmax(logits, axis=-1)
-                nll = lambda y: -jnp.take_along_axis(log_p, y[:, None], axis=-1)[:, 0]  # noqa: E731
-                ce = jnp.mean(lam * nll(labels) + (1 - lam) * nll(labels[partner]))
-                parts = dict(parts, ce=ce)
-                loss = loss + jnp.asarray(config.label_weight, loss.dtype) * ce
             return loss, (parts, nnx.split(model, nnx.Param, ...)[2])
 
         (loss, (parts, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
