@@ -398,8 +398,13 @@ def cell_config(config: Config, key: tuple, args) -> tuple[Config, dict | None]:
     if not args.cpu_budget:
         return config, None
     budget = cpu_budget(key[0], key[1], config.batch_size)
-    steps = budget["images"] // config.batch_size
-    return dataclasses.replace(config, steps=steps, eval_every=max(1, steps // 8)), budget
+    return with_images(config, budget["images"]), budget
+
+
+def with_images(config: Config, images: int) -> Config:
+    """``config`` training on ``images`` images: whole batches, evaluated 8 times along the way."""
+    steps = images // config.batch_size
+    return dataclasses.replace(config, steps=steps, eval_every=max(1, steps // 8))
 
 
 def with_overrides(config: Config, args) -> Config:
@@ -411,8 +416,7 @@ def with_overrides(config: Config, args) -> Config:
     if args.images is not None:
         if args.images < config.batch_size:
             raise SystemExit(f"--images {args.images} is less than one batch of {config.batch_size}")
-        steps = args.images // config.batch_size
-        config = dataclasses.replace(config, steps=steps, eval_every=max(1, steps // 8))
+        config = with_images(config, args.images)
     return config
 
 

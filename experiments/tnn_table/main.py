@@ -86,8 +86,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def cell_key(arch, fmt, ratio, config: Config) -> str:
-    key = f"resnet{arch}/{fmt}/{ratio}/sweeps{config.max_steps}/distill{config.distill_steps}"
-    return key + recipe_tag(config)
+    return record_key(dict(dataclasses.asdict(config), arch=arch, format=fmt, ratio=ratio))
 
 
 def record_key(r: dict) -> str:
@@ -96,15 +95,14 @@ def record_key(r: dict) -> str:
             + recipe_tag(r))
 
 
-def recipe_tag(c) -> str:
-    """The distillation recipe where it differs from the first runs' (lr 0.002, SGD, batch 64, KL only)."""
-    get = (lambda k, d: c.get(k, d)) if isinstance(c, dict) else (lambda k, d: getattr(c, k, d))
-    if not get("distill_steps", 0):
+def recipe_tag(r: dict) -> str:
+    """The distillation recipe where it differs from the first runs' (lr 0.002, SGD, KL only)."""
+    if not r.get("distill_steps", 0):
         return ""
-    parts = [f"lr{get('learning_rate', 0.002)}"] if get("learning_rate", 0.002) != 0.002 else []
-    parts += [f"feat{get('feature_weight', 0.0)}"] if get("feature_weight", 0.0) else []
-    parts += [get("optimizer", "sgd")] if get("optimizer", "sgd") != "sgd" else []
-    parts += [get("mix", "none")] if get("mix", "none") != "none" else []
+    parts = [f"lr{r['learning_rate']}"] if r.get("learning_rate", 0.002) != 0.002 else []
+    parts += [f"feat{r['feature_weight']}"] if r.get("feature_weight", 0.0) else []
+    parts += [r["optimizer"]] if r.get("optimizer", "sgd") != "sgd" else []
+    parts += [r["mix"]] if r.get("mix", "none") != "none" else []
     return "".join("/" + p for p in parts)
 
 
@@ -166,21 +164,18 @@ class _Cached:
 
 def compressed(d: Data, fmt: str, ratio: float, config: Config, skip, models: pathlib.Path | None):
     """Σ-sequential compression of the cell, or its model from the ``models`` cache."""
-    from sigmadecomp.surgery import load, save
+    from sigmadecomp.surgery import Plan, load, save
 
-    folder = None if models is None else models / f"resnet{config.arch}-{fmt}-{ratio}-sweeps{config.max_steps}"
-    # experiments/finetune's cache names the same Σ-sequential model (same calibration images,
-    # seeds and sweeps) with its init; it keeps no per-layer errors.
-    other = (None if models is None or config.only else
-             models / f"resnet{config.arch}-{fmt}-{ratio}-sigma_seq-sweeps{config.max_steps}")
-    for where, meta_file in ((folder, "cell.json"), (other, "plan.json")):
-        if where is not None and (where / meta_file).is_file():
-            meta = (json.loads((where / "cell.json").read_text()) if meta_file == "cell.json"
-                    else dict(layers=None, mean_relative_error=None, kept_dense=[]))
-            from sigmadecomp.surgery import Plan
-
-            plan = Plan.from_dict(json.loads((where / "plan.json").read_text())["plan"])
-            return _Cached(load(where, d.model), plan, meta)
+    # experiments/finetune's folder name for the same Σ-sequential model (same calibration images,
+    # seeds and sweeps), so either experiment reuses the other's; a smoke run compresses only some
+    # layers, so its models get their own names. Models finetune made carry no cell.json.
+    folder = None if models is None else models / (f"resnet{config.arch}-{fmt}-{ratio}-sigma_seq-sweeps{config.max_steps}"
+                                                   + ("-only" if config.only else ""))
+    if folder is not None and (folder / "plan.json").is_file():
+        meta = (json.loads((folder / "cell.json").read_text()) if (folder / "cell.json").is_file()
+                else dict(layers=None, mean_relative_error=None, kept_dense=[]))
+        plan = Plan.from_dict(json.loads((folder / "plan.json").read_text())["plan"])
+        return _Cached(load(folder, d.model), plan, meta)
     result = seqcal.compress_sequential(d.model, d.calib, format=fmt, ratio=ratio, key=jax.random.key(config.compress_seed),
                                         skip=skip, max_steps=config.max_steps, progress=False)
     if folder is not None:
