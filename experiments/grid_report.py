@@ -102,7 +102,10 @@ def recipe_of(r) -> str:
     text = f"{r.get('optimizer', 'sgd')} lr {r['learning_rate']}"
     text += f" +CE {r['label_weight']}" if r.get("label_weight") else ""
     text += f" +features {r['feature_weight']}" if r.get("feature_weight") else ""
-    return text + (f" +{r['mix']}" if r.get("mix", "none") != "none" else "")
+    text += f" +{r['mix']}" if r.get("mix", "none") != "none" else ""
+    if r.get("rollbacks"):
+        text += f" +guard ({r['rollbacks']} rollback{'s' * (r['rollbacks'] > 1)})"
+    return text + (" +guard" if r.get("divergence_factor") and not r.get("rollbacks") else "")
 
 
 def where(r) -> str:
