@@ -281,6 +281,37 @@ def test_guard_changes_nothing_in_a_healthy_run_and_resumes_exactly(teacher_and_
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
+def test_training_implementations_follow_the_timing_rule_and_keep_the_function(teacher_and_data, tmp_path,
+                                                                               monkeypatch):
+    from sigmadecomp.finetune import _implementations as impl
+
+    teacher, images = teacher_and_data
+    student = _compressed(teacher, images, "r-cp")
+    chosen = ft.training_implementations(student, (16, 8, 8, 1), repeats=1)
+    assert set(chosen) == {"conv2", "conv3"}
+    ms = chosen["conv2"]["ms"]
+    assert all(v > 0 for v in ms.values())
+    switched = chosen["conv2"]["implementation"] != "factorized"
+    assert switched == (ms["factorized"] > impl.MARGIN * ms["dense"] and
+                        ms["factorized"] - ms["dense"] >= impl.MIN_SAVING_MS)
+    runs = {mode: ft.finetune(student, teacher, images, key=jax.random.key(0), progress=False,
+                              config=ft.FinetuneConfig(**{**CONFIG.__dict__, "implementation": mode}))
+            for mode in ("factorized", "dense")}
+    assert runs["dense"].history["implementations"] == {"conv2": "dense", "conv3": "dense"}
+    for a, b in zip(_params(runs["factorized"].model), _params(runs["dense"].model)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)  # same function
+    assert runs["dense"].model.conv2.implementation == "factorized"  # the student's own, returned
+    # A resumed run trains with the implementations it started with, without timing again.
+    config = ft.FinetuneConfig(**{**CONFIG.__dict__, "implementation": "auto"})
+    ft.finetune(student, teacher, images, key=jax.random.key(0), progress=False, checkpoint_dir=tmp_path,
+                config=ft.FinetuneConfig(**{**config.__dict__, "time_limit": 1e-9}))
+    monkeypatch.setattr("sigmadecomp.finetune._train.training_implementations",
+                        lambda *a, **k: pytest.fail("timed again on resume"))
+    resumed = ft.finetune(student, teacher, images, key=jax.random.key(0), config=config, progress=False,
+                          checkpoint_dir=tmp_path)
+    assert resumed.resumed_from == 1 and set(resumed.history["implementations"]) == {"conv2", "conv3"}
+
+
 def test_batch_norm_modes_and_feature_term():
     teacher = CifarResNet(8, rngs=nnx.Rngs(0))
     student = CifarResNet(8, rngs=nnx.Rngs(1))
@@ -301,7 +332,7 @@ def test_batch_norm_modes_and_feature_term():
     (dict(batch_norm="x"), "batch_norm"), (dict(warmup_fraction=2.0), "warmup_fraction"),
     (dict(time_limit=-1.0), "time_limit"), (dict(clip_norm=0.0), "clip_norm"), (dict(mix="mosaic"), "mix"),
     (dict(mix_alpha=0.0), "mix_alpha"), (dict(divergence_factor=1.0), "divergence_factor"),
-    (dict(max_rollbacks=-1), "max_rollbacks"),
+    (dict(max_rollbacks=-1), "max_rollbacks"), (dict(implementation="fast"), "implementation"),
 ])
 def test_bad_config_is_a_clear_error(options, needle):
     with pytest.raises(ValueError, match=needle):

@@ -14,6 +14,7 @@ __all__ = ["FinetuneConfig"]
 OPTIMIZERS = ("sgd", "adamw")
 BATCH_NORM_MODES = ("frozen", "update")
 MIX_MODES = ("none", "mixup", "cutmix")
+TRAINING_IMPLEMENTATIONS = ("auto", "as-is", "factorized", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,12 @@ class FinetuneConfig:
             The default, 2, sits above the healthy runs of experiments/finetune (their smoothed
             6-step loss means rose at most 1.6× over their low, at lr 0.03) and far below the
             divergence of CP 5% at lr 0.01 (37×).
+        implementation: how the factorized layers run while training (the returned model keeps
+            the student's own setting): ``"auto"`` times one training step of each layer both ways
+            and takes the faster (:func:`~sigmadecomp.finetune.training_implementations`; r-CP
+            trains ~20× faster with its dense kernel rebuilt each step, plain CP faster as a
+            chain), ``"as-is"`` keeps the student's, ``"factorized"`` / ``"dense"`` force one.
+            Same function either way, to float rounding.
         max_rollbacks: after this many rollbacks a further divergence ends the run
             (``stopped="diverged"``) with the last healthy state.
         time_limit: stop after this many seconds of training (evaluation and checkpoints not
@@ -87,6 +94,7 @@ class FinetuneConfig:
     mix_alpha: float = 1.0
     divergence_factor: float | None = 2.0
     max_rollbacks: int = 4
+    implementation: str = "auto"
     time_limit: float | None = None
     log_every: int = 10
     eval_every: int | None = None
@@ -115,6 +123,8 @@ class FinetuneConfig:
             raise ValueError(f"mix must be one of {MIX_MODES}, got {self.mix!r}")
         if not self.mix_alpha > 0:
             raise ValueError(f"mix_alpha must be > 0, got {self.mix_alpha!r}")
+        if self.implementation not in TRAINING_IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {TRAINING_IMPLEMENTATIONS}, got {self.implementation!r}")
         if self.batch_norm not in BATCH_NORM_MODES:
             raise ValueError(f"batch_norm must be one of {BATCH_NORM_MODES}, got {self.batch_norm!r}")
         if self.clip_norm is not None and not self.clip_norm > 0:

@@ -21,9 +21,11 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from sigmadecomp.finetune._augment import augment, mix, mix_labels
-from sigmadecomp.finetune._checkpoint import load_checkpoint, save_checkpoint
+from sigmadecomp.finetune._checkpoint import checkpoint_meta, load_checkpoint, save_checkpoint
 from sigmadecomp.finetune._config import FinetuneConfig
 from sigmadecomp.finetune._features import default_features
+from sigmadecomp.finetune._implementations import (apply_implementations, factorized_layers,
+                                                   training_implementations)
 from sigmadecomp.finetune._loss import distillation_loss
 
 __all__ = ["FinetuneResult", "finetune"]
@@ -54,10 +56,20 @@ class FinetuneResult:
     rollbacks: int = 0  # divergence-guard rollbacks (each halved the learning rate)
 
 
-def _split(student: nnx.Module, config: FinetuneConfig):
+def _split(student: nnx.Module, config: FinetuneConfig, implementations: dict):
     student = nnx.clone(student)
+    apply_implementations(student, implementations)
     student.train() if config.batch_norm == "update" else student.eval()
     return nnx.split(student, nnx.Param, ...)
+
+
+def _implementations(student, config: FinetuneConfig, batch_shape: tuple) -> dict:
+    """``{path: implementation}`` the student trains with (see ``FinetuneConfig.implementation``)."""
+    if config.implementation == "auto":
+        return {p: c["implementation"] for p, c in training_implementations(student, batch_shape).items()}
+    if config.implementation == "as-is":
+        return {}
+    return {p: config.implementation for p in factorized_layers(student)}
 
 
 @functools.lru_cache(maxsize=16)
@@ -182,14 +194,20 @@ def finetune(
     steps_per_epoch = images.shape[0] // config.batch_size
     total = config.epochs * steps_per_epoch
     tx = config.optimizer_for(None)
-    graphdef, params, rest = _split(student, config)
+    implementations = None
+    if checkpoint_dir is not None:  # a resumed run trains with the implementations it started with
+        implementations = checkpoint_meta(checkpoint_dir).get("history", {}).get("implementations")
+    if implementations is None:
+        implementations = _implementations(student, config, (config.batch_size, *images.shape[1:]))
+    graphdef, params, rest = _split(student, config, implementations)
     teacher = nnx.clone(teacher)
     teacher.eval()
     teacher_graphdef, teacher_state = nnx.split(teacher)
     opt_state = tx.init(params)
     shuffle_key, augment_key = jax.random.split(key)
     fingerprint = _fingerprint(config, key, images.shape[0])
-    history, start, seconds = {"train": [], "eval": [], "guard": []}, 0, 0.0
+    history = {"train": [], "eval": [], "guard": [], "implementations": implementations}
+    start, seconds = 0, 0.0
     state = [params, rest, opt_state]
     guard = _Guard(config.divergence_factor, config.max_rollbacks, list(state), events=history["guard"])
     if checkpoint_dir is not None:
@@ -215,6 +233,7 @@ def finetune(
     save(step, seconds)
     model = nnx.merge(graphdef, state[0], state[1])
     model.eval()
+    apply_implementations(model, {p: layer.implementation for p, layer in factorized_layers(student).items()})
     return FinetuneResult(model, history, step, seconds, step_fn._cache_size(), stopped, start,
                           guard.rollbacks)
 
