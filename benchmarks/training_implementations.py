@@ -107,14 +107,14 @@ def run(args) -> dict:
 
 def table_line(key: str, row: dict) -> str:
     f, d, a = (row[v]["images_per_second"] for v in VARIANTS)
-    return (f"| {key} | {f:.1f} | {d:.1f} | {a:.1f} | {a / f:.2f}× | {row['auto']['dense_layers']}/"
+    return (f"| {key} | {f:.1f} | {d:.1f} | {a:.1f} | {d / f:.2f}× | {a / f:.2f}× | {row['auto']['dense_layers']}/"
             f"{row['auto']['layers']} | {row['loadavg'][0][0]:.1f} |")
 
 
 def table(results: dict) -> str:
     lines = [f"Machine: {results.get('machine', '?')}, jax {results.get('jax', '?')}.", "",
-             "| arch/format/ratio/batch | factorized img/s | dense img/s | auto img/s | auto / factorized | "
-             "layers trained dense (auto) | load (1 min) |", "|---|---|---|---|---|---|---|"]
+             "| arch/format/ratio/batch | factorized img/s | dense img/s | auto img/s | dense / factorized | "
+             "auto / factorized | layers trained dense (auto) | load (1 min) |", "|---|---|---|---|---|---|---|---|"]
     return "\n".join(lines + [table_line(k, r) for k, r in results["rows"].items()])
 
 

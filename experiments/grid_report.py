@@ -344,7 +344,11 @@ gives the CPU seconds at the rate measured later for its own rate). The GPU seco
 beside each run. Runs on the development CPU (`experiments/finetune/main.py --cpu-budget`) train on
 the same image count; their wall time there is recorded (column "device" gives the load) but is
 not the budget: the development CPU is slower than the device's pinned cores and was shared with
-other jobs. A reshaped format (r-cp, …) uses its plain format's measured rate.
+other jobs. A reshaped format (r-cp, …), which the device did not time, uses a plain format's measured
+rate (r-tucker: Tucker-2's, the others CP's) times its distillation speed relative to that format
+measured side by side on the development CPU (`benchmarks/training_implementations.py`, ResNet-32 at
+10%, default training implementations); the column "budget's CPU rate from" says which. The first
+r-CP run (10%, session 5) predates that ratio and used CP's rate as it is.
 
 ## Distilled accuracy, TNN-seed layout (dev test set, 512 images)
 

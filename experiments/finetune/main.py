@@ -380,14 +380,34 @@ def figure(results, path):
 CPU_BUDGET_S = 600.0  # issue 13: "at most 10 minutes of distillation on the 2-core CPU"
 
 
+# The plain format whose device-measured 2-core rate a reshaped format's budget starts from.
+PLAIN = {"r-cp": "cp", "r-tucker": "tucker2", "r-tt": "cp", "r-tr": "cp"}
+TRAINING_BENCHMARK = HERE.parents[1] / "benchmarks" / "training_implementations.json"
+
+
+def relative_speed(format: str, reference: str) -> float | None:
+    """``format``'s distillation throughput over ``reference``'s on the development CPU
+    (benchmarks/training_implementations.py, ResNet-32 at 10% of the conv parameters), each the
+    best of its three variants (factorized, dense, auto): the speed of its faster implementation,
+    which is what ``"auto"`` trains with. The best rather than the "auto" row itself because the
+    machine was shared: the same configuration measured 2× apart in one benchmark run. ``None``
+    if either is missing."""
+    rows = load_results(TRAINING_BENCHMARK).get("rows", {})
+    rate = {k.split("/")[1]: max(r[v]["images_per_second"] for v in ("factorized", "dense", "auto"))
+            for k, r in rows.items() if k.startswith("resnet32/") and "/0.1/" in k}
+    return rate[format] / rate[reference] if format in rate and reference in rate else None
+
+
 def cpu_budget(format: str, ratio: float, batch_size: int) -> dict:
     """Issue 13's budget as an image count, from the 2-core throughput that gpu_grid.py measured on
     the device machine (a quiet, pinned 2-core CPU), so that runs on a loaded development CPU or on
-    a GPU train exactly as much as the 2-core CPU would in 10 minutes."""
+    a GPU train exactly as much as the 2-core CPU would in 10 minutes. A format the device did not
+    measure (the reshaped ones) takes its plain format's rate (``PLAIN``) times its speed relative
+    to that format, measured on the development CPU (:func:`relative_speed`)."""
     measured = {k: v["images_per_second"] for k, v in
                 load_results(HERE / "cpu_throughput.json").get("device", {}).get("formats", {}).items()
                 if v.get("images_per_second")}
-    base = format.removeprefix("r-")
+    base = PLAIN.get(format, format)
     rates = {float(k.split("@")[1]): v for k, v in measured.items() if k.split("@")[0] == base}
     if not rates:
         raise SystemExit(f"--cpu-budget: no 2-core throughput of {base} in cpu_throughput.json")
@@ -395,6 +415,13 @@ def cpu_budget(format: str, ratio: float, batch_size: int) -> dict:
     rate = rates[near]
     source = f"device 2-core CPU, {base}@{near}" + ("" if (base, near) == (format, ratio) else
                                                      f" (used for {format}@{ratio}: its own was not measured)")
+    if base != format:
+        speed = relative_speed(format, base)
+        if speed is None:
+            source += f"; no {format}/{base} speed ratio measured in {TRAINING_BENCHMARK.name}: taken as 1"
+        else:
+            rate *= speed
+            source += f" × {speed:.3f} ({format}/{base} distillation speed, dev CPU, {TRAINING_BENCHMARK.name})"
     images = int(CPU_BUDGET_S * rate) // batch_size * batch_size
     return dict(cpu_seconds=CPU_BUDGET_S, cpu_images_per_second=rate, source=source, images=images, waited_seconds=0.0)
 
