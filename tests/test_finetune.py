@@ -162,7 +162,8 @@ def _compressed(teacher, images, format):
                                    key=jax.random.key(0), progress=False, max_steps=2).model
 
 
-CONFIG = ft.FinetuneConfig(epochs=2, batch_size=16, learning_rate=0.05, log_every=1)
+# "as-is": the layers train as built, no per-layer timing (test_training_implementations_... covers "auto").
+CONFIG = ft.FinetuneConfig(epochs=2, batch_size=16, learning_rate=0.05, log_every=1, implementation="as-is")
 
 
 # Every registered format, as others add them; TT-matrix layers come from surgery.to_tt, not from
