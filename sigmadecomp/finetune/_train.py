@@ -210,17 +210,10 @@ def finetune(
     start, seconds = 0, 0.0
     state = [params, rest, opt_state]
     guard = _Guard(config.divergence_factor, config.max_rollbacks, list(state), events=history["guard"])
-    if checkpoint_dir is not None:
-        loaded = load_checkpoint(checkpoint_dir, dict(state=_named(state), snapshot=_named(state)))
-        if loaded is not None:
-            trees, meta = loaded
-            if meta["fingerprint"] != fingerprint:
-                raise ValueError(f"the checkpoint in {checkpoint_dir} was made with another config, key or "
-                                 "data size; use the same ones to resume, or another folder")
-            state = _unnamed(trees["state"])
-            history, start, seconds = meta["history"], meta["step"], meta["seconds"]
-            guard.restore(meta["guard"], _unnamed(trees["snapshot"]), history["guard"])
-            params, rest = state[0], state[1]
+    resumed = _resume(checkpoint_dir, state, guard, fingerprint)
+    if resumed is not None:
+        state, history, start, seconds = resumed
+        params, rest = state[0], state[1]
     loop = _Loop(config, images, labels, steps_per_epoch, shuffle_key, augment_key, evaluate, graphdef)
     step_fn = _make_step(graphdef, teacher_graphdef, config, total, features)
     if evaluate is not None and start == 0:
@@ -236,6 +229,20 @@ def finetune(
     apply_implementations(model, {p: layer.implementation for p, layer in factorized_layers(student).items()})
     return FinetuneResult(model, history, step, seconds, step_fn._cache_size(), stopped, start,
                           guard.rollbacks)
+
+
+def _resume(folder, state: list, guard: _Guard, fingerprint: dict):
+    """``(state, history, step, seconds)`` of the checkpoint in ``folder`` (the guard restored with
+    its snapshot), or ``None`` when there is none."""
+    loaded = None if folder is None else load_checkpoint(folder, dict(state=_named(state), snapshot=_named(state)))
+    if loaded is None:
+        return None
+    trees, meta = loaded
+    if meta["fingerprint"] != fingerprint:
+        raise ValueError(f"the checkpoint in {folder} was made with another config, key or "
+                         "data size; use the same ones to resume, or another folder")
+    guard.restore(meta["guard"], _unnamed(trees["snapshot"]), meta["history"]["guard"])
+    return _unnamed(trees["state"]), meta["history"], meta["step"], meta["seconds"]
 
 
 def _named(state: list) -> dict:
