@@ -58,7 +58,7 @@ from sigmadecomp._patches import kernel_to_matrix, matrix_to_kernel
 from sigmadecomp._paths import get_by_path
 from sigmadecomp.layers._counts import count_format
 from sigmadecomp.surgery import _rank_rules as rr
-from sigmadecomp.surgery._plan import PlanEntry, plan
+from sigmadecomp.surgery._plan import PlanEntry, _check_rank_bounds, plan
 from sigmadecomp.surgery._ranks import rank_for_ratio, svd_rank_for_ratio
 from sigmadecomp.surgery._replan import LayerCandidates, Replanner
 from sigmadecomp.surgery._tap import input_spec, intercept
@@ -806,10 +806,20 @@ def _candidates(layer: _Layer, proxy, grid, sweeps, key) -> list:
         raise ValueError(f"proxy 'spectrum' has no closed form for format {fmt!r}; use proxy='sweeps'")
     else:
         ranks = sorted({layer.rank_for_ratio(g) for g in grid})
-    ranks = [r for r in ranks if layer.counts(r)[0] < layer.entry.params_before]
+    ranks = [r for r in ranks if layer.counts(r)[0] < layer.entry.params_before and _plannable(layer.entry, r)]
     if proxy == "spectrum":
         return [(r, layer.predicted_error(r)) for r in ranks]
     return [(r, _swept_error(layer, r, sweeps, jax.random.fold_in(key, i))) for i, r in enumerate(ranks)]
+
+
+def _plannable(entry: PlanEntry, ranks) -> bool:
+    """Whether :func:`plan` accepts ``ranks`` (e.g. Tucker-2 refuses ``r_out > r_in·kh·kw``: a
+    grid pair such as (45, 2) is cheap in time, so a latency budget would pick it)."""
+    try:
+        _check_rank_bounds(entry.format, tuple(ranks), entry.kernel_shape, entry.groups, entry.path)
+    except ValueError:
+        return False
+    return True
 
 
 def _swept_error(layer: _Layer, ranks, sweeps: int, key) -> float:
