@@ -14,12 +14,12 @@ Rules (``ε_ℓ(ρ)`` = layer ``ℓ``'s relative Σ-error at ranks ``ρ`` of the
 * ``vbmf`` — EVBMF on the (whitened) kernel matrix; Tucker-2 on both channel-mode unfoldings.
   No knob: the achieved ratio is whatever the data say.
 * ``global`` — DESIGN §7: candidates ``ρ`` per layer (dense is one) with cost ``c_ℓ(ρ)`` (params
-  or MACs, or the layer's measured milliseconds for a latency budget: see below) and damage ``e_ℓ(ρ)``; minimise ``Σ e`` subject to ``Σ c ≤ budget`` by Lagrangian
-  bisection (each layer picks ``argmin e + λ c`` independently), then spend what the bisection
-  left on the best damage-per-cost upgrades that still fit. The damage is measured on the
-  calibration images: by default ``e_ℓ(ρ) = D_ℓ(ε_ℓ(ρ))`` with ``D_ℓ`` the layer's
-  :func:`damage_curves` (logit change when the layer alone is cut to Σ-error ``ε``, a few levels,
-  interpolated); ``damage="linear"`` uses DESIGN §7's ``s_ℓ · ε_ℓ(ρ)`` with the slope
+  or MACs, or the layer's measured milliseconds for a latency budget: see below) and damage
+  ``e_ℓ(ρ)``; minimise ``Σ e`` subject to ``Σ c ≤ budget`` by Lagrangian bisection (each layer
+  picks ``argmin e + λ c`` independently), then spend what the bisection left on the best
+  damage-per-cost upgrades that still fit. The damage is measured on the calibration images:
+  by default ``e_ℓ(ρ) = D_ℓ(ε_ℓ(ρ))`` with ``D_ℓ`` the layer's :func:`damage_curves` (logit
+  change when the layer alone is cut to Σ-error ``ε``, a few levels, interpolated); ``damage="linear"`` uses DESIGN §7's ``s_ℓ · ε_ℓ(ρ)`` with the slope
   ``s_ℓ`` of :func:`layer_sensitivities`, which cannot see that deep cuts hurt more than
   linearly and lost 36 points on ResNet-20 Tucker-2 at 0.33 (experiments/rank_selection). ``ε`` comes from the whitened spectrum for
   SVD (exact) and Tucker-2 (output-mode tail + Kronecker-whitened input-mode tail, an
@@ -99,8 +99,8 @@ class Budget:
         try:
             return cls(kind.strip(), float(value)) if sep else cls("?", 0.0)
         except ValueError as err:
-            raise ValueError(f"budget must look like params=R, flops=R or latency=R with R in (0, 1]; got {text!r} "
-                             f"({err})") from None
+            raise ValueError(f"budget must look like params=R, flops=R or latency=R with R in (0, 1]; "
+                             f"got {text!r} ({err})") from None
 
 
 @dataclasses.dataclass(frozen=True)
