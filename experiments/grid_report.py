@@ -102,7 +102,10 @@ def recipe_of(r) -> str:
     text = f"{r.get('optimizer', 'sgd')} lr {r['learning_rate']}"
     text += f" +CE {r['label_weight']}" if r.get("label_weight") else ""
     text += f" +features {r['feature_weight']}" if r.get("feature_weight") else ""
-    return text + (f" +{r['mix']}" if r.get("mix", "none") != "none" else "")
+    text += f" +{r['mix']}" if r.get("mix", "none") != "none" else ""
+    if r.get("rollbacks"):
+        text += f" +guard ({r['rollbacks']} rollback{'s' * (r['rollbacks'] > 1)})"
+    return text + (" +guard" if r.get("divergence_factor") and not r.get("rollbacks") else "")
 
 
 def where(r) -> str:
@@ -341,7 +344,11 @@ gives the CPU seconds at the rate measured later for its own rate). The GPU seco
 beside each run. Runs on the development CPU (`experiments/finetune/main.py --cpu-budget`) train on
 the same image count; their wall time there is recorded (column "device" gives the load) but is
 not the budget: the development CPU is slower than the device's pinned cores and was shared with
-other jobs. A reshaped format (r-cp, …) uses its plain format's measured rate.
+other jobs. A reshaped format (r-cp, …), which the device did not time, uses a plain format's measured
+rate (r-tucker: Tucker-2's, the others CP's) times its distillation speed relative to that format
+measured side by side on the development CPU (`benchmarks/training_implementations.py`, ResNet-32 at
+10%, default training implementations); the column "budget's CPU rate from" says which. The first
+r-CP run (10%, session 5) predates that ratio and used CP's rate as it is.
 
 ## Distilled accuracy, TNN-seed layout (dev test set, 512 images)
 

@@ -615,7 +615,8 @@ def _maybe_finetune(model, result, test_images, test_labels, *, epochs, lr, data
                              key=jax.random.fold_in(jax.random.key(key), 1), progress=progress)
     return dataclasses.replace(result, model=run.model), dict(
         accuracy_before_finetune=before["accuracy"], finetune_epochs=epochs,
-        finetune_seconds=run.seconds, finetune_steps=run.steps)
+        finetune_seconds=run.seconds, finetune_steps=run.steps, finetune_stopped=run.stopped,
+        finetune_rollbacks=run.rollbacks)
 
 
 _INPUT_SHAPE = (1, 32, 32, 3)

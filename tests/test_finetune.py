@@ -162,7 +162,8 @@ def _compressed(teacher, images, format):
                                    key=jax.random.key(0), progress=False, max_steps=2).model
 
 
-CONFIG = ft.FinetuneConfig(epochs=2, batch_size=16, learning_rate=0.05, log_every=1)
+# "as-is": the layers train as built, no per-layer timing (test_training_implementations_... covers "auto").
+CONFIG = ft.FinetuneConfig(epochs=2, batch_size=16, learning_rate=0.05, log_every=1, implementation="as-is")
 
 
 # Every registered format, as others add them; TT-matrix layers come from surgery.to_tt, not from
@@ -226,6 +227,92 @@ def test_interrupted_run_resumes_to_the_same_model(teacher_and_data, tmp_path):
                     checkpoint_dir=tmp_path)
 
 
+# lr 30 without clipping blows SmallCNN's student up at the second step (loss 0.08 -> 22 -> 11 000).
+EXPLODING = ft.FinetuneConfig(epochs=5, batch_size=16, learning_rate=30.0, log_every=1, clip_norm=None,
+                              warmup_fraction=0.0, augment=False)
+
+
+def test_divergence_guard_rolls_back_and_halves_the_learning_rate(teacher_and_data):
+    teacher, images = teacher_and_data
+    student = SmallCNN(widths=(4, 8, 8), rngs=nnx.Rngs(1))
+    unguarded = ft.finetune(student, teacher, images, key=jax.random.key(0), progress=False,
+                            config=ft.FinetuneConfig(**{**EXPLODING.__dict__, "divergence_factor": None}))
+    guarded = ft.finetune(student, teacher, images, key=jax.random.key(0), config=EXPLODING, progress=False)
+    first = unguarded.history["train"][0]["loss"]
+    assert unguarded.history["train"][-1]["loss"] > 100 * first
+    assert guarded.stopped == "completed" and guarded.steps == 10 and guarded.compilations == 1
+    events = guarded.history["guard"]
+    assert guarded.rollbacks == len(events) >= 1
+    assert [e["learning_rate_scale"] for e in events] == [0.5 ** (i + 1) for i in range(len(events))]
+    assert all(e["restored_step"] < e["step"] and not e["stopped"] for e in events)
+    assert guarded.history["train"][-1]["loss"] < 2 * first  # recovered: no logged loss is the blow-up
+    assert all(np.isfinite(np.asarray(p)).all() for p in _params(guarded.model))
+
+
+def test_divergence_guard_gives_up_with_the_last_healthy_state(teacher_and_data):
+    teacher, images = teacher_and_data
+    student = SmallCNN(widths=(4, 8, 8), rngs=nnx.Rngs(1))
+    result = ft.finetune(student, teacher, images, key=jax.random.key(0), progress=False,
+                         config=ft.FinetuneConfig(**{**EXPLODING.__dict__, "max_rollbacks": 0}))
+    assert result.stopped == "diverged" and result.rollbacks == 0 and result.history["guard"][0]["stopped"]
+    restored = result.history["guard"][0]["restored_step"]
+    assert restored == 0  # the only validated state: the student itself
+    for a, b in zip(_params(student), _params(result.model)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_guard_changes_nothing_in_a_healthy_run_and_resumes_exactly(teacher_and_data, tmp_path):
+    teacher, images = teacher_and_data
+    student = _compressed(teacher, images, "cp")
+    off = ft.finetune(student, teacher, images, key=jax.random.key(0), progress=False,
+                      config=ft.FinetuneConfig(**{**CONFIG.__dict__, "divergence_factor": None}))
+    on = ft.finetune(student, teacher, images, key=jax.random.key(0), config=CONFIG, progress=False)
+    assert on.rollbacks == 0
+    for a, b in zip(_params(off.model), _params(on.model)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    # A rollback after the checkpoint goes back to the snapshot saved in it.
+    student = SmallCNN(widths=(4, 8, 8), rngs=nnx.Rngs(1))
+    full = ft.finetune(student, teacher, images, key=jax.random.key(0), config=EXPLODING, progress=False)
+    ft.finetune(student, teacher, images, key=jax.random.key(0), progress=False, checkpoint_dir=tmp_path,
+                config=ft.FinetuneConfig(**{**EXPLODING.__dict__, "time_limit": 1e-9}))
+    resumed = ft.finetune(student, teacher, images, key=jax.random.key(0), config=EXPLODING, progress=False,
+                          checkpoint_dir=tmp_path)
+    assert resumed.resumed_from == 1 and resumed.history["guard"] == full.history["guard"]
+    for a, b in zip(_params(full.model), _params(resumed.model)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_training_implementations_follow_the_timing_rule_and_keep_the_function(teacher_and_data, tmp_path,
+                                                                               monkeypatch):
+    from sigmadecomp.finetune import _implementations as impl
+
+    teacher, images = teacher_and_data
+    student = _compressed(teacher, images, "r-cp")
+    chosen = ft.training_implementations(student, (16, 8, 8, 1), repeats=1)
+    assert set(chosen) == {"conv2", "conv3"}
+    ms = chosen["conv2"]["ms"]
+    assert all(v > 0 for v in ms.values())
+    switched = chosen["conv2"]["implementation"] != "factorized"
+    assert switched == (ms["factorized"] > impl.MARGIN * ms["dense"] and
+                        ms["factorized"] - ms["dense"] >= impl.MIN_SAVING_MS)
+    runs = {mode: ft.finetune(student, teacher, images, key=jax.random.key(0), progress=False,
+                              config=ft.FinetuneConfig(**{**CONFIG.__dict__, "implementation": mode}))
+            for mode in ("factorized", "dense")}
+    assert runs["dense"].history["implementations"] == {"conv2": "dense", "conv3": "dense"}
+    for a, b in zip(_params(runs["factorized"].model), _params(runs["dense"].model)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)  # same function
+    assert runs["dense"].model.conv2.implementation == "factorized"  # the student's own, returned
+    # A resumed run trains with the implementations it started with, without timing again.
+    config = ft.FinetuneConfig(**{**CONFIG.__dict__, "implementation": "auto"})
+    ft.finetune(student, teacher, images, key=jax.random.key(0), progress=False, checkpoint_dir=tmp_path,
+                config=ft.FinetuneConfig(**{**config.__dict__, "time_limit": 1e-9}))
+    monkeypatch.setattr("sigmadecomp.finetune._train.training_implementations",
+                        lambda *a, **k: pytest.fail("timed again on resume"))
+    resumed = ft.finetune(student, teacher, images, key=jax.random.key(0), config=config, progress=False,
+                          checkpoint_dir=tmp_path)
+    assert resumed.resumed_from == 1 and set(resumed.history["implementations"]) == {"conv2", "conv3"}
+
+
 def test_batch_norm_modes_and_feature_term():
     teacher = CifarResNet(8, rngs=nnx.Rngs(0))
     student = CifarResNet(8, rngs=nnx.Rngs(1))
@@ -245,7 +332,8 @@ def test_batch_norm_modes_and_feature_term():
     (dict(epochs=0), "epochs"), (dict(learning_rate=0.0), "learning_rate"), (dict(optimizer="lion"), "optimizer"),
     (dict(batch_norm="x"), "batch_norm"), (dict(warmup_fraction=2.0), "warmup_fraction"),
     (dict(time_limit=-1.0), "time_limit"), (dict(clip_norm=0.0), "clip_norm"), (dict(mix="mosaic"), "mix"),
-    (dict(mix_alpha=0.0), "mix_alpha"),
+    (dict(mix_alpha=0.0), "mix_alpha"), (dict(divergence_factor=1.0), "divergence_factor"),
+    (dict(max_rollbacks=-1), "max_rollbacks"), (dict(implementation="fast"), "implementation"),
 ])
 def test_bad_config_is_a_clear_error(options, needle):
     with pytest.raises(ValueError, match=needle):

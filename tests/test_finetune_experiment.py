@@ -37,3 +37,16 @@ def test_smoke_records_every_field_and_resumes(data_dir, tmp_path):
     assert (tmp_path / "figure.png").stat().st_size > 0
     again = run()  # resumable: nothing left to do, the table is printed from the file
     assert again.returncode == 0 and "0 run(s) to do" in again.stdout and "| svd |" in again.stdout
+
+
+def test_training_implementations_benchmark_smoke(tmp_path):
+    """benchmarks/training_implementations.py runs end to end and its table reads its result file."""
+    out = tmp_path / "t.json"
+    script = ROOT / "benchmarks" / "training_implementations.py"
+    subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], check=True, capture_output=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"resnet20/cp/0.1/b8", "resnet20/r-cp/0.1/b8"}
+    assert all(r[v]["images_per_second"] > 0 for r in rows.values() for v in ("factorized", "dense", "auto"))
+    table = subprocess.run([sys.executable, str(script), "--table", "--out", str(out)], check=True,
+                           capture_output=True, text=True).stdout
+    assert "resnet20/r-cp/0.1/b8" in table

@@ -182,6 +182,13 @@ def test_verify_measures_errors_and_counts():
     assert 0 <= report.top1_agreement <= 1 and report.output_rel_error > 0
     text = str(report)
     assert all(path in text for path in PATHS) and "top-1 agreement" in text
+    # New factors of the same structure: the same compiled step, the same counts.
+    from sigmadecomp.surgery._verify import _make_step
+
+    step = _make_step(model, compressed, p.paths)[0]
+    again = verify(model, apply(model, p, random_factors(p, seed=5)), batches, plan=p)
+    assert _make_step(model, compressed, p.paths)[0] is step and step._cache_size() == 1
+    assert again.flops_after == report.flops_after and again.layers[2].rel_error != report.layers[2].rel_error
 
 
 def test_verify_is_exact_against_the_dense_twin_and_finds_layers_without_plan():

@@ -49,6 +49,9 @@ class Config:
     feature_weight: float = 0.0  # β of the feature-matching term on the residual blocks' outputs
     optimizer: str = "sgd"  # "sgd" (Nesterov) or "adamw"
     mix: str = "none"  # "none", "mixup" or "cutmix" of the training images (the teacher labels the mix)
+    # FinetuneConfig's divergence guard (rollback + half the lr when the loss blows up); the runs
+    # before session 5 had none (their records carry no divergence_factor).
+    divergence_factor: float | None = 2.0
 
 
 FULL = Config()

@@ -222,11 +222,12 @@ def distill(d: Data, student, config: Config, deadline: float | None) -> dict:
     images = sample(d.train, None, config.distill_steps * config.batch_size, key=jax.random.key(config.train_seed + 1))
     run = ft.finetune(student, d.model, images, key=jax.random.key(config.train_seed), config=cfg,
                       evaluate=lambda m: {"accuracy": d.accuracy(m)}, progress=False)
-    cut = run.steps < config.distill_steps
+    cut = run.stopped == "time_limit"  # "diverged": the guard gave up; the last healthy model is the result
     return dict(accuracy_distilled=None if cut else run.history["eval"][-1]["accuracy"],
                 accuracy_at_cut=run.history["eval"][-1]["accuracy"] if cut and run.history["eval"] else None,
                 distill_seconds=round(run.seconds, 2), distill_steps_done=run.steps,
-                distill=f"cut by the budget after {run.steps} steps" if cut else "done",
+                distill=f"cut by the budget after {run.steps} steps" if cut else run.stopped,
+                divergence_factor=cfg.divergence_factor, rollbacks=run.rollbacks,
                 images_per_second=round(run.steps * config.batch_size / max(run.seconds, 1e-9), 1))
 
 

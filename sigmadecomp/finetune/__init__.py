@@ -6,6 +6,8 @@
   history; configured by :class:`FinetuneConfig`, returns a :class:`FinetuneResult`;
 * :func:`distill_on_cifar10`, :func:`finetune_saved` — what ``sigmadecomp compress --finetune-epochs``
   and ``sigmadecomp finetune`` run;
+* :func:`training_implementations` — per factorized layer, train the chain or the dense kernel
+  rebuilt from the factors, whichever step is faster here (``FinetuneConfig.implementation="auto"``);
 * :func:`reestimate_batch_norm` — no training: recompute BatchNorm statistics on calibration images;
 * the pieces: :func:`distillation_loss`, :func:`kl_divergence`, :func:`feature_loss`,
   :func:`augment`, :func:`mix`, :func:`mix_labels`, :func:`resnet_block_outputs`, :func:`save_checkpoint` / :func:`load_checkpoint`.
@@ -20,6 +22,7 @@ from sigmadecomp.finetune._batch_norm import batch_norm_layers, reestimate_batch
 from sigmadecomp.finetune._checkpoint import load_checkpoint, save_checkpoint
 from sigmadecomp.finetune._config import FinetuneConfig
 from sigmadecomp.finetune._features import resnet_block_outputs
+from sigmadecomp.finetune._implementations import apply_implementations, training_implementations
 from sigmadecomp.finetune._loss import distillation_loss, feature_loss, kl_divergence
 from sigmadecomp.finetune._pipeline import distill_on_cifar10, finetune_saved
 from sigmadecomp.finetune._train import FinetuneResult, finetune
@@ -27,6 +30,7 @@ from sigmadecomp.finetune._train import FinetuneResult, finetune
 __all__ = [
     "FinetuneConfig",
     "FinetuneResult",
+    "apply_implementations",
     "augment",
     "mix",
     "mix_labels",
@@ -41,4 +45,5 @@ __all__ = [
     "reestimate_batch_norm",
     "resnet_block_outputs",
     "save_checkpoint",
+    "training_implementations",
 ]

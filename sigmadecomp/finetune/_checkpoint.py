@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-__all__ = ["CHECKPOINT_NAME", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_NAME", "checkpoint_meta", "load_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_NAME = "finetune_checkpoint.safetensors"
 
@@ -41,6 +41,17 @@ def save_checkpoint(folder, trees: Mapping[str, object], meta: Mapping) -> pathl
     return file
 
 
+def checkpoint_meta(folder) -> dict:
+    """The JSON header of the checkpoint in ``folder`` (``{}`` when there is none), arrays unread."""
+    file = pathlib.Path(folder) / CHECKPOINT_NAME
+    if not file.is_file():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(file), "numpy") as f:
+        return json.loads(f.metadata()["meta"])
+
+
 def load_checkpoint(folder, like: Mapping[str, object]) -> tuple[dict, dict] | None:
     """``(trees, meta)`` read from ``folder`` into the structure of ``like`` (same names, paths,
     shapes and dtypes), or ``None`` when the folder holds no checkpoint. A checkpoint of another
@@ -48,10 +59,7 @@ def load_checkpoint(folder, like: Mapping[str, object]) -> tuple[dict, dict] | N
     file = pathlib.Path(folder) / CHECKPOINT_NAME
     if not file.is_file():
         return None
-    from safetensors import safe_open
-
-    with safe_open(str(file), "numpy") as f:
-        meta = json.loads(f.metadata()["meta"])
+    meta = checkpoint_meta(folder)
     tensors = load_file(str(file))
     expected = _named_leaves(like)
     if set(tensors) != set(expected):

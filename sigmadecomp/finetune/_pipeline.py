@@ -41,7 +41,7 @@ def finetune_saved(*, model_dir, teacher_arch: str, teacher_weights, data_dir, e
     """Distil a model saved by ``sigmadecomp compress --save`` from its dense teacher: what
     ``sigmadecomp finetune`` runs. Returns a JSON-ready dict with ``accuracy_before_finetune``,
     ``accuracy``, ``baseline_accuracy`` (the teacher), ``finetune_seconds``, ``finetune_epochs``,
-    ``finetune_steps`` and the configuration; ``save_dir`` receives the fine-tuned model."""
+    ``finetune_steps``, ``finetune_stopped``, ``finetune_rollbacks`` (divergence guard) and the configuration; ``save_dir`` receives the fine-tuned model."""
     from sigmadecomp.compress import ARCHS
     from sigmadecomp.models import pretrained_resnet
     from sigmadecomp.surgery import Plan, load, save
@@ -64,7 +64,8 @@ def finetune_saved(*, model_dir, teacher_arch: str, teacher_weights, data_dir, e
         accuracy_before_finetune=before, accuracy=_accuracy(result.model, test_images, test_labels),
         baseline_accuracy=_accuracy(teacher, test_images, test_labels), num_eval_images=int(len(test_labels)),
         finetune_seconds=result.seconds, finetune_wall_seconds=wall, finetune_epochs=epochs,
-        finetune_steps=result.steps, history=result.history,
+        finetune_steps=result.steps, finetune_stopped=result.stopped, finetune_rollbacks=result.rollbacks,
+        history=result.history,
         config=dict(model=str(model_dir), teacher_arch=teacher_arch, teacher_weights=str(teacher_weights),
                     data=str(data_dir), eval_data=str(eval_dir or data_dir), learning_rate=learning_rate,
                     key=key, save=None if save_dir is None else str(save_dir)))

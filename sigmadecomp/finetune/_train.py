@@ -21,9 +21,11 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from sigmadecomp.finetune._augment import augment, mix, mix_labels
-from sigmadecomp.finetune._checkpoint import load_checkpoint, save_checkpoint
+from sigmadecomp.finetune._checkpoint import checkpoint_meta, load_checkpoint, save_checkpoint
 from sigmadecomp.finetune._config import FinetuneConfig
 from sigmadecomp.finetune._features import default_features
+from sigmadecomp.finetune._implementations import (apply_implementations, factorized_layers,
+                                                   training_implementations)
 from sigmadecomp.finetune._loss import distillation_loss
 
 __all__ = ["FinetuneResult", "finetune"]
@@ -35,11 +37,13 @@ Features = Callable[[nnx.Module, jax.Array], tuple[jax.Array, list]]
 class FinetuneResult:
     """The fine-tuned student (inference mode) and what happened.
 
-    ``history`` is JSON-ready: ``{"train": [...], "eval": [...]}``. Train entries (every
+    ``history`` is JSON-ready: ``{"train": [...], "eval": [...], "guard": [...]}``. Train entries (every
     ``log_every`` steps): ``step``, ``epoch``, ``loss``, ``kl``, ``ce``, ``feature`` (means over the
     interval), ``learning_rate``, ``seconds`` (training time so far, evaluation and checkpoints
     excluded), ``images_per_second`` (over the interval). Eval entries: ``step``, ``seconds`` and
     whatever ``evaluate`` returned (one before the first step, then every ``eval_every`` steps).
+    Guard entries (one per divergence): ``step``, ``loss``, ``average``, ``lowest``,
+    ``restored_step``, ``learning_rate_scale`` (after the rollback), ``stopped``.
     """
 
     model: nnx.Module
@@ -47,27 +51,39 @@ class FinetuneResult:
     steps: int  # steps taken in total (including those of a resumed run)
     seconds: float  # training seconds in total
     compilations: int  # compiled versions of the train step (1: no recompilation)
-    stopped: str  # "completed" or "time_limit"
+    stopped: str  # "completed", "time_limit" or "diverged" (the divergence guard gave up)
     resumed_from: int  # step the run resumed from (0: fresh start)
+    rollbacks: int = 0  # divergence-guard rollbacks (each halved the learning rate)
 
 
-def _split(student: nnx.Module, config: FinetuneConfig):
+def _split(student: nnx.Module, config: FinetuneConfig, implementations: dict):
     student = nnx.clone(student)
+    apply_implementations(student, implementations)
     student.train() if config.batch_norm == "update" else student.eval()
     return nnx.split(student, nnx.Param, ...)
+
+
+def _implementations(student, config: FinetuneConfig, batch_shape: tuple) -> dict:
+    """``{path: implementation}`` the student trains with (see ``FinetuneConfig.implementation``)."""
+    if config.implementation == "auto":
+        return {p: c["implementation"] for p, c in training_implementations(student, batch_shape).items()}
+    if config.implementation == "as-is":
+        return {}
+    return {p: config.implementation for p in factorized_layers(student)}
 
 
 @functools.lru_cache(maxsize=16)
 def _make_step(graphdef, teacher_graphdef, config: FinetuneConfig, total: int, features: Features | None):
     """The jitted train step, cached: a second run with the same models, configuration and number of
     steps reuses the compiled step instead of compiling it again."""
-    tx = config.optimizer_for(total)
+    tx = config.optimizer_for(None)  # learning rate 1: the step scales the updates itself
+    lr = config.schedule(total)
     use_features = config.feature_weight > 0
 
     def forward(model, x):
         return features(model, x) if use_features else (model(x), [])
 
-    def step(params, rest, opt_state, teacher_state, images, labels, key):
+    def step(params, rest, opt_state, teacher_state, images, labels, key, count, lr_scale):
         mixed = config.mix != "none"
         augment_key, mix_key = jax.random.split(key) if mixed else (key, None)  # mix "none": as before
         x = augment(augment_key, images, pad=config.pad) if config.augment else images
@@ -89,7 +105,8 @@ def _make_step(graphdef, teacher_graphdef, config: FinetuneConfig, total: int, f
 
         (loss, (parts, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        params = jax.tree_util.tree_map(lambda p, u: p + u.astype(p.dtype), params, updates)
+        rate = lr(count) * lr_scale  # the schedule at this step; lr_scale < 1 after a rollback
+        params = jax.tree_util.tree_map(lambda p, u: p + (u * rate).astype(p.dtype), params, updates)
         return params, new_rest, opt_state, dict(parts, loss=loss)
 
     return jax.jit(step)
@@ -176,45 +193,123 @@ def finetune(
     features = features or default_features(student, teacher, config.feature_weight)
     steps_per_epoch = images.shape[0] // config.batch_size
     total = config.epochs * steps_per_epoch
-    tx = config.optimizer_for(total)
-    graphdef, params, rest = _split(student, config)
+    tx = config.optimizer_for(None)
+    implementations = None
+    if checkpoint_dir is not None:  # a resumed run trains with the implementations it started with
+        implementations = checkpoint_meta(checkpoint_dir).get("history", {}).get("implementations")
+    if implementations is None:
+        implementations = _implementations(student, config, (config.batch_size, *images.shape[1:]))
+    graphdef, params, rest = _split(student, config, implementations)
     teacher = nnx.clone(teacher)
     teacher.eval()
     teacher_graphdef, teacher_state = nnx.split(teacher)
     opt_state = tx.init(params)
     shuffle_key, augment_key = jax.random.split(key)
     fingerprint = _fingerprint(config, key, images.shape[0])
-    history, start, seconds = {"train": [], "eval": []}, 0, 0.0
+    history = {"train": [], "eval": [], "guard": [], "implementations": implementations}
+    start, seconds = 0, 0.0
+    state = [params, rest, opt_state]
+    guard = _Guard(config.divergence_factor, config.max_rollbacks, list(state), events=history["guard"])
     if checkpoint_dir is not None:
-        loaded = load_checkpoint(checkpoint_dir, dict(params=params, rest=rest, opt_state=opt_state))
+        loaded = load_checkpoint(checkpoint_dir, dict(state=_named(state), snapshot=_named(state)))
         if loaded is not None:
             trees, meta = loaded
             if meta["fingerprint"] != fingerprint:
                 raise ValueError(f"the checkpoint in {checkpoint_dir} was made with another config, key or "
                                  "data size; use the same ones to resume, or another folder")
-            params, rest, opt_state = trees["params"], trees["rest"], trees["opt_state"]
+            state = _unnamed(trees["state"])
             history, start, seconds = meta["history"], meta["step"], meta["seconds"]
+            guard.restore(meta["guard"], _unnamed(trees["snapshot"]), history["guard"])
+            params, rest = state[0], state[1]
     loop = _Loop(config, images, labels, steps_per_epoch, shuffle_key, augment_key, evaluate, graphdef)
     step_fn = _make_step(graphdef, teacher_graphdef, config, total, features)
     if evaluate is not None and start == 0:
         history["eval"].append(_eval_entry(evaluate, graphdef, params, rest, 0, 0.0))
     bar = tqdm(total=total, initial=start, desc="distillation", disable=not progress, unit="step")
-    state = [params, rest, opt_state]
-    step, seconds, stopped = loop.run(step_fn, state, teacher_state, start, total, seconds, history, bar,
-                                      lambda s, sec: _save(checkpoint_dir, state, s, sec, history, fingerprint))
+    save = functools.partial(_save, checkpoint_dir, state, guard, history, fingerprint)
+    step, seconds, stopped = loop.run(step_fn, state, guard, teacher_state, start, total, seconds, history,
+                                      bar, save)
     bar.close()
-    if checkpoint_dir is not None:
-        _save(checkpoint_dir, state, step, seconds, history, fingerprint)
+    save(step, seconds)
     model = nnx.merge(graphdef, state[0], state[1])
     model.eval()
-    return FinetuneResult(model, history, step, seconds, step_fn._cache_size(), stopped, start)
+    apply_implementations(model, {p: layer.implementation for p, layer in factorized_layers(student).items()})
+    return FinetuneResult(model, history, step, seconds, step_fn._cache_size(), stopped, start,
+                          guard.rollbacks)
 
 
-def _save(folder, state, step, seconds, history, fingerprint):
+def _named(state: list) -> dict:
+    return dict(params=state[0], rest=state[1], opt_state=state[2])
+
+
+def _unnamed(trees: dict) -> list:
+    return [trees["params"], trees["rest"], trees["opt_state"]]
+
+
+def _save(folder, state, guard, history, fingerprint, step, seconds):
     if folder is None:
         return
-    save_checkpoint(folder, dict(params=state[0], rest=state[1], opt_state=state[2]),
-                    dict(step=step, seconds=seconds, history=history, fingerprint=fingerprint))
+    save_checkpoint(folder, dict(state=_named(state), snapshot=_named(guard.snapshot)),
+                    dict(step=step, seconds=seconds, history=history, fingerprint=fingerprint, guard=guard.meta()))
+
+
+@dataclasses.dataclass
+class _Guard:
+    """The divergence guard (``FinetuneConfig.divergence_factor``): a moving average of the loss,
+    its lowest value, the last healthy training state and the learning-rate scale."""
+
+    factor: float | None
+    max_rollbacks: int
+    snapshot: list  # [params, rest, opt_state] at snapshot_step (arrays are immutable: no copy)
+    snapshot_step: int = 0
+    snapshot_average: float | None = None
+    scale: float = 1.0
+    average: float | None = None
+    lowest: float = float("inf")
+    rollbacks: int = 0
+    events: list = dataclasses.field(default_factory=list)
+
+    DECAY = 0.9  # moving average over about ten steps
+    HEALTHY = 1.25  # snapshots only while the average is within 25% of its lowest
+
+    def observe(self, loss: float) -> bool:
+        """Follow one step's loss; ``True`` when the run diverges."""
+        if self.factor is None:
+            return False
+        if not np.isfinite(loss):
+            return True
+        self.average = loss if self.average is None else self.DECAY * self.average + (1 - self.DECAY) * loss
+        self.lowest = min(self.lowest, self.average)
+        return self.average > self.factor * self.lowest
+
+    def remember(self, state: list, step: int):
+        if self.factor is not None and self.average is not None and self.average <= self.HEALTHY * self.lowest:
+            self.snapshot, self.snapshot_step, self.snapshot_average = list(state), step, self.average
+
+    def roll_back(self, state: list, step: int, loss: float) -> bool:
+        """Restore the snapshot into ``state``; ``False`` (state restored, run to stop) when the
+        rollbacks are used up."""
+        state[:] = self.snapshot
+        give_up = self.rollbacks >= self.max_rollbacks
+        if not give_up:
+            self.rollbacks += 1
+            self.scale *= 0.5
+        self.events.append(dict(step=step, loss=loss, average=self.average, lowest=self.lowest,
+                                restored_step=self.snapshot_step, learning_rate_scale=self.scale,
+                                stopped=give_up))
+        self.average = self.snapshot_average
+        return not give_up
+
+    def meta(self) -> dict:
+        return dict(snapshot_step=self.snapshot_step, snapshot_average=self.snapshot_average, scale=self.scale, average=self.average,
+                    lowest=self.lowest if np.isfinite(self.lowest) else None, rollbacks=self.rollbacks)
+
+    def restore(self, meta: dict, snapshot: list, events: list):
+        self.snapshot, self.snapshot_step = snapshot, meta["snapshot_step"]
+        self.snapshot_average = meta["snapshot_average"]
+        self.scale, self.average, self.rollbacks = meta["scale"], meta["average"], meta["rollbacks"]
+        self.lowest = float("inf") if meta["lowest"] is None else meta["lowest"]
+        self.events = events
 
 
 @dataclasses.dataclass
@@ -236,7 +331,7 @@ class _Loop:
         idx = order[i * self.config.batch_size : (i + 1) * self.config.batch_size]
         return jnp.asarray(self.images[idx]), jnp.asarray(self.labels[idx])
 
-    def run(self, step_fn, state, teacher_state, start, total, seconds, history, bar, save):
+    def run(self, step_fn, state, guard, teacher_state, start, total, seconds, history, bar, save):
         c, spe = self.config, self.steps_per_epoch
         eval_every, ckpt_every = c.eval_every or spe, c.checkpoint_every or spe
         lr = c.schedule(total)
@@ -245,22 +340,33 @@ class _Loop:
         step, stopped = start, "completed"
         while step < total:
             images, labels = self.batch(step)
+            previous = list(state)  # the state this step's loss is measured on
             *new_state, parts = step_fn(*state, teacher_state, images, labels,
-                                       jax.random.fold_in(self.augment_key, step))
-            state[:] = new_state
+                                       jax.random.fold_in(self.augment_key, step), np.int32(step),
+                                       np.float32(guard.scale))
             parts = {k: float(v) for k, v in parts.items()}  # waits for the step: honest timing
             step += 1
+            if guard.observe(parts["loss"]):
+                if not guard.roll_back(state, step, parts["loss"]):
+                    stopped = "diverged"
+                    break
+                parts = {}  # the diverged step is not logged as a loss
+            else:
+                state[:] = new_state
             now = time.perf_counter()
             seconds, tic = seconds + (now - tic), now
-            sums = {k: sums.get(k, 0.0) + v for k, v in parts.items()}
-            count += 1
-            if step % c.log_every == 0 or step == total:
+            if parts:
+                sums = {k: sums.get(k, 0.0) + v for k, v in parts.items()}
+                count += 1
+            if (step % c.log_every == 0 or step == total) and count:
                 rate = count * c.batch_size / max(seconds - interval_start, 1e-9)
                 history["train"].append(dict(
                     step=step, epoch=round(step / spe, 4), **{k: v / count for k, v in sums.items()},
-                    learning_rate=float(lr(step)), seconds=round(seconds, 3), images_per_second=round(rate, 2)))
+                    learning_rate=float(lr(step)) * guard.scale, seconds=round(seconds, 3),
+                    images_per_second=round(rate, 2)))
                 bar.set_postfix(loss=f"{sums['loss'] / count:.4f}", img_s=f"{rate:.0f}")
                 sums, count, interval_start = {}, 0, seconds
+                guard.remember(previous, step - 1)  # validated by this step's loss, unlike the new state
             bar.update(1)
             limit_hit = c.time_limit is not None and seconds >= c.time_limit
             if self.evaluate is not None and (step % eval_every == 0 or step == total or limit_hit):

@@ -20,6 +20,7 @@ modified; put them in inference mode (``model.eval()``) first if they have batch
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable
 from typing import Optional
 
@@ -147,7 +148,14 @@ def _inputs(batch):
 
 
 def _make_step(original, compressed, paths):
-    graph_o, graph_c = nnx.graphdef(original), nnx.graphdef(compressed)
+    return _cached_step(nnx.graphdef(original), nnx.graphdef(compressed), tuple(paths))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_step(graph_o, graph_c, paths: tuple):
+    """The jitted comparison step of one (original, compressed, paths) structure, cached so that a
+    second ``verify`` of models of the same structure (new weights, new data of the same shape)
+    reuses its compilation; the MAC counts filled in at trace time are cached with it."""
     macs_o: dict = {}
     macs_c: dict = {}
 
