@@ -683,11 +683,8 @@ def summary(report: dict) -> str:
         scores = (f"  top-1 agreement {agreement}, output relative error "
                   f"{report['output_relative_error']:.4g} ({report['num_eval_images']} unlabelled images)")
     return "\n".join([
-        f"{c['arch']} {c['format']}/{c['norm']} ({c.get('calibration', 'parallel')} calibration) "
-        f"{_ranks_text(c, report)} ({len(report['layers'])} layers, "
-        f"{c.get('arch') or c.get('model')} {c['format']}/{c['norm']} "
-        f"({c.get('calibration', 'parallel')} calibration) "
-        f"ratio {c['ratio']} ({len(report['layers'])} layers, "
+        f"{c.get('arch') or c.get('model')} {c['format']}/{c['norm']} ({c.get('calibration', 'parallel')} "
+        f"calibration) {_ranks_text(c, report)} ({len(report['layers'])} layers, "
         f"{c['calib']} calibration images, key {c['key']})",
         scores,
         f"  params    {report['params']:,} / {report['baseline_params']:,} "

@@ -98,7 +98,8 @@ def test_budget_is_met_in_table_ms_and_a_given_table_is_not_timed_again(net, mea
 
 def test_a_table_from_a_report_file_is_reused(net, measured, tmp_path, monkeypatch):
     path = tmp_path / "report.json"
-    path.write_text(json.dumps({"rank_selection": measured[0].to_dict()}))
+    # shaped like a `sigmadecomp compress --json` report: its own "layers" beside "rank_selection"
+    path.write_text(json.dumps({"layers": [], "rank_selection": measured[0].to_dict()}))
     monkeypatch.setattr(_table, "_time_options", lambda *a, **k: pytest.fail("timed despite latency_table="))
     again = _select(net, budget="latency=1.0", latency_table=str(path))
     assert dict(again) == dict(measured[0])

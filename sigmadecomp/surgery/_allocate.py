@@ -662,8 +662,10 @@ def _load_latency_table(table) -> dict:
     if isinstance(table, (str, os.PathLike)):
         with open(table) as f:
             table = json.load(f)
-    if isinstance(table, Mapping) and "layers" not in table:
-        table = table.get("latency_table", table.get("rank_selection", {}).get("latency_table"))
+    if isinstance(table, Mapping) and "rank_selection" in table:  # a compress report
+        table = table["rank_selection"]
+    if isinstance(table, Mapping) and "latency_table" in table:  # a selection's report
+        table = table["latency_table"]
     if not isinstance(table, Mapping) or not isinstance(table.get("layers"), Mapping):
         raise ValueError("latency_table must be a table from layer_latency_table / selection.latency_table "
                          "(a dict with 'layers'), or a JSON file holding one")
