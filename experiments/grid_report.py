@@ -426,6 +426,58 @@ Cells that failed on the device: {len(failures)}{''.join(f'; {f["cell"]}: {f["er
 # ------------------------------------------------------------------------------ issue 12
 
 
+def latency_section(rsm, results) -> str:
+    """The latency-budget runs: table, then what the load and the per-layer sum do to the numbers."""
+    import numpy as np
+
+    runs = [r for r in results["runs"] if "latency" in r]
+    if not runs:
+        return "Not measured yet."
+    gaps = ", ".join(f"{r['format']} {r['achieved_latency']:.2f} → {r['latency']['measured_ratio']:.2f}" for r in runs)
+    loads = sorted(v for r in runs for v in (r["latency"]["table_load"][0][0], r["latency"]["model_load"][0][0]))
+    spread = []
+    for r in runs:  # interquartile range of the dense model's interleaved samples, relative to its median
+        q1, med, q3 = np.percentile(r["latency"]["model_samples_ms"]["dense"], [25, 50, 75])
+        spread.append(f"{r['format']} {r['budget']} ±{50 * (q3 - q1) / med:.0f} %")
+    batch = runs[0]["latency"]["batch_size"]
+    above = sum(r["latency"]["measured_ratio"] > r["achieved_latency"] for r in runs)
+    per_format = ", ".join(
+        f"{f} {sum(r['latency']['measured_ratio'] > r['achieved_latency'] for r in runs if r['format'] == f)} of "
+        f"{sum(r['format'] == f for r in runs)}" for f in sorted({r["format"] for r in runs}))
+    flops_ratios = [r["latency"]["flops_selection"]["measured_ratio"] for r in runs]
+    at_half = ", ".join(f"{r['format']} {100 * r['accuracy']:.1f} %" for r in runs if r["budget"] == "latency=0.5")
+    first = "; ".join(
+        f"{r['format']} at ranks {r['layers'][0]['ranks']}: {l['ms'] / l['dense_ms']:.2f} of the dense ms"
+        for r in runs if r["budget"] == "latency=0.5" for l in r["latency"]["layers"][:1])
+    return f"""`select_ranks(..., rule="global", budget="latency=R")` costs every candidate (the same grid as
+params/flops, plus dense) by the measured forward time of that layer alone at its real input shape,
+batch {batch}, factorized implementation, on this 2-core CPU (`sigmadecomp.latency.layer_latency_table`:
+interleaved medians, made monotone in the ranks, one timing per layer signature); `R` is relative
+to the summed dense ms of the eligible layers. Each run below then times the whole dense model,
+the latency-selected model and the `flops=0.5` global selection of the same format (factorized,
+batch {batch}, interleaved in the same process). Accuracy of the `flops=0.5` selection is that of
+its own run in the table above (same cache, same ranks).
+
+{rsm.latency_versus(results)}
+
+Predicted (sum of the layers' table ms over the dense sum) → measured (whole model): {gaps}.
+The measured ratio was above the predicted one in {above} of {len(runs)} runs ({per_format}). Two effects pull
+apart: the whole model also runs layers that are never compressed (first conv, classifier, batch
+norms, ReLUs, residual adds), which pulls the ratio towards 1; and a layer timed alone carries a
+call's dispatch and misses XLA's fusion across layers, which changes the factorized chains (three
+small convs for Tucker-2) more than one dense conv. Sequential calibration may also keep a layer dense when its fit
+fails (tucker2 latency=0.5: `layer2.0.conv2` at ranks (1, 4) went non-finite and stayed dense; see
+`logs/latency.log`), which the measured model then pays for. On this CPU the factorized layers
+have a time floor: in the first stage (16 channels, 32×32) the choice at latency=0.5 (rank 1 is
+the smallest candidate of SVD and Tucker-2) was {first}; at that budget the accuracy was {at_half}. The `flops=0.5` global selections measured
+{min(flops_ratios):.2f}–{max(flops_ratios):.2f} of the dense model's time here: MACs do not predict CPU
+latency at batch {batch}, which is what a measured budget is for. The machine was
+shared (1-minute load averages {loads[0]}–{loads[-1]} on 2 cores while timing, other engineers'
+experiments running), so absolute ms are inflated and noisy; the interquartile half-range of the
+dense model's samples was {", ".join(spread)}. Ratios of interleaved medians are what to quote;
+a quiet machine, more repeats, or a GPU run would tighten them."""
+
+
 def rank_readme(args, meta) -> None:
     rsm = load_experiment("rank_selection")
     results = load_results(args.rank_dir / "results.json")
@@ -476,6 +528,10 @@ than the up-front (upper-bound) estimates of the later ones, so each layer looks
 the budget piles up in the last layers (details: `replan_part/NOTES.md`).
 
 {rsm.replan_versus(results)}
+
+## Measured-latency budget (`--budget latency=R`)
+
+{latency_section(rsm, results)}
 
 ## Published ResNet-20 / CIFAR-10 points
 

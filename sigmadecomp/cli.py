@@ -55,8 +55,8 @@ def _ratio(text: str) -> float:
 
 def _budget(text: str) -> str:
     kind, sep, value = text.partition("=")
-    if not sep or kind not in ("params", "flops"):
-        raise argparse.ArgumentTypeError(f"expected params=R or flops=R, got {text!r}")
+    if not sep or kind not in ("params", "flops", "latency"):
+        raise argparse.ArgumentTypeError(f"expected params=R, flops=R or latency=R, got {text!r}")
     _ratio(value)
     return text
 
@@ -207,8 +207,12 @@ def _add_compress(commands) -> None:
                                "unfoldings), global (minimise predicted output damage under --budget; "
                                "a layer may stay dense). Default: uniform")
     compress.add_argument("--budget", type=_budget, default=None,
-                          help="whole-model budget params=R or flops=R (R in (0, 1], relative to the "
-                               "compressed layers' dense counts); replaces --ratio")
+                          help="whole-model budget params=R, flops=R or latency=R (R in (0, 1], relative to the "
+                               "compressed layers' dense counts, or to their summed ms measured here one layer "
+                               "at a time at --deploy-batch, --rank-rule global only); replaces --ratio")
+    compress.add_argument("--latency-table", type=pathlib.Path, default=None,
+                          help="with --budget latency=R: reuse the latency table of an earlier --json report "
+                               "(or a JSON file of one table) instead of timing the layers again")
     compress.add_argument("--replan", action="store_true",
                           help="with --rank-rule global and --calibration sequential: re-solve the global "
                                "selection stage by stage during the sequential pass, with each layer's "
@@ -420,7 +424,7 @@ def _run_compress(args) -> int:
             raise ValueError("--replan applies to --arch on CIFAR-10 folders only, for now")
         if args.finetune_epochs:
             raise ValueError("--finetune-* applies to --arch on CIFAR-10 folders only, for now")
-        if args.rank_rule != "uniform" or args.budget is not None or args.tau is not None:
+        if args.rank_rule != "uniform" or args.budget is not None or args.tau is not None or args.latency_table:
             raise ValueError("--rank-rule/--budget/--tau apply to --arch on CIFAR-10 folders only, for now "
                              "(other models take --ratio)")
         return _finish(args, _run_user_model(args))
@@ -436,6 +440,7 @@ def _run_compress(args) -> int:
         finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
         finetune_data=args.finetune_data, progress=args.progress, implementation=args.implementation,
         latency_repeats=args.latency_repeats, deploy_batch=args.deploy_batch,
+        **({} if args.latency_table is None else {"latency_table": args.latency_table}),
     )
     return _finish(args, report)
 

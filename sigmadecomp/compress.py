@@ -434,6 +434,7 @@ def compress_pretrained(
     implementation: str = "auto",
     latency_repeats: int = 5,
     deploy_batch: int = 128,
+    latency_table=None,
 ) -> dict:
     """Compress a pretrained CIFAR-10 ResNet and evaluate it: what ``sigmadecomp compress`` runs.
 
@@ -456,8 +457,9 @@ def compress_pretrained(
     to the original's (:func:`sigmadecomp.calibration.correct_bias`).
 
     ``rank_rule`` (``"uniform"``, ``"energy"``, ``"vbmf"``, ``"global"``), ``budget``
-    (``"params=R"`` / ``"flops=R"``, relative to the compressed layers' dense counts; replaces
-    ``ratio``) and ``tau`` choose the ranks with :func:`sigmadecomp.surgery.select_ranks`, on the
+    (``"params=R"`` / ``"flops=R"`` / ``"latency=R"``, relative to the compressed layers' dense
+    counts or summed measured ms at ``deploy_batch``, rule ``global`` only; replaces ``ratio``; a
+    measured ``latency_table`` — dict or JSON file, e.g. an earlier report — skips the timing) and ``tau`` choose the ranks with :func:`sigmadecomp.surgery.select_ranks`, on the
     original network's statistics, before any layer is fitted (also under sequential
     calibration). The report then has a ``rank_selection`` entry (rule, achieved budget,
     predicted damage) and each layer its ``predicted_error`` and ``sensitivity``. ``replan=True``
@@ -496,7 +498,7 @@ def compress_pretrained(
     if rank_rule != "uniform" or (budget is not None and not budget.startswith("params")):
         selection = _select(model, calib_images, format=format, norm=norm, rule=rank_rule, budget=budget,
                             tau=tau, skip=skip, key=jax.random.fold_in(calib_key, 1), batch_size=batch_size,
-                            progress=progress)
+                            progress=progress, latency_batch=deploy_batch, latency_table=latency_table)
         ratio, ranks, skip = None, selection, selection.is_dense
     elif budget is not None:
         ratio = sd.surgery.Budget.parse(budget).ratio
@@ -591,13 +593,15 @@ def _implementations_after(model, plan, implementation: str, deploy_batch: int):
     return dataclasses.replace(chosen, entries=entries, left_dense=())
 
 
-def _select(model, calib_images, *, format, norm, rule, budget, tau, skip, key, batch_size, progress):
+def _select(model, calib_images, *, format, norm, rule, budget, tau, skip, key, batch_size, progress, latency_batch=128,
+            latency_table=None):
     """Rank selection on the original network's statistics (see :func:`select_ranks`)."""
     paths = sd.plan(model, format=format, ratio=1.0, skip=skip).paths
     covariances = calibrate(model, calib_images, layers=paths, batch_size=batch_size, progress=progress)
     return sd.surgery.select_ranks(model, covariances, format=format, rule=rule, budget=budget, tau=tau,
                                    norm=norm, images=calib_images, key=key, skip=skip,
-                                   input_shape=(1, *np.shape(calib_images)[1:]), progress=progress)
+                                   input_shape=(1, *np.shape(calib_images)[1:]), progress=progress,
+                                   batch_size=latency_batch, latency_table=latency_table)
 def _maybe_finetune(model, result, test_images, test_labels, *, epochs, lr, data_dir, key, batch_size,
                     progress) -> tuple[Compressed, dict]:
     """Distil ``result.model`` from ``model`` when ``epochs > 0``; the report fields either way."""
@@ -663,6 +667,8 @@ def _ranks_text(config: dict, report: dict) -> str:
     sel = report.get("rank_selection") or {}
     achieved = sel.get("achieved_params")
     tail = "" if achieved is None else f", achieved params {achieved:.3f} flops {sel['achieved_flops']:.3f}"
+    if sel.get("achieved_latency") is not None:
+        tail += f" latency {sel['achieved_latency']:.3f} (layers alone, measured here)"
     return f"rank rule {rule}, budget {config.get('budget') or config.get('tau')}{tail}"
 
 
@@ -677,11 +683,8 @@ def summary(report: dict) -> str:
         scores = (f"  top-1 agreement {agreement}, output relative error "
                   f"{report['output_relative_error']:.4g} ({report['num_eval_images']} unlabelled images)")
     return "\n".join([
-        f"{c['arch']} {c['format']}/{c['norm']} ({c.get('calibration', 'parallel')} calibration) "
-        f"{_ranks_text(c, report)} ({len(report['layers'])} layers, "
-        f"{c.get('arch') or c.get('model')} {c['format']}/{c['norm']} "
-        f"({c.get('calibration', 'parallel')} calibration) "
-        f"ratio {c['ratio']} ({len(report['layers'])} layers, "
+        f"{c.get('arch') or c.get('model')} {c['format']}/{c['norm']} ({c.get('calibration', 'parallel')} "
+        f"calibration) {_ranks_text(c, report)} ({len(report['layers'])} layers, "
         f"{c['calib']} calibration images, key {c['key']})",
         scores,
         f"  params    {report['params']:,} / {report['baseline_params']:,} "

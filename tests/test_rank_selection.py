@@ -133,7 +133,8 @@ def test_allocate_rejects_an_impossible_budget():
 
 def test_budget_parse():
     assert Budget.parse("params=0.33") == Budget("params", 0.33)
-    for bad in ("params", "latency=0.5", "flops=2", "flops=x"):
+    assert Budget.parse("latency=0.5") == Budget("latency", 0.5)
+    for bad in ("params", "time=0.5", "latency=0", "flops=2", "flops=x"):
         with pytest.raises(ValueError, match="budget"):
             Budget.parse(bad)
 
@@ -253,7 +254,8 @@ def test_bad_arguments(small_net):
 
 
 @pytest.mark.parametrize("argv, needle", [(["--budget", "params"], "params=R"),
-                                          (["--budget", "latency=0.5"], "params=R"),
+                                          (["--budget", "time=0.5"], "latency=R"),
+                                          (["--budget", "latency=1.5"], "(0, 1]"),
                                           (["--budget", "flops=1.5"], "(0, 1]"),
                                           (["--rank-rule", "best"], "invalid choice")])
 def test_cli_rejects_bad_rank_options(tmp_path, capsys, argv, needle):

@@ -29,6 +29,8 @@ class Config:
     sweep_grid: tuple = (0.08, 0.16, 0.25, 0.35, 0.5, 0.7)
     skip: tuple = ("conv1", "linear")
     batch_size: int = 256
+    latency_batch: int = 128  # latency budget: batch at which layers (table) and models are timed
+    latency_repeats: int = 7  # interleaved rounds per median (layers and whole models)
 
 
 def _block(formats, rules, budgets, arch=20, norm="sigma", calibration="sequential"):
@@ -51,6 +53,10 @@ _PRIORITY = (
     + _block(("tucker2",), ("global_sweeps_replan",), ("params=0.33", "params=0.5"))
     + _block(("tucker2", "svd"), ("uniform", "global"), ("params=0.5",), norm="frobenius", calibration="parallel")
     + _block(("tucker2", "svd", "cp"), ("uniform", "global"), ("params=0.33", "params=0.5"), arch=32)
+    # measured-latency budget (CPU, batch 128): predicted vs measured whole-model latency
+    + _block(("tucker2", "svd", "cp"), ("global",), ("latency=0.5",))
+    # 0.5 forced rank 1 in the first stage (factorized layers have a time floor on this CPU): milder budgets
+    + _block(("tucker2", "svd", "cp"), ("global",), ("latency=0.7", "latency=0.85"))
 )
 
 FULL = Config(runs=tuple(dict.fromkeys(_PRIORITY)))
@@ -63,7 +69,10 @@ SMOKE = Config(
         (20, "svd", "sigma", "parallel", "global", "params=0.5"),
         (20, "svd", "sigma", "parallel", "vbmf", "none"),
         (20, "svd", "sigma", "sequential", "global_replan", "params=0.5"),  # the re-planning path
+        (20, "svd", "sigma", "parallel", "global", "latency=0.9"),  # the latency path
     ),
+    latency_batch=16,
+    latency_repeats=1,
     calib_images=32,
     test_images=64,
     max_steps=2,

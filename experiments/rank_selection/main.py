@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 from sigmadecomp import calibration as seqcal  # noqa: E402
 from sigmadecomp import compress  # noqa: E402
 from sigmadecomp.data import cifar10_normalize, load_cifar10, sample  # noqa: E402
+from sigmadecomp.latency import machine_load, model_latency  # noqa: E402
 from sigmadecomp.models import pretrained_resnet  # noqa: E402
 from sigmadecomp.surgery import plan, select_ranks  # noqa: E402
 
@@ -81,6 +82,7 @@ class Arch:
         self.params = compress.count_params(self.model)
         self.macs = int(plan(self.model, format="svd", ratio=1.0, input_shape=INPUT_SHAPE).flops_before)
         self.cache = {}
+        self.model.eval()  # inference mode (BatchNorm) for the latency measurements
 
 
 def measure(arch: Arch, key, test, config) -> dict:
@@ -95,7 +97,8 @@ def measure(arch: Arch, key, test, config) -> dict:
                        key=jax.random.key(config.calib_seed + 1), skip=config.skip, input_shape=INPUT_SHAPE,
                        proxy=proxy if rule.startswith("global") else None,
                        grid=config.sweep_grid if proxy == "sweeps" else config.grid, sweeps=config.proxy_sweeps,
-                       cache=arch.cache.setdefault(norm, {}), progress=False)
+                       cache=arch.cache.setdefault(norm, {}), batch_size=config.latency_batch,
+                       latency_repeats=config.latency_repeats, progress=False)
     select_seconds = time.perf_counter() - start
     common = dict(format=fmt, ranks=sel, skip=sel.is_dense, key=jax.random.key(config.compress_seed),
                   max_steps=config.max_steps, batch_size=config.batch_size, progress=False)
@@ -129,9 +132,60 @@ def measure(arch: Arch, key, test, config) -> dict:
                      **({"upfront_ranks": None if c.ranks is None else list(c.ranks)} if replan else {}))
                 for c in sel.layers],
         **({"replan": replan} if replan else {}),
+        **(latency_record(arch, key, sel, result, config) if budget.startswith("latency") else {}),
         select_seconds=round(select_seconds, 2), seconds=round(time.perf_counter() - start, 2),
         calib_images=config.calib_images, test_images=len(test[1]), max_steps=config.max_steps,
         loadavg=list(os.getloadavg()), date=datetime.datetime.now().isoformat(timespec="seconds"),
+    )
+
+
+def latency_record(arch: Arch, key, sel, result, config) -> dict:
+    """A latency-budget run: the selection's table ms next to the MEASURED whole-model latency.
+
+    Also the ``flops=0.5`` global selection of the same format (same cache, so the same ranks as
+    its own run in results.json): its ranks' ms in the same latency table (predicted) and its
+    whole-model latency, measured interleaved with the dense and the latency-selected model. Its
+    factors come from one parallel sweep (values do not change the time; its accuracy is that of
+    its own run). Both compressed models run the factorized implementation, what the table timed.
+    """
+    depth, fmt, norm, calibration, rule, budget = key
+    table = sel.latency_table
+    other = select_ranks(arch.model, arch.covariances, format=fmt, rule="global", budget="flops=0.5", norm=norm,
+                         images=arch.calib, key=jax.random.key(config.calib_seed + 1), skip=config.skip,
+                         input_shape=INPUT_SHAPE, proxy=None if fmt in ("svd", "tucker2") else "sweeps",
+                         grid=config.grid if fmt in ("svd", "tucker2") else config.sweep_grid,
+                         sweeps=config.proxy_sweeps, cache=arch.cache.setdefault(norm, {}), progress=False)
+    flops_model = compress.compress_model(arch.model, format=fmt, norm=norm, key=jax.random.key(config.compress_seed),
+                                          ranks=other, skip=other.is_dense, max_steps=1,
+                                          covariances=arch.covariances, input_shape=INPUT_SHAPE, progress=False).model
+    load = machine_load()
+    timed = model_latency({"dense": arch.model, "latency": result.model, "flops": flops_model}, INPUT_SHAPE,
+                          batch_sizes=(config.latency_batch,), repeats=config.latency_repeats)[config.latency_batch]
+    dense_ms = sum(row["dense_ms"] for row in table["layers"].values())
+
+    def table_ratio(selection):
+        ms = 0.0
+        for layer in selection.layers:
+            row = table["layers"][layer.path]
+            option = None if layer.ranks is None else list(layer.ranks)
+            ms += row["ms"][row["options"].index(option)]
+        return ms / dense_ms
+
+    return dict(
+        achieved_latency=sel.achieved("latency"),
+        latency=dict(
+            batch_size=config.latency_batch, repeats=config.latency_repeats,
+            table_load=table["machine_load"], table_date=table["date"], model_load=[load, machine_load()],
+            layers_dense_ms=dense_ms,
+            layers=[dict(path=c.path, ms=c.latency, dense_ms=c.latency_before) for c in sel.layers],
+            model_ms={n: t.median_ms for n, t in timed.items()},
+            model_samples_ms={n: list(t.samples_ms) for n, t in timed.items()},
+            measured_ratio=timed["latency"].median_ms / timed["dense"].median_ms,
+            flops_selection=dict(budget="flops=0.5", achieved_flops=other.achieved("flops"),
+                                 achieved_params=other.achieved("params"), predicted_latency=table_ratio(other),
+                                 measured_ratio=timed["flops"].median_ms / timed["dense"].median_ms,
+                                 ranks={c.path: None if c.ranks is None else list(c.ranks) for c in other.layers}),
+        ),
     )
 
 
@@ -196,6 +250,28 @@ def versus(results) -> str:
         lines.append(f"| ResNet-{key[0]} {key[3]} {key[2]} | {key[1]} | {key[5]} | {key[4]} | {100 * u['accuracy']:.1f} | "
                      f"{100 * r['accuracy']:.1f} | {100 * (r['accuracy'] - u['accuracy']):+.1f} | "
                      f"{u['achieved_params']:.3f} / {r['achieved_params']:.3f} |")
+    return "\n".join(lines)
+
+
+def latency_versus(results) -> str:
+    """Latency-budget runs: the table's predicted ratio, the measured whole-model ratio, accuracy,
+    and the flops=0.5 global selection of the same format at the same latency table / measurement."""
+    by = {run_key(r): r for r in results["runs"]}
+    lines = ["| model | format | budget | accuracy (Δ vs dense) | predicted latency (layers, table) | "
+             "measured whole-model latency | achieved MACs / params | flops=0.5 global: accuracy | "
+             "its predicted / measured latency | dense model ms | load (1 min) table / model | date |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, r in sorted(by.items()):
+        if "latency" not in r:
+            continue
+        lat, f = r["latency"], r["latency"]["flops_selection"]
+        fr = by.get(key[:5] + ("flops=0.5",))
+        facc = "not run" if fr is None else f"{100 * fr['accuracy']:.1f} ({100 * (fr['accuracy'] - fr['baseline_accuracy']):+.1f})"
+        lines.append(f"| ResNet-{key[0]} {key[2]} {key[3]} | {key[1]} | {key[5]} | {100 * r['accuracy']:.1f} "
+                     f"({100 * (r['accuracy'] - r['baseline_accuracy']):+.1f}) | {r['achieved_latency']:.3f} | "
+                     f"{lat['measured_ratio']:.3f} | {r['achieved_flops']:.3f} / {r['achieved_params']:.3f} | {facc} | "
+                     f"{f['predicted_latency']:.3f} / {f['measured_ratio']:.3f} | {lat['model_ms']['dense']:.1f} | "
+                     f"{lat['table_load'][0][0]} / {lat['model_load'][0][0]} | {r['date'][:16]} |")
     return "\n".join(lines)
 
 
@@ -315,6 +391,8 @@ def main(argv=None):
     print(versus(results))
     print()
     print(replan_versus(results))
+    print()
+    print(latency_versus(results))
     print()
     print(targets(results))
     print()

@@ -14,17 +14,26 @@ Rules (``ε_ℓ(ρ)`` = layer ``ℓ``'s relative Σ-error at ranks ``ρ`` of the
 * ``vbmf`` — EVBMF on the (whitened) kernel matrix; Tucker-2 on both channel-mode unfoldings.
   No knob: the achieved ratio is whatever the data say.
 * ``global`` — DESIGN §7: candidates ``ρ`` per layer (dense is one) with cost ``c_ℓ(ρ)`` (params
-  or MACs) and damage ``e_ℓ(ρ)``; minimise ``Σ e`` subject to ``Σ c ≤ budget`` by Lagrangian
-  bisection (each layer picks ``argmin e + λ c`` independently), then spend what the bisection
-  left on the best damage-per-cost upgrades that still fit. The damage is measured on the
-  calibration images: by default ``e_ℓ(ρ) = D_ℓ(ε_ℓ(ρ))`` with ``D_ℓ`` the layer's
-  :func:`damage_curves` (logit change when the layer alone is cut to Σ-error ``ε``, a few levels,
-  interpolated); ``damage="linear"`` uses DESIGN §7's ``s_ℓ · ε_ℓ(ρ)`` with the slope
+  or MACs, or the layer's measured milliseconds for a latency budget: see below) and damage
+  ``e_ℓ(ρ)``; minimise ``Σ e`` subject to ``Σ c ≤ budget`` by Lagrangian bisection (each layer
+  picks ``argmin e + λ c`` independently), then spend what the bisection left on the best
+  damage-per-cost upgrades that still fit. The damage is measured on the calibration images:
+  by default ``e_ℓ(ρ) = D_ℓ(ε_ℓ(ρ))`` with ``D_ℓ`` the layer's :func:`damage_curves` (logit
+  change when the layer alone is cut to Σ-error ``ε``, a few levels, interpolated); ``damage="linear"`` uses DESIGN §7's ``s_ℓ · ε_ℓ(ρ)`` with the slope
   ``s_ℓ`` of :func:`layer_sensitivities`, which cannot see that deep cuts hurt more than
   linearly and lost 36 points on ResNet-20 Tucker-2 at 0.33 (experiments/rank_selection). ``ε`` comes from the whitened spectrum for
   SVD (exact) and Tucker-2 (output-mode tail + Kronecker-whitened input-mode tail, an
   HOSVD-style proxy), or, with ``proxy="sweeps"`` (the default of every other format), from a
   few ALS sweeps at a grid of parameter ratios.
+
+A ``latency=R`` budget (rule ``global`` only) costs each candidate by its measured forward time:
+:func:`sigmadecomp.latency.layer_latency_table` times every layer alone at its real input shape
+(``batch_size``, default 128) for the dense layer and every candidate ranks, factorized
+implementation, interleaved medians made monotone in the ranks; ``R`` is relative to the summed
+dense milliseconds of the eligible layers. The table (raw and monotone ms, machine load) goes into
+the selection's report; ``latency_table=`` reuses a measured one (dict or JSON file) instead of
+timing again. The costs are what *this* machine measured at *that* load: a ratio, not a promise
+for another machine.
 
 Formats without a native spectral rule (CP, CP-3 and any format registered later) translate the
 SVD-Σ rank a rule picks into that layer's parameter ratio and use the format's own
@@ -34,6 +43,8 @@ SVD-Σ rank a rule picks into that layer's parameter ratio and use the format's 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 from collections.abc import Mapping, Sequence
 
@@ -47,7 +58,7 @@ from sigmadecomp._patches import kernel_to_matrix, matrix_to_kernel
 from sigmadecomp._paths import get_by_path
 from sigmadecomp.layers._counts import count_format
 from sigmadecomp.surgery import _rank_rules as rr
-from sigmadecomp.surgery._plan import PlanEntry, plan
+from sigmadecomp.surgery._plan import PlanEntry, _check_rank_bounds, plan
 from sigmadecomp.surgery._ranks import rank_for_ratio, svd_rank_for_ratio
 from sigmadecomp.surgery._replan import LayerCandidates, Replanner
 from sigmadecomp.surgery._tap import input_spec, intercept
@@ -56,14 +67,15 @@ __all__ = ["RANK_RULES", "Budget", "LayerChoice", "RankSelection", "allocate", "
            "select_ranks", "truncation_direction"]
 
 RANK_RULES = ("uniform", "energy", "vbmf", "global")
-BUDGET_KINDS = ("params", "flops")
+BUDGET_KINDS = ("params", "flops", "latency")
 DEFAULT_GRID = (0.03, 0.05, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.35, 0.42, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """``kind`` (``"params"`` or ``"flops"``) and ``ratio``: the planned layers' total after
-    compression over their dense total, in (0, 1].
+    """``kind`` (``"params"``, ``"flops"`` or ``"latency"``) and ``ratio``: the planned layers'
+    total after compression over their dense total, in (0, 1] (latency: summed measured ms of the
+    layers alone, see the module docstring).
 
     >>> Budget.parse("flops=0.5")
     Budget(kind='flops', ratio=0.5)
@@ -80,15 +92,15 @@ class Budget:
 
     @classmethod
     def parse(cls, text) -> Budget:
-        """``"params=0.5"`` / ``"flops=0.33"`` (a Budget passes through)."""
+        """``"params=0.5"`` / ``"flops=0.33"`` / ``"latency=0.5"`` (a Budget passes through)."""
         if isinstance(text, Budget):
             return text
         kind, sep, value = str(text).partition("=")
         try:
             return cls(kind.strip(), float(value)) if sep else cls("?", 0.0)
         except ValueError as err:
-            raise ValueError(f"budget must look like params=R or flops=R with R in (0, 1]; got {text!r} "
-                             f"({err})") from None
+            raise ValueError(f"budget must look like params=R, flops=R or latency=R with R in (0, 1]; "
+                             f"got {text!r} ({err})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +119,8 @@ class LayerChoice:
     flops: int | None
     flops_before: int | None
     predicted_damage: float | None = None  # from the measured damage curve (global rule)
+    latency: float | None = None  # ms of the chosen option in the latency table (latency budget)
+    latency_before: float | None = None  # ms of the dense layer in the latency table
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self) | {"ranks": None if self.ranks is None else list(self.ranks)}
@@ -124,6 +138,8 @@ class RankSelection(Mapping):
     seconds: float
     # rule "global": every layer's options, predicted errors and counts (for re-planning)
     candidates: tuple = dataclasses.field(default=(), compare=False, repr=False)
+    # latency budget: the table of layer_latency_table (raw and monotone ms, load, batch size)
+    latency_table: dict | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __getitem__(self, path):
         for layer in self.layers:
@@ -142,7 +158,8 @@ class RankSelection(Mapping):
         return path not in self
 
     def achieved(self, kind: str) -> float | None:
-        """Total ``kind`` (params/flops) of the selected layers over their dense total."""
+        """Total ``kind`` (params/flops/latency) of the selected layers over their dense total
+        (latency: the table's ms of the chosen options over the dense ms; ``None`` without a table)."""
         before = [getattr(layer, f"{kind}_before") for layer in self.layers]
         after = [getattr(layer, kind) for layer in self.layers]
         if any(v is None for v in before + after) or not sum(before):
@@ -169,8 +186,10 @@ class RankSelection(Mapping):
     def to_dict(self) -> dict:
         return dict(rule=self.rule, budget=None if self.budget is None else dataclasses.asdict(self.budget),
                     achieved_params=self.achieved("params"), achieved_flops=self.achieved("flops"),
+                    achieved_latency=self.achieved("latency"),
                     predicted_damage=self.predicted_damage, options=self.options, seconds=self.seconds,
-                    layers=[layer.to_dict() for layer in self.layers])
+                    layers=[layer.to_dict() for layer in self.layers],
+                    **({} if self.latency_table is None else {"latency_table": self.latency_table}))
 
 
 # ------------------------------------------------------------------------------ knapsack
@@ -529,6 +548,9 @@ def select_ranks(
     relative_noise: float = 0.01,
     damage: str = "curve",
     cache: dict | None = None,
+    batch_size: int = 128,
+    latency_table=None,
+    latency_repeats: int = 5,
     progress: bool = True,
 ) -> RankSelection:
     """Choose every planned layer's ranks by ``rule`` (see the module docstring).
@@ -554,7 +576,12 @@ def select_ranks(
             of :func:`layer_sensitivities`; cheaper, but blind to deep cuts: measured worse).
         cache: an optional dict, reused across calls that share ``model``, ``covariances``,
             ``images`` and ``key`` (e.g. several budgets and rules in one experiment): spectra,
-            sensitivities and swept candidates are then measured once.
+            sensitivities, swept candidates and latency tables are then measured once.
+        batch_size, latency_repeats: latency budget only: the batch at which every layer is
+            timed and the interleaved rounds per median (:func:`sigmadecomp.latency.layer_latency_table`).
+        latency_table: latency budget only: a table from an earlier selection
+            (``selection.latency_table``, or the path of a JSON file holding it, or a report's
+            ``rank_selection`` entry) used instead of timing; it must hold every candidate.
 
     Returns:
         A :class:`RankSelection`; ``plan(model, format=..., ranks=sel, skip=sel.is_dense)``.
@@ -580,6 +607,8 @@ def select_ranks(
     base = plan(model, format=format, ratio=1.0, skip=skip, formats=formats, input_shape=input_shape)
     if budget is not None and budget.kind == "flops" and base.flops_before is None:
         raise ValueError("a FLOPs budget needs input_shape (e.g. (1, 32, 32, 3)) to count FLOPs")
+    if budget is not None and budget.kind == "latency":
+        _check_latency(rule, base, latency_table)
     missing = [p for p in base.paths if p not in covariances]
     if missing:
         raise ValueError(f"covariances has no entry for layer(s) {missing}; calibrate them too")
@@ -604,16 +633,72 @@ def select_ranks(
                 progress=progress)
         sensitivity = cache["sensitivity", relative_noise]
         curves = cache["curves"] if damage == "curve" else None
-        ranks, errors, tables = _global(layers, sensitivity, curves, budget, proxy, tuple(grid), sweeps, key,
-                                        progress, cache)
+        timer = _latency_timer(model, base, latency_table, batch_size, latency_repeats, cache, progress)
+        ranks, errors, tables, table = _global(layers, sensitivity, curves, budget, proxy, tuple(grid), sweeps, key,
+                                               progress, cache, timer)
         options.update(grid=list(grid), sweeps=sweeps, damage=damage)
+        if table is not None:
+            options.update(latency_batch_size=table["batch_size"])
     else:
-        ranks = _rule_ranks(rule, layers, budget, tau)
+        ranks, table = _rule_ranks(rule, layers, budget, tau), None
         errors = [None if r is None else layer.predicted_error(r) for layer, r in zip(layers, ranks)]
         sensitivity = cache.get(("sensitivity", relative_noise))  # measured by an earlier global call
     curves = cache.get("curves") if damage == "curve" else None  # measured by this or an earlier global call
-    choices = tuple(_choice(layer, r, err, sensitivity, curves) for layer, r, err in zip(layers, ranks, errors))
-    return RankSelection(rule, budget, choices, options, time.perf_counter() - start, tables)
+    choices = tuple(_choice(layer, r, err, sensitivity, curves, table) for layer, r, err in zip(layers, ranks, errors))
+    return RankSelection(rule, budget, choices, options, time.perf_counter() - start, tables, table)
+
+
+def _check_latency(rule, base, latency_table) -> None:
+    if rule != "global":
+        raise ValueError(f"a latency budget works with rule 'global' only (the costs are measured at the "
+                         f"global rule's candidate ranks); got rule {rule!r}")
+    if latency_table is None and any(e.in_spatial is None for e in base.entries):
+        raise ValueError("a latency budget times every layer at its real input shape: give input_shape= "
+                         "(e.g. (1, 32, 32, 3)) or a measured latency_table=")
+
+
+def _load_latency_table(table) -> dict:
+    """A table dict, a selection report holding one, or a JSON file of either."""
+    if isinstance(table, (str, os.PathLike)):
+        with open(table) as f:
+            table = json.load(f)
+    if isinstance(table, Mapping) and "rank_selection" in table:  # a compress report
+        table = table["rank_selection"]
+    if isinstance(table, Mapping) and "latency_table" in table:  # a selection's report
+        table = table["latency_table"]
+    if not isinstance(table, Mapping) or not isinstance(table.get("layers"), Mapping):
+        raise ValueError("latency_table must be a table from layer_latency_table / selection.latency_table "
+                         "(a dict with 'layers'), or a JSON file holding one")
+    return dict(table)
+
+
+def _latency_timer(model, base, latency_table, batch_size, repeats, cache, progress):
+    """``options by path → table``: the given table, or one measured (once per candidate set)."""
+    from sigmadecomp.latency import layer_latency_table  # latency imports surgery: import on use
+
+    def timer(options: dict) -> dict:
+        if latency_table is not None:
+            return _load_latency_table(latency_table)
+        tag = ("latency", batch_size, repeats, tuple((p, tuple(o)) for p, o in options.items()))
+        if tag not in cache:
+            cache[tag] = layer_latency_table(model, base.entries, options, batch_size=batch_size,
+                                             repeats=repeats, progress=progress)
+        return cache[tag]
+
+    return timer
+
+
+def _latency_costs(table: dict, path: str, options) -> np.ndarray:
+    row = table["layers"].get(path)
+    if row is None:
+        raise ValueError(f"the latency table has no layer {path!r}; time it again (drop latency_table=)")
+    lookup = {None if o is None else tuple(int(v) for v in o): float(ms) for o, ms in zip(row["options"], row["ms"])}
+    missing = [o for o in options if o not in lookup]
+    if missing:
+        raise ValueError(f"the latency table of {path!r} lacks the candidate ranks {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}: it was measured for other candidates "
+                         "(format, grid or proxy); time it again (drop latency_table=)")
+    return np.array([lookup[o] for o in options])
 
 
 def _check_select(rule, norm, proxy, tau) -> None:
@@ -633,15 +718,19 @@ def _check_groups(layers) -> None:
         raise ValueError(f"rank rules read ungrouped layers only; skip the grouped conv(s) {grouped}")
 
 
-def _choice(layer: _Layer, ranks, error, sensitivity, curves) -> LayerChoice:
+def _choice(layer: _Layer, ranks, error, sensitivity, curves, table=None) -> LayerChoice:
     params, flops = layer.counts(ranks)
     path = layer.entry.path
+    ms = (None, None)
+    if table is not None:
+        option = None if ranks is None else tuple(int(r) for r in ranks)
+        ms = tuple(float(v) for v in _latency_costs(table, path, [option, None]))
     damage = None if curves is None or error is None else float(np.interp(error, *curves[path]))
     return LayerChoice(path, layer.entry.format, None if ranks is None else tuple(int(r) for r in ranks),
                        0.0 if ranks is None else error,
                        None if sensitivity is None else float(sensitivity[path]),
                        int(params), int(layer.entry.params_before), flops, layer.entry.flops_before,
-                       0.0 if ranks is None and curves is not None else damage)
+                       0.0 if ranks is None and curves is not None else damage, *ms)
 
 
 def _rule_ranks(rule: str, layers: list, budget: Budget | None, tau) -> list:
@@ -666,8 +755,9 @@ def _rule_ranks(rule: str, layers: list, budget: Budget | None, tau) -> list:
     return _largest_fitting(energy, layers, budget, total, 1e-6, 1.0, "energy")
 
 
-def _global(layers, sensitivity, curves, budget, proxy, grid, sweeps, key, progress, cache) -> tuple[list, list, tuple]:
-    costs, damages, options, errors = [], [], [], []
+def _global(layers, sensitivity, curves, budget, proxy, grid, sweeps, key, progress, cache,
+            timer=None) -> tuple[list, list, tuple, dict | None]:
+    damages, options, errors = [], [], []
     keys = jax.random.split(jax.random.fold_in(key, 1), len(layers))
     for layer, layer_key in zip(tqdm(layers, desc="candidates", disable=not progress, leave=False), keys):
         tag = ("candidates", layer.entry.path, layer.entry.format, layer.norm, proxy, grid, sweeps)
@@ -677,20 +767,29 @@ def _global(layers, sensitivity, curves, budget, proxy, grid, sweeps, key, progr
         s = sensitivity[layer.entry.path]
         options.append([None] + [r for r, _ in cands])
         errors.append(np.array([0.0] + [e for _, e in cands]))
-        costs.append(np.array([layer.cost(r, budget.kind) for r in options[-1]]))
         damages.append(s * errors[-1] if curves is None else np.interp(errors[-1], *curves[layer.entry.path]))
+    paths = [layer.entry.path for layer in layers]
+    table = None if budget.kind != "latency" else timer(dict(zip(paths, options)))
+    latency = None if table is None else [_latency_costs(table, p, o) for p, o in zip(paths, options)]
+    costs = latency or [np.array([layer.cost(r, budget.kind) for r in o]) for layer, o in zip(layers, options)]
     total = sum(c[0] for c in costs)
+    fastest = sum(float(c.min()) for c in costs) / total
+    if budget.kind == "latency" and fastest > budget.ratio:
+        raise ValueError(f"latency={budget.ratio}: the fastest measured option of every layer sums to {fastest:.3f} "
+                         f"of the dense layers' ms at batch {table['batch_size']} (load {table['machine_load'][0]}); "
+                         "small layers or batches are dispatch-bound: raise the budget or the batch size")
     picks = allocate(costs, damages, budget.ratio * total)
-    tables = tuple(_table(layer, o, e, sensitivity, curves, j) for layer, o, e, j in zip(layers, options, errors, picks))
-    return [o[j] for o, j in zip(options, picks)], [float(e[j]) for e, j in zip(errors, picks)], tables
+    tables = tuple(_table(layer, o, e, sensitivity, curves, j, None if latency is None else latency[i])
+                   for i, (layer, o, e, j) in enumerate(zip(layers, options, errors, picks)))
+    return [o[j] for o, j in zip(options, picks)], [float(e[j]) for e, j in zip(errors, picks)], tables, table
 
 
-def _table(layer: _Layer, options, errors, sensitivity, curves, pick) -> LayerCandidates:
+def _table(layer: _Layer, options, errors, sensitivity, curves, pick, latency=None) -> LayerCandidates:
     path = layer.entry.path
     counts = [layer.counts(r) for r in options]
     flops = None if layer.entry.flops_before is None else np.array([f for _, f in counts], np.float64)
     return LayerCandidates(path, tuple(options), errors, np.array([p for p, _ in counts], np.float64), flops,
-                           None if curves is None else curves[path], float(sensitivity[path]), int(pick))
+                           None if curves is None else curves[path], float(sensitivity[path]), int(pick), latency)
 
 
 def _candidates(layer: _Layer, proxy, grid, sweeps, key) -> list:
@@ -709,10 +808,20 @@ def _candidates(layer: _Layer, proxy, grid, sweeps, key) -> list:
         raise ValueError(f"proxy 'spectrum' has no closed form for format {fmt!r}; use proxy='sweeps'")
     else:
         ranks = sorted({layer.rank_for_ratio(g) for g in grid})
-    ranks = [r for r in ranks if layer.counts(r)[0] < layer.entry.params_before]
+    ranks = [r for r in ranks if layer.counts(r)[0] < layer.entry.params_before and _plannable(layer.entry, r)]
     if proxy == "spectrum":
         return [(r, layer.predicted_error(r)) for r in ranks]
     return [(r, _swept_error(layer, r, sweeps, jax.random.fold_in(key, i))) for i, r in enumerate(ranks)]
+
+
+def _plannable(entry: PlanEntry, ranks) -> bool:
+    """Whether :func:`plan` accepts ``ranks`` (e.g. Tucker-2 refuses ``r_out > r_in·kh·kw``: a
+    grid pair such as (45, 2) is cheap in time, so a latency budget would pick it)."""
+    try:
+        _check_rank_bounds(entry.format, tuple(ranks), entry.kernel_shape, entry.groups, entry.path)
+    except ValueError:
+        return False
+    return True
 
 
 def _swept_error(layer: _Layer, ranks, sweeps: int, key) -> float:

@@ -56,13 +56,14 @@ class LayerCandidates:
     curve: tuple | None
     slope: float
     pick: int
+    latency: np.ndarray | None = None  # measured ms per option (latency budget), else None
 
     def damage(self, errors) -> np.ndarray:
         errors = np.asarray(errors, np.float64)
         return self.slope * errors if self.curve is None else np.interp(errors, *self.curve)
 
     def costs(self, kind: str) -> np.ndarray:
-        return self.params if kind == "params" else self.flops
+        return {"params": self.params, "flops": self.flops, "latency": self.latency}[kind]
 
     def hull(self, kind: str) -> list:
         """Indices on the lower convex hull of (cost, up-front damage), cost increasing and
@@ -129,7 +130,7 @@ class Replanner:
         if self.budget.kind == "flops" and any(c.flops is None for c in self.layers.values()):
             raise ValueError("a FLOPs budget needs FLOP counts: select with input_shape=...")
         self.total = {k: float(sum(c.costs(k)[0] for c in self.layers.values()))
-                      for k in ("params", "flops") if all(c.costs(k) is not None for c in self.layers.values())}
+                      for k in ("params", "flops", "latency") if all(c.costs(k) is not None for c in self.layers.values())}
         self.settled: dict = {}  # path -> index of the option actually used
         self.records: dict = {}
 
