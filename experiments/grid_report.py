@@ -103,9 +103,10 @@ def recipe_of(r) -> str:
     text += f" +CE {r['label_weight']}" if r.get("label_weight") else ""
     text += f" +features {r['feature_weight']}" if r.get("feature_weight") else ""
     text += f" +{r['mix']}" if r.get("mix", "none") != "none" else ""
-    if r.get("rollbacks"):
-        text += f" +guard ({r['rollbacks']} rollback{'s' * (r['rollbacks'] > 1)})"
-    return text + (" +guard" if r.get("divergence_factor") and not r.get("rollbacks") else "")
+    if r.get("divergence_factor"):  # guarded runs (session 5 on); the rollbacks it made, if any
+        n = r.get("rollbacks", 0)
+        text += " +guard" + (f" ({n} rollback{'s' * (n > 1)})" if n else "")
+    return text
 
 
 def where(r) -> str:

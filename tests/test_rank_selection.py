@@ -386,14 +386,15 @@ def test_cli_replan_end_to_end_on_a_tiny_resnet(tmp_path):
     assert {layer["path"] for layer in report["layers"]} == {r["path"] for r in replan["layers"] if r["used"]}
 
 
-def test_cli_rank_rules_are_refused_where_they_would_be_ignored(tmp_path, capsys):
+@pytest.mark.parametrize("budget", ["params=0.5", "latency=0.5"])
+def test_cli_rank_rules_are_refused_where_they_would_be_ignored(tmp_path, capsys, budget):
     """Other models and image folders take --ratio only: a rank rule there is an error, not a no-op."""
     from sigmadecomp.cli import main
 
     (tmp_path / "w.safetensors").write_bytes(b"")
     (tmp_path / "images").mkdir()
     argv = ["compress", "--arch", "resnet20", "--weights", str(tmp_path / "w.safetensors"), "--data",
-            str(tmp_path / "images"), "--rank-rule", "global", "--budget", "params=0.5"]
+            str(tmp_path / "images"), "--rank-rule", "global", "--budget", budget]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and "--rank-rule/--budget/--tau apply to --arch on CIFAR-10" in err

@@ -58,11 +58,9 @@ def _input_shapes(model: nnx.Module, layers: dict, x: jax.ShapeDtypeStruct) -> d
 
 
 def _signature(layer: FactorizedLayer, shape) -> tuple:
-    params = tuple((k, tuple(np.shape(v)), str(v.dtype)) for k, v in
-                   sorted(jax.tree_util.tree_leaves_with_path(nnx.state(layer, nnx.Param)), key=lambda kv: str(kv[0]))
-                   for k in [jax.tree_util.keystr(k)])
-    config = getattr(layer, "config", None)
-    return type(layer).__name__, shape, params, repr(config)
+    params = tuple((jax.tree_util.keystr(k), np.shape(v), str(v.dtype))
+                   for k, v in jax.tree_util.tree_leaves_with_path(nnx.state(layer, nnx.Param)))
+    return type(layer).__name__, shape, params, repr(getattr(layer, "config", None))
 
 
 def _step_time(layer: FactorizedLayer, shape, dtype, repeats: int) -> dict:
