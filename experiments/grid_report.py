@@ -97,14 +97,17 @@ def grid_runs(results) -> list[dict]:
     return [r for r in results["runs"] if r.get("cpu_budget")]
 
 
-def recipe_of(r) -> str:
-    """The distillation recipe of a run, short: what differs between the runs of the grid."""
+def recipe_of(r, rollbacks: bool = True) -> str:
+    """The distillation recipe of a run, short: what differs between the runs of the grid; with
+    ``rollbacks`` the guard's rollbacks (an outcome, not a setting) are named too."""
     text = f"{r.get('optimizer', 'sgd')} lr {r['learning_rate']}"
+    text += f" batch {r['batch_size']}" if r.get("batch_size", 128) != 128 else ""  # the grid's batch is 128
     text += f" +CE {r['label_weight']}" if r.get("label_weight") else ""
     text += f" +features {r['feature_weight']}" if r.get("feature_weight") else ""
     text += f" +{r['mix']}" if r.get("mix", "none") != "none" else ""
+    text += " +balanced" if r.get("balance") else ""
     if r.get("divergence_factor"):  # guarded runs (session 5 on); the rollbacks it made, if any
-        n = r.get("rollbacks", 0)
+        n = r.get("rollbacks", 0) if rollbacks else 0
         text += " +guard" + (f" ({n} rollback{'s' * (n > 1)})" if n else "")
     return text
 
@@ -250,13 +253,13 @@ def finetune_targets(runs, ftm) -> str:
                      f"{'met' if acc >= goal else f'missed by {goal - acc:.2f} points'}"
                      f"{'' if t is None else f'; {where(best)} time to {goal}%: {t:.1f} s'} |")
     compared = False
-    for fmt, ratio, recipe in sorted({(r["format"], r["ratio"], recipe_of(r)) for r in runs}):
+    for fmt, ratio, recipe in sorted({(r["format"], r["ratio"], recipe_of(r, False)) for r in runs}):
         cell = {r["init"]: r["accuracy_finetuned"] for r in runs
-                if (r["format"], r["ratio"], recipe_of(r)) == (fmt, ratio, recipe)}
+                if (r["format"], r["ratio"], recipe_of(r, False)) == (fmt, ratio, recipe)}
         if "sigma_seq" not in cell or len(cell) < 2:
             continue
         others = {k: v for k, v in cell.items() if k != "sigma_seq"}
-        missing = [i for i in ("frobenius", "random") if i not in cell]
+        missing = [i for i in ("frobenius", "random", "sigma_par") if i not in cell]
         wins = all(cell["sigma_seq"] > v for v in others.values())
         compared = True
         lines.append(f"| {fmt} {ratio:.0%}, {recipe}: Σ-sequential beats the other inits after the same budget | "
@@ -516,6 +519,22 @@ curves, `uniform` is the per-layer ratio. Runs per machine: {json.dumps(devices)
 ## global − uniform at the same budget
 
 {rsm.versus(results)}
+
+## The damage model's trust region (`max_error`, session 6)
+
+`global` adds up per-layer damage curves, each measured with one layer cut at a time. Deep cuts
+break that model: with sequential calibration the layers after a deep cut are refitted on what is
+left of their input. Before session 6 the knapsack was free to cut a layer to relative Σ-error
+~1 (the Tucker-2 spectrum proxy clips at 1): at params 0.15 it cut `layer3.2.conv1` to ranks
+(2, 2), its neighbour `layer3.2.conv2` then fitted at measured error 0.84, and the network fell
+to 32.4%, 28.7 points below `uniform` (every failed `global` Tucker-2 row had such a pick).
+`select_ranks(max_error=0.5)` (the default) offers no candidate above ε = 0.5 unless the budget
+cannot be met without; then the cap rises to the smallest candidate error at which it fits
+(`error_cap` in each record). Runs whose picks were all at or below 0.5 are unchanged (the capped
+bisection makes the same choices; `before_cap` in `main.py`), so only the runs below were measured
+again; their earlier records are kept in `results.json` under `before_cap`.
+
+{rsm.cap_versus(results)}
 
 ## Ranks decided up front or re-planned layer by layer during the sequential pass
 

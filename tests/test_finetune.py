@@ -4,6 +4,7 @@ key-determinism, exact resume from a checkpoint)."""
 
 from __future__ import annotations
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,7 +115,7 @@ def test_mixed_distillation_with_labels_trains_and_is_deterministic(teacher_and_
     student = _compressed(teacher, images, "svd")
     labels = np.arange(len(images)) % 10
     config = ft.FinetuneConfig(epochs=2, batch_size=16, learning_rate=0.05, log_every=1, mix="cutmix",
-                               label_weight=0.5)
+                               label_weight=0.5, implementation="as-is")  # no timing: runs must match
     runs = [ft.finetune(student, teacher, images, labels, key=jax.random.key(0), config=config, progress=False)
             for _ in range(2)]
     assert runs[0].compilations == 1
@@ -156,10 +157,19 @@ def _target(format) -> str:
     return "linear" if spec.layer is spec.dense_layer else "conv2"
 
 
+_COMPRESSED: dict = {}  # the teacher and images are kept alive with the entry, so their ids stay theirs
+_TEACHER_12 = SmallCNN(widths=(4, 8, 8), num_classes=12, rngs=nnx.Rngs(0))
+
+
 def _compressed(teacher, images, format):
-    skip = ("conv1", "conv2", "conv3") if _target(format) == "linear" else ("conv1", "linear")
-    return compress.compress_model(teacher, images, format=format, norm="sigma", ratio=0.5, skip=skip,
-                                   key=jax.random.key(0), progress=False, max_steps=2).model
+    """A fresh copy of ``teacher`` compressed to ``format`` (made once per teacher, data and format)."""
+    tag = (id(teacher), id(images), format)
+    if tag not in _COMPRESSED:
+        skip = ("conv1", "conv2", "conv3") if _target(format) == "linear" else ("conv1", "linear")
+        _COMPRESSED[tag] = (teacher, images, compress.compress_model(
+            teacher, images, format=format, norm="sigma", ratio=0.5, skip=skip, key=jax.random.key(0),
+            progress=False, max_steps=2).model)
+    return nnx.clone(_COMPRESSED[tag][2])
 
 
 # "as-is": the layers train as built, no per-layer timing (test_training_implementations_... covers "auto").
@@ -172,7 +182,7 @@ CONFIG = ft.FinetuneConfig(epochs=2, batch_size=16, learning_rate=0.05, log_ever
 def test_every_factorized_format_trains_with_one_compilation(teacher_and_data, format):
     teacher, images = teacher_and_data
     if _target(format) == "linear":  # a TT-matrix needs factorable sizes: 128 -> 12 classes, not 10
-        teacher = SmallCNN(widths=(4, 8, 8), num_classes=12, rngs=nnx.Rngs(0))
+        teacher = _TEACHER_12
     student = _compressed(teacher, images, format)
     before = [np.asarray(p) for p in _params(student)]
     result = ft.finetune(student, teacher, images, key=jax.random.key(0), config=CONFIG, progress=False)
@@ -184,6 +194,37 @@ def test_every_factorized_format_trains_with_one_compilation(teacher_and_data, f
     train = result.history["train"]
     assert [e["step"] for e in train] == [1, 2, 3, 4] and all(np.isfinite(e["loss"]) for e in train)
     assert all(e["images_per_second"] > 0 for e in train)
+
+
+@pytest.mark.parametrize("format", [f for f in formats.format_names() if f != "tt-matrix"])
+def test_balancing_equalises_factor_norms_and_keeps_the_function(teacher_and_data, format):
+    teacher, images = teacher_and_data
+    if _target(format) == "linear":
+        teacher = _TEACHER_12
+    student = _compressed(teacher, images, format)
+    layer = getattr(student, _target(format))
+    layer.implementation = "factorized"
+    factor = next(v for path, v in nnx.iter_graph(layer)  # unbalance: one factor ×50
+                  if isinstance(v, nnx.Param) and path[-1] != "bias")
+    factor[...] = factor[...] * 50.0
+    student.eval()
+    before = np.asarray(student(images))
+    scales = ft.balance_factors(student)
+    norms = ft.factor_norms(student)[_target(format)]
+    assert len(norms) >= 2 and np.allclose(norms, norms[0], rtol=1e-4)
+    assert np.prod(scales[_target(format)]) == pytest.approx(1.0, rel=1e-9)
+    np.testing.assert_allclose(np.asarray(student(images)), before, rtol=1e-4, atol=1e-4 * np.abs(before).max())
+
+
+def test_balanced_distillation_starts_from_the_same_function(teacher_and_data):
+    teacher, images = teacher_and_data
+    student = _compressed(teacher, images, "tucker2")
+    runs = [ft.finetune(student, teacher, images, key=jax.random.key(0), progress=False,
+                        config=dataclasses.replace(CONFIG, balance=b)) for b in (False, True)]
+    first = [r.history["train"][0]["loss"] for r in runs]  # the loss of step 1 is taken before its update
+    assert first[1] == pytest.approx(first[0], rel=1e-4)
+    assert all(r.stopped == "completed" and np.isfinite(r.history["train"][-1]["loss"]) for r in runs)
+    assert ft.factor_norms(student)["conv2"] != ft.factor_norms(runs[1].model)["conv2"]  # input intact, output moved
 
 
 def test_distillation_reduces_the_loss_on_fixed_data(teacher_and_data):
@@ -334,6 +375,7 @@ def test_batch_norm_modes_and_feature_term():
     (dict(time_limit=-1.0), "time_limit"), (dict(clip_norm=0.0), "clip_norm"), (dict(mix="mosaic"), "mix"),
     (dict(mix_alpha=0.0), "mix_alpha"), (dict(divergence_factor=1.0), "divergence_factor"),
     (dict(max_rollbacks=-1), "max_rollbacks"), (dict(implementation="fast"), "implementation"),
+    (dict(balance=1), "balance"),
 ])
 def test_bad_config_is_a_clear_error(options, needle):
     with pytest.raises(ValueError, match=needle):

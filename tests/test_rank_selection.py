@@ -18,6 +18,7 @@ from sigmadecomp.surgery import (
     Budget, allocate, damage_curves, energy_rank, evbmf, layer_sensitivities, select_ranks,
 )
 from sigmadecomp.surgery import _rank_rules as rr
+from sigmadecomp.surgery._allocate import _error_cap
 
 # ----------------------------------------------------------------------------- EVBMF
 
@@ -190,18 +191,48 @@ def _select(small_net, **kw):
 
 @pytest.mark.parametrize("fmt", ["svd", "tucker2"])
 def test_global_meets_budget_and_beats_uniform_on_predicted_damage(small_net, fmt):
-    cache: dict = {}
-    glob = _select(small_net, format=fmt, rule="global", budget="params=0.4", cache=cache)
+    cache: dict = {}  # max_error=None: the knapsack's optimum over every candidate
+    glob = _select(small_net, format=fmt, rule="global", budget="params=0.4", cache=cache, max_error=None)
     uni = _select(small_net, format=fmt, rule="uniform", budget="params=0.4", cache=cache)
     assert glob.achieved("params") <= 0.4
     eps_damage = cache["curves"]
     uni_damage = sum(np.interp(c.predicted_error, *eps_damage[c.path]) for c in uni.layers)
     assert glob.predicted_damage <= uni_damage * (1 + 1e-9)
-    linear = _select(small_net, format=fmt, rule="global", budget="params=0.4", damage="linear", cache=cache)
+    linear = _select(small_net, format=fmt, rule="global", budget="params=0.4", damage="linear", cache=cache,
+                     max_error=None)
     s = cache["sensitivity", 0.01]
     assert linear.predicted_damage <= sum(s[c.path] * c.predicted_error for c in uni.layers) * (1 + 1e-9)
     report = glob.to_dict()
     assert report["achieved_params"] <= 0.4 and len(report["layers"]) == 3
+
+
+def test_error_cap_is_the_smallest_that_fits():
+    costs = [np.array([4.0, 2.0, 1.0]), np.array([4.0, 2.0, 1.0])]
+    errors = [np.array([0.0, 0.3, 0.9]), np.array([0.0, 0.4, 0.7])]
+    assert _error_cap(costs, errors, 4.0, 0.5) == 0.5  # the cheapest capped choices (2 + 2) fit
+    assert _error_cap(costs, errors, 3.0, 0.5) == 0.7  # one deep cut needed: the shallower one
+    assert _error_cap(costs, errors, 2.0, 0.5) == 0.9
+    assert _error_cap(costs, errors, 1.0, 0.5) is None  # nothing fits: allocate explains
+    assert _error_cap(costs, errors, 4.0, None) is None
+
+
+@pytest.mark.parametrize("fmt", ["svd", "tucker2"])
+def test_global_keeps_every_cut_inside_the_error_cap_when_the_budget_allows(small_net, fmt):
+    cache: dict = {}
+    free = _select(small_net, format=fmt, rule="global", budget="params=0.2", cache=cache, max_error=None)
+    deepest = max(c.predicted_error for c in free.layers)
+    cap = 0.9 * deepest  # a cap that forbids the free optimum's deepest cut
+    capped = _select(small_net, format=fmt, rule="global", budget="params=0.2", cache=cache, max_error=cap)
+    assert capped.achieved("params") <= 0.2
+    assert capped.options["max_error"] == cap and capped.options["error_cap"] >= cap
+    assert max(c.predicted_error for c in capped.layers) <= capped.options["error_cap"]
+    if capped.options["error_cap"] == cap:
+        assert max(c.predicted_error for c in capped.layers) < deepest
+    tight = _select(small_net, format=fmt, rule="global", budget="params=0.2", cache=cache, max_error=1e-6)
+    assert tight.options["error_cap"] > 1e-6  # raised until the budget fits, not ignored
+    assert tight.achieved("params") <= 0.2
+    with pytest.raises(ValueError, match="max_error"):
+        _select(small_net, format=fmt, rule="global", budget="params=0.2", cache=cache, max_error=0.0)
 
 
 def test_selection_feeds_plan_with_dense_layers_left_out(small_net):

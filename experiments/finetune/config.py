@@ -52,6 +52,8 @@ class Config:
     # FinetuneConfig's divergence guard (rollback + half the lr when the loss blows up); the runs
     # before session 5 had none (their records carry no divergence_factor).
     divergence_factor: float | None = 2.0
+    # FinetuneConfig.balance: equal factor norms per layer before training (session 6, --balance)
+    balance: bool = False
 
 
 FULL = Config()

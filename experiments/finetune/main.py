@@ -71,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--guard", type=float, default=None, help="divergence guard factor (FinetuneConfig."
                    "divergence_factor; default: the config's, 2.0)")
     p.add_argument("--no-guard", action="store_true", help="train without the divergence guard")
+    p.add_argument("--balance", action="store_true", help="equal factor norms per layer before training "
+                   "(FinetuneConfig.balance)")
     p.add_argument("--images", type=int, default=None, help="distillation budget in training images "
                    "(steps = images // batch size; default: the config's steps)")
     p.add_argument("--cpu-budget", action="store_true", help="issue 13's budget: train 600 s × the 2-core CPU "
@@ -97,6 +99,7 @@ def run_key(r) -> str:
     key += f"/feat{r['feature_weight']}" if r.get("feature_weight") else ""
     key += f"/{r['optimizer']}" if r.get("optimizer", "sgd") != "sgd" else ""
     key += f"/{r['mix']}" if r.get("mix", "none") != "none" else ""
+    key += "/balanced" if r.get("balance") else ""
     return key + (f"/guard{r['divergence_factor']}" if r.get("divergence_factor") else "")  # none before session 5
 
 
@@ -207,7 +210,7 @@ def measure(model, train, calib, test, key: tuple, config: Config, cache: pathli
         temperature=config.temperature, batch_norm=config.batch_norm, eval_every=config.eval_every,
         log_every=min(config.eval_every, 6), label_weight=config.label_weight,
         feature_weight=config.feature_weight, optimizer=config.optimizer, mix=config.mix,
-        divergence_factor=config.divergence_factor)
+        divergence_factor=config.divergence_factor, balance=config.balance)
     # One "epoch" of exactly `steps` batches of the training images (key train_seed + 1).
     images, labels = training_stream(train, config.steps * config.batch_size, config.train_seed + 1)
     load_before = os.getloadavg()
@@ -228,7 +231,8 @@ def measure(model, train, calib, test, key: tuple, config: Config, cache: pathli
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         train_images=len(train[0]), test_images=len(test[1]), calib_images=len(calib),
         label_weight=config.label_weight, feature_weight=config.feature_weight, optimizer=config.optimizer,
-        mix=config.mix, divergence_factor=config.divergence_factor, rollbacks=run.rollbacks, stopped=run.stopped,
+        mix=config.mix, divergence_factor=config.divergence_factor, balance=config.balance,
+        rollbacks=run.rollbacks, stopped=run.stopped,
         device=str(jax.devices()[0].device_kind),
         steady_images_per_second=steady_throughput(run.history, config.batch_size),
     )
@@ -264,7 +268,7 @@ def run_all(config: Config, args, results, out):
         return run_key(dict(arch=c.arch, format=k[0], ratio=k[1], init=k[2], batch_norm=c.batch_norm,
                             learning_rate=c.learning_rate, steps=c.steps, batch_size=c.batch_size,
                             label_weight=c.label_weight, feature_weight=c.feature_weight, optimizer=c.optimizer,
-                            mix=c.mix, divergence_factor=c.divergence_factor))
+                            mix=c.mix, divergence_factor=c.divergence_factor, balance=c.balance))
 
     todo = [k for k in runs if key_of(k) not in done]
     todo = todo[: args.limit] if args.limit is not None else todo
@@ -455,6 +459,8 @@ def with_overrides(config: Config, args) -> Config:
                                             if getattr(args, arg) is not None})
     if args.no_guard:
         config = dataclasses.replace(config, divergence_factor=None)
+    if args.balance:
+        config = dataclasses.replace(config, balance=True)
     if args.images is not None:
         if args.images < config.batch_size:
             raise SystemExit(f"--images {args.images} is less than one batch of {config.batch_size}")

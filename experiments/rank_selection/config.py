@@ -31,6 +31,7 @@ class Config:
     batch_size: int = 256
     latency_batch: int = 128  # latency budget: batch at which layers (table) and models are timed
     latency_repeats: int = 7  # interleaved rounds per median (layers and whole models)
+    max_error: float = 0.5  # global rules: the damage model's trust region (select_ranks(max_error=...))
 
 
 def _block(formats, rules, budgets, arch=20, norm="sigma", calibration="sequential"):
@@ -57,6 +58,8 @@ _PRIORITY = (
     + _block(("tucker2", "svd", "cp"), ("global",), ("latency=0.5",))
     # 0.5 forced rank 1 in the first stage (factorized layers have a time floor on this CPU): milder budgets
     + _block(("tucker2", "svd", "cp"), ("global",), ("latency=0.7", "latency=0.85"))
+    # the deepest network of the data kit (session 6)
+    + _block(("tucker2", "cp"), ("uniform", "global"), ("params=0.5",), arch=56)
 )
 
 FULL = Config(runs=tuple(dict.fromkeys(_PRIORITY)))

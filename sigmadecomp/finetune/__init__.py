@@ -8,6 +8,7 @@
   and ``sigmadecomp finetune`` run;
 * :func:`training_implementations` — per factorized layer, train the chain or the dense kernel
   rebuilt from the factors, whichever step is faster here (``FinetuneConfig.implementation="auto"``);
+* :func:`balance_factors` — equal factor norms per layer before training (``FinetuneConfig.balance``);
 * :func:`reestimate_batch_norm` — no training: recompute BatchNorm statistics on calibration images;
 * the pieces: :func:`distillation_loss`, :func:`kl_divergence`, :func:`feature_loss`,
   :func:`augment`, :func:`mix`, :func:`mix_labels`, :func:`resnet_block_outputs`, :func:`save_checkpoint` / :func:`load_checkpoint`.
@@ -18,6 +19,7 @@
 """
 
 from sigmadecomp.finetune._augment import augment, mix, mix_labels
+from sigmadecomp.finetune._balance import balance_factors, factor_norms
 from sigmadecomp.finetune._batch_norm import batch_norm_layers, reestimate_batch_norm
 from sigmadecomp.finetune._checkpoint import load_checkpoint, save_checkpoint
 from sigmadecomp.finetune._config import FinetuneConfig
@@ -32,11 +34,13 @@ __all__ = [
     "FinetuneResult",
     "apply_implementations",
     "augment",
+    "balance_factors",
     "mix",
     "mix_labels",
     "batch_norm_layers",
     "distill_on_cifar10",
     "distillation_loss",
+    "factor_norms",
     "feature_loss",
     "finetune",
     "finetune_saved",

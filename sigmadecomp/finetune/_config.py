@@ -63,6 +63,9 @@ class FinetuneConfig:
             trains ~20× faster with its dense kernel rebuilt each step, plain CP faster as a
             chain), ``"as-is"`` keeps the student's, ``"factorized"`` / ``"dense"`` force one.
             Same function either way, to float rounding.
+        balance: rescale every factorized layer's factors to equal Frobenius norms before training
+            (:func:`~sigmadecomp.finetune.balance_factors`: same function, better-conditioned
+            steps; the Σ fits leave orthonormal factors beside one core holding the whole norm).
         max_rollbacks: after this many rollbacks a further divergence ends the run
             (``stopped="diverged"``) with the last healthy state.
         time_limit: stop after this many seconds of training (evaluation and checkpoints not
@@ -95,6 +98,7 @@ class FinetuneConfig:
     divergence_factor: float | None = 2.0
     max_rollbacks: int = 4
     implementation: str = "auto"
+    balance: bool = False
     time_limit: float | None = None
     log_every: int = 10
     eval_every: int | None = None
@@ -125,6 +129,8 @@ class FinetuneConfig:
             raise ValueError(f"mix_alpha must be > 0, got {self.mix_alpha!r}")
         if self.implementation not in TRAINING_IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {TRAINING_IMPLEMENTATIONS}, got {self.implementation!r}")
+        if not isinstance(self.balance, bool):
+            raise ValueError(f"balance must be True or False, got {self.balance!r}")
         if self.batch_norm not in BATCH_NORM_MODES:
             raise ValueError(f"batch_norm must be one of {BATCH_NORM_MODES}, got {self.batch_norm!r}")
         if self.clip_norm is not None and not self.clip_norm > 0:

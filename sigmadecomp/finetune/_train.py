@@ -24,6 +24,7 @@ from sigmadecomp.finetune._augment import augment, mix, mix_labels
 from sigmadecomp.finetune._checkpoint import checkpoint_meta, load_checkpoint, save_checkpoint
 from sigmadecomp.finetune._config import FinetuneConfig
 from sigmadecomp.finetune._features import default_features
+from sigmadecomp.finetune._balance import balance_factors
 from sigmadecomp.finetune._implementations import (apply_implementations, factorized_layers,
                                                    training_implementations)
 from sigmadecomp.finetune._loss import distillation_loss
@@ -58,6 +59,8 @@ class FinetuneResult:
 
 def _split(student: nnx.Module, config: FinetuneConfig, implementations: dict):
     student = nnx.clone(student)
+    if config.balance:
+        balance_factors(student)
     apply_implementations(student, implementations)
     student.train() if config.batch_norm == "update" else student.eval()
     return nnx.split(student, nnx.Param, ...)

@@ -26,6 +26,16 @@ Rules (``ε_ℓ(ρ)`` = layer ``ℓ``'s relative Σ-error at ranks ``ρ`` of the
   HOSVD-style proxy), or, with ``proxy="sweeps"`` (the default of every other format), from a
   few ALS sweeps at a grid of parameter ratios.
 
+The damages of ``global`` add up layer by layer, and each curve is measured with one layer cut at
+a time: a model that holds while every cut is moderate. A deep cut breaks it: with sequential
+calibration the layers after it are refitted on what is left of their input, so cutting a
+block's first conv to relative error ~1 also ruins its second (ResNet-20, Tucker-2, params 0.15:
+the knapsack cut ``layer3.2.conv1`` to ranks (2, 2), predicted ε = 1, and its neighbour's
+measured error rose to 0.84; the network fell 29 points below ``uniform``). ``max_error``
+(default 0.5, ``MAX_ERROR``) is the model's trust region: no candidate above it is offered unless
+the budget cannot be met without; then the cap rises to the smallest candidate error at which the
+cheapest choices fit, so the deepest cut is as shallow as the budget allows.
+
 A ``latency=R`` budget (rule ``global`` only) costs each candidate by its measured forward time:
 :func:`sigmadecomp.latency.layer_latency_table` times every layer alone at its real input shape
 (``batch_size``, default 128) for the dense layer and every candidate ranks, factorized
@@ -68,6 +78,7 @@ __all__ = ["RANK_RULES", "Budget", "LayerChoice", "RankSelection", "allocate", "
 
 RANK_RULES = ("uniform", "energy", "vbmf", "global")
 BUDGET_KINDS = ("params", "flops", "latency")
+MAX_ERROR = 0.5
 DEFAULT_GRID = (0.03, 0.05, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.35, 0.42, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
@@ -547,6 +558,7 @@ def select_ranks(
     sweeps: int = 3,
     relative_noise: float = 0.01,
     damage: str = "curve",
+    max_error: float | None = MAX_ERROR,
     cache: dict | None = None,
     batch_size: int = 128,
     latency_table=None,
@@ -574,6 +586,10 @@ def select_ranks(
         damage: ``global`` only: ``"curve"`` (default; ``e_ℓ(ρ)`` = the layer's measured
             :func:`damage_curves` at ``ε_ℓ(ρ)``) or ``"linear"`` (``s_ℓ · ε_ℓ(ρ)`` with the slope
             of :func:`layer_sensitivities`; cheaper, but blind to deep cuts: measured worse).
+        max_error: ``global`` only: the trust region of the damage model. Candidates whose
+            predicted relative error exceeds it are not offered, unless the budget cannot be met
+            without them; the cap then rises to the smallest value that fits (recorded as
+            ``options["error_cap"]``). ``None``: no cap. See the module docstring.
         cache: an optional dict, reused across calls that share ``model``, ``covariances``,
             ``images`` and ``key`` (e.g. several budgets and rules in one experiment): spectra,
             sensitivities, swept candidates and latency tables are then measured once.
@@ -634,9 +650,11 @@ def select_ranks(
         sensitivity = cache["sensitivity", relative_noise]
         curves = cache["curves"] if damage == "curve" else None
         timer = _latency_timer(model, base, latency_table, batch_size, latency_repeats, cache, progress)
-        ranks, errors, tables, table = _global(layers, sensitivity, curves, budget, proxy, tuple(grid), sweeps, key,
-                                               progress, cache, timer)
-        options.update(grid=list(grid), sweeps=sweeps, damage=damage)
+        if max_error is not None and not max_error > 0:
+            raise ValueError(f"max_error must be positive or None; got {max_error!r}")
+        ranks, errors, tables, table, cap = _global(layers, sensitivity, curves, budget, proxy, tuple(grid), sweeps,
+                                                    key, progress, cache, timer, max_error)
+        options.update(grid=list(grid), sweeps=sweeps, damage=damage, max_error=max_error, error_cap=cap)
         if table is not None:
             options.update(latency_batch_size=table["batch_size"])
     else:
@@ -756,7 +774,7 @@ def _rule_ranks(rule: str, layers: list, budget: Budget | None, tau) -> list:
 
 
 def _global(layers, sensitivity, curves, budget, proxy, grid, sweeps, key, progress, cache,
-            timer=None) -> tuple[list, list, tuple, dict | None]:
+            timer=None, max_error=None) -> tuple[list, list, tuple, dict | None, float | None]:
     damages, options, errors = [], [], []
     keys = jax.random.split(jax.random.fold_in(key, 1), len(layers))
     for layer, layer_key in zip(tqdm(layers, desc="candidates", disable=not progress, leave=False), keys):
@@ -778,10 +796,31 @@ def _global(layers, sensitivity, curves, budget, proxy, grid, sweeps, key, progr
         raise ValueError(f"latency={budget.ratio}: the fastest measured option of every layer sums to {fastest:.3f} "
                          f"of the dense layers' ms at batch {table['batch_size']} (load {table['machine_load'][0]}); "
                          "small layers or batches are dispatch-bound: raise the budget or the batch size")
+    cap = _error_cap(costs, errors, budget.ratio * total, max_error)
+    if cap is not None:
+        keep = [np.flatnonzero(e <= cap) for e in errors]
+        options = [[o[j] for j in k] for o, k in zip(options, keep)]
+        errors = [e[k] for e, k in zip(errors, keep)]
+        damages = [d[k] for d, k in zip(damages, keep)]
+        costs = [c[k] for c, k in zip(costs, keep)]
+        latency = None if latency is None else costs
     picks = allocate(costs, damages, budget.ratio * total)
     tables = tuple(_table(layer, o, e, sensitivity, curves, j, None if latency is None else latency[i])
                    for i, (layer, o, e, j) in enumerate(zip(layers, options, errors, picks)))
-    return [o[j] for o, j in zip(options, picks)], [float(e[j]) for e, j in zip(errors, picks)], tables, table
+    return [o[j] for o, j in zip(options, picks)], [float(e[j]) for e, j in zip(errors, picks)], tables, table, cap
+
+
+def _error_cap(costs, errors, budget: float, max_error: float | None) -> float | None:
+    """The trust region's cap: ``max_error``, or the smallest candidate error above it at which the
+    cheapest allowed option of every layer fits ``budget``; ``None`` without a cap (or when no
+    cap lets the budget fit: :func:`allocate` then explains)."""
+    if max_error is None:
+        return None
+    levels = [max_error] + sorted({float(x) for e in errors for x in e if x > max_error})
+    for cap in levels:
+        if sum(float(c[e <= cap].min()) for c, e in zip(costs, errors)) <= budget * (1 + 1e-12):
+            return cap
+    return None
 
 
 def _table(layer: _Layer, options, errors, sensitivity, curves, pick, latency=None) -> LayerCandidates:
