@@ -39,7 +39,7 @@ from sigmadecomp._paths import get_by_path  # noqa: E402
 from sigmadecomp.data import cifar10_normalize, load_cifar10, sample  # noqa: E402
 from sigmadecomp.models import pretrained_resnet  # noqa: E402
 
-from _results import add_run, load_results, machine, merge, save_results  # noqa: E402
+from _results import add_run, load_results, machine, save_results  # noqa: E402
 from config import FULL, SMOKE, Config  # noqa: E402
 
 # The TNN seed's ResNet-32 table (full retraining on 50 000 images; dense 93.2%), in %.

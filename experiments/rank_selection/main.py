@@ -58,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--rules", nargs="+", help="only runs of these rules (e.g. global_sweeps)")
     p.add_argument("--budgets", nargs="+", help="only runs of these budgets (e.g. flops=0.5 flops=0.33)")
     p.add_argument("--merge", type=pathlib.Path, nargs="+", default=[],
-                   help="add the runs of these results.json files (from other --out folders) first")
+                   help="add the runs of these results.json files (from other --out folders), print the "
+                   "tables and stop (no new runs)")
     return p.parse_args(argv)
 
 
@@ -424,7 +425,7 @@ def main(argv=None):
         merge(results, load_results(other), run_key)
     if args.merge:
         save_results(results, out / "results.json")
-    if not args.table:
+    if not args.table and not args.merge:
         run_all(config, args, results, out)
     print(table(results))
     print()
