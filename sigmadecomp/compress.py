@@ -196,13 +196,17 @@ def keep_dense(path: str, status: str, reason: str) -> dict:
     return {"path": path, "status": status, "reason": reason}
 
 
+def _not_psd(path: str, error: Exception) -> dict:
+    return keep_dense(path, sd.Status.NOT_PSD.name, " ".join(str(error).split()))
+
+
 def checked_fit(path: str, fit):
     """``(solution, None)`` from ``fit()``, or ``(None, kept_dense record)`` when the solve is
     unusable (:func:`rejection`) or its ``cov`` is not PSD (:class:`sigmadecomp.NotPSDError`)."""
     try:
         solution = fit()
     except sd.NotPSDError as error:
-        return None, keep_dense(path, sd.Status.NOT_PSD.name, " ".join(str(error).split()))
+        return None, _not_psd(path, error)
     reason = rejection(solution)
     if reason is not None:
         return None, keep_dense(path, sd.Status(int(solution.status)).name, reason)
@@ -308,10 +312,19 @@ def compress_model(
     covariances = _covariances_for(model, layer_plan, calib_images, covariances, batch_size, progress,
                                    devices)
     if devices is not None:  # independent layers spread over devices (sigmadecomp.distributed)
-        factorized, reports = _decompose_on_devices(model, layer_plan, covariances, norm=norm, key=key,
-                                                    max_steps=max_steps, devices=devices)
-        compressed = sd.apply(model, layer_plan, factorized)
-        return Compressed(compressed, layer_plan, reports, time.perf_counter() - start)
+        factorized, reports, kept = _decompose_on_devices(model, layer_plan, covariances, norm=norm, key=key,
+                                                          max_steps=max_steps, devices=devices)
+    else:
+        factorized, reports, kept = _decompose_here(model, layer_plan, covariances, norm=norm, key=key,
+                                                    max_steps=max_steps, progress=progress)
+    used = sd.Plan(tuple(e for e in layer_plan.entries if e.path in factorized), layer_plan.input_shape)
+    compressed = sd.apply(model, used, factorized)
+    return Compressed(compressed, used, tuple(reports), time.perf_counter() - start, tuple(kept))
+
+
+def _decompose_here(model, layer_plan, covariances, *, norm, key, max_steps, progress):
+    """Every planned layer solved on the default device, in plan order: ``(factorized, reports,
+    kept_dense)``."""
     factorized, reports, kept = {}, [], []
     keys = jax.random.split(key, len(layer_plan))
     entries = tqdm(layer_plan.entries, desc=f"{format}/{norm}", disable=not progress, leave=False)
@@ -324,9 +337,7 @@ def compress_model(
             continue
         factorized[entry.path] = solution.value
         reports.append(report)
-    used = sd.Plan(tuple(e for e in layer_plan.entries if e.path in factorized), layer_plan.input_shape)
-    compressed = sd.apply(model, used, factorized)
-    return Compressed(compressed, used, tuple(reports), time.perf_counter() - start, tuple(kept))
+    return factorized, reports, kept
 
 
 def _decompose_on_devices(model, layer_plan, covariances, *, norm, key, max_steps, devices):
@@ -339,14 +350,31 @@ def _decompose_on_devices(model, layer_plan, covariances, *, norm, key, max_step
             raise ValueError(f"layer {entry.path!r} is a grouped conv (groups={entry.groups}); the pipeline "
                              "decomposes ungrouped layers only: skip it")
     kernels = {e.path: get_by_path(model, e.path).kernel[...] for e in layer_plan.entries}
+    keys = dict(zip(layer_plan.paths, jax.random.split(key, len(layer_plan))))
+    kept = {}
+    for e in layer_plan.entries:  # a cov that is not PSD keeps its layer dense, as on one device
+        try:
+            sd.solvers._validation.check_second_moments(kernels[e.path], covariances[e.path].cov, None, None)
+        except sd.NotPSDError as error:
+            kept[e.path] = _not_psd(e.path, error)
+    todo = [e for e in layer_plan.entries if e.path not in kept]
     solutions = solve_layers(
-        [kernels[e.path] for e in layer_plan.entries],
-        [solver_for(e, max_steps=max_steps) for e in layer_plan.entries],
-        [covariances[e.path].cov if norm == "sigma" else None for e in layer_plan.entries],
-        list(jax.random.split(key, len(layer_plan))), devices=devices)
+        [kernels[e.path] for e in todo], [solver_for(e, max_steps=max_steps) for e in todo],
+        [covariances[e.path].cov if norm == "sigma" else None for e in todo], [keys[e.path] for e in todo],
+        devices=devices)
     here = jax.local_devices()[0]
-    factorized = {e.path: jax.device_put(s.value, here) for e, s in zip(layer_plan.entries, solutions)}
-    return factorized, _reports(layer_plan, kernels, covariances, solutions)
+    good = []
+    for e, s in zip(todo, solutions):
+        s = jax.device_put(s, here)
+        reason = rejection(s)
+        if reason is None:
+            good.append((e, s))
+        else:
+            kept[e.path] = keep_dense(e.path, sd.Status(int(s.status)).name, reason)
+    factorized = {e.path: s.value for e, s in good}
+    reports = _reports(sd.Plan(tuple(e for e, _ in good), layer_plan.input_shape), kernels, covariances,
+                       [s for _, s in good])
+    return factorized, reports, [kept[p] for p in layer_plan.paths if p in kept]
 
 
 def _reports(layer_plan, kernels, covariances, solutions) -> tuple[LayerReport, ...]:
@@ -694,7 +722,7 @@ def summary(report: dict) -> str:
         *([f"  fine-tuned {report['finetune_epochs']} epoch(s) in {report['finetune_seconds']:.1f} s: "
            f"accuracy {report['accuracy_before_finetune']:.2%} -> {report['accuracy']:.2%}"]
           if report.get("finetune_epochs") else []),
-        *([f"  latency   " + ", ".join(
+        *(["  latency   " + ", ".join(
             f"batch {b}: {report['latency_ms'][b]:.1f} ms vs {report['baseline_latency_ms'][b]:.1f} ms "
             f"({report['speedup'][b]:.2f}x)" for b in report["latency_ms"])] if "latency_ms" in report else []),
         f"  mean relative {'cross' if c.get('calibration') == 'sequential' else 'Σ'}-error "

@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 import sigmadecomp as sd
+import sigmadecomp.distributed._layers
 from sigmadecomp.solvers._numerics import MAX_JITTER, logged_jitter, record_jitter, safe_cholesky
 
 DTYPES = ["float32", "float64"]
@@ -197,9 +198,10 @@ def _corrupt(monkeypatch, bad_path_kernel_shape):
         return sol
 
     monkeypatch.setattr(sd, "decompose", fake)
+    monkeypatch.setattr(sigmadecomp.distributed._layers, "decompose", fake)  # the layer-parallel path
 
 
-@pytest.mark.parametrize("pipeline", ["parallel", "sequential"])
+@pytest.mark.parametrize("pipeline", ["parallel", "sequential", "devices"])
 def test_unusable_layers_stay_dense_with_one_warning(monkeypatch, pipeline):
     from sigmadecomp.calibration import compress_sequential
     from sigmadecomp.compress import compress_model
@@ -208,8 +210,9 @@ def test_unusable_layers_stay_dense_with_one_warning(monkeypatch, pipeline):
     _corrupt(monkeypatch, (3, 3, 8, 8))  # conv2
     common = dict(format="svd", ratio=0.5, key=jax.random.key(0), progress=False)
     with pytest.warns(RuntimeWarning, match="layer 'conv2' kept dense: status NONFINITE") as caught:
-        if pipeline == "parallel":
-            out = compress_model(net, x, norm="sigma", **common)
+        if pipeline != "sequential":  # "devices": the layer-parallel path (sigmadecomp.distributed)
+            out = compress_model(net, x, norm="sigma", devices=[jax.local_devices()[0]] if pipeline == "devices"
+                                 else None, **common)
         else:
             out = compress_sequential(net, x, **common)
     assert sum("kept dense" in str(w.message) for w in caught) == 1
@@ -219,7 +222,8 @@ def test_unusable_layers_stay_dense_with_one_warning(monkeypatch, pipeline):
     assert _finite(nnx.state(out.model)) and _finite(out.model(x))
 
 
-def test_non_psd_statistics_keep_the_layer_dense():
+@pytest.mark.parametrize("devices", [None, "one"])
+def test_non_psd_statistics_keep_the_layer_dense(devices):
     from sigmadecomp.compress import compress_model
 
     net, x = _small_net(), _images()
@@ -228,7 +232,9 @@ def test_non_psd_statistics_keep_the_layer_dense():
     covs["conv3"] = dataclasses.replace(bad, cov=jnp.asarray(_indefinite(bad.cov), bad.cov.dtype))
     with pytest.warns(RuntimeWarning, match="'conv3' kept dense: cov is not positive semi-definite"):
         out = compress_model(net, format="svd", norm="sigma", ratio=0.5, key=jax.random.key(0),
-                             covariances=covs, input_shape=(1, 8, 8, 3), progress=False)
+                             covariances=covs, input_shape=(1, 8, 8, 3), progress=False,
+                             devices=None if devices is None else [jax.local_devices()[0]])
+    assert out.plan.paths == ("conv1", "conv2") and isinstance(out.model.conv3, nnx.Conv)
     assert out.kept_dense == ({"path": "conv3", "status": "NOT_PSD", "reason": out.kept_dense[0]["reason"]},)
 
 
