@@ -539,6 +539,8 @@ again; their earlier records are kept in `results.json` under `before_cap`.
 
 {rsm.cap_versus(results)}
 
+Runs that raised instead of choosing ranks (recorded under `failures`): {"; ".join(f"{tuple(f['key'])}: {f['error'][:150]} ({f['date']})" for f in results.get("failures", [])) or "none"}.
+
 ## Ranks decided up front or re-planned layer by layer during the sequential pass
 
 Issue 12 asks which is better. `global_replan` re-plans at each layer of the sequential pass: it

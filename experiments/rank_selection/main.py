@@ -220,7 +220,14 @@ def run_all(config, args, results, out):
     for key in todo:
         if key[0] not in archs:
             archs[key[0]] = Arch(key[0], args.data, calib, config)
-        record = measure(archs[key[0]], key, test, config)
+        try:
+            record = measure(archs[key[0]], key, test, config)
+        except ValueError as error:  # e.g. a latency budget below what this machine can reach now
+            results.setdefault("failures", []).append(dict(key=list(key), error=str(error), loadavg=list(os.getloadavg()),
+                                                           date=datetime.datetime.now().isoformat(timespec="seconds")))
+            save_results(results, out / "results.json")
+            print(f"{key}: not measured: {error}", flush=True)
+            continue
         add_run(results, record, run_key)
         save_results(results, out / "results.json")
         print(f"{key}: acc {record['accuracy']:.3f} (base {record['baseline_accuracy']:.3f}) params "
