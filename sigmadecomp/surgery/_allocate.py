@@ -641,6 +641,8 @@ def select_ranks(
             raise ValueError("rule 'global' measures sensitivities: give images= and key=")
         if damage not in ("curve", "linear"):
             raise ValueError(f"damage must be 'curve' or 'linear'; got {damage!r}")
+        if max_error is not None and not max_error > 0:
+            raise ValueError(f"max_error must be positive or None; got {max_error!r}")
         if damage == "curve" and "curves" not in cache:
             cache["curves"] = damage_curves(model, images, base.paths, covariances, progress=progress)
         if ("sensitivity", relative_noise) not in cache:
@@ -650,8 +652,6 @@ def select_ranks(
         sensitivity = cache["sensitivity", relative_noise]
         curves = cache["curves"] if damage == "curve" else None
         timer = _latency_timer(model, base, latency_table, batch_size, latency_repeats, cache, progress)
-        if max_error is not None and not max_error > 0:
-            raise ValueError(f"max_error must be positive or None; got {max_error!r}")
         ranks, errors, tables, table, cap = _global(layers, sensitivity, curves, budget, proxy, tuple(grid), sweeps,
                                                     key, progress, cache, timer, max_error)
         options.update(grid=list(grid), sweeps=sweeps, damage=damage, max_error=max_error, error_cap=cap)
