@@ -316,18 +316,19 @@ def compress_model(
                                                           max_steps=max_steps, devices=devices)
     else:
         factorized, reports, kept = _decompose_here(model, layer_plan, covariances, norm=norm, key=key,
-                                                    max_steps=max_steps, progress=progress)
+                                                    max_steps=max_steps, progress=progress,
+                                                    desc=f"{format}/{norm}")
     used = sd.Plan(tuple(e for e in layer_plan.entries if e.path in factorized), layer_plan.input_shape)
     compressed = sd.apply(model, used, factorized)
     return Compressed(compressed, used, tuple(reports), time.perf_counter() - start, tuple(kept))
 
 
-def _decompose_here(model, layer_plan, covariances, *, norm, key, max_steps, progress):
-    """Every planned layer solved on the default device, in plan order: ``(factorized, reports,
-    kept_dense)``."""
+def _decompose_here(model, layer_plan, covariances, *, norm, key, max_steps, progress, desc):
+    """Every planned layer solved on the default device, in plan order (progress bar ``desc``):
+    ``(factorized, reports, kept_dense)``."""
     factorized, reports, kept = {}, [], []
     keys = jax.random.split(key, len(layer_plan))
-    entries = tqdm(layer_plan.entries, desc=f"{format}/{norm}", disable=not progress, leave=False)
+    entries = tqdm(layer_plan.entries, desc=desc, disable=not progress, leave=False)
     for entry, layer_key in zip(entries, keys):
         solution, report = _decompose_layer(
             model, entry, covariances[entry.path].cov, norm=norm, key=layer_key, max_steps=max_steps

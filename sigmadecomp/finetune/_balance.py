@@ -34,10 +34,13 @@ def _factors(layer) -> list:
     return [node for _, node in sorted(found, key=lambda item: item[0])]
 
 
+def _norms(factors) -> np.ndarray:
+    return np.array([float(jnp.linalg.norm(v[...].astype(jnp.float32))) for v in factors], np.float64)
+
+
 def factor_norms(model: nnx.Module) -> dict:
     """``{path: [Frobenius norm of each factor]}`` of every factorized layer of ``model``."""
-    return {path: [float(jnp.linalg.norm(v[...])) for v in _factors(layer)]
-            for path, layer in factorized_layers(model).items()}
+    return {path: _norms(_factors(layer)).tolist() for path, layer in factorized_layers(model).items()}
 
 
 def balance_factors(model: nnx.Module) -> dict:
@@ -63,7 +66,7 @@ def balance_factors(model: nnx.Module) -> dict:
     scales = {}
     for path, layer in factorized_layers(model).items():
         factors = _factors(layer)
-        norms = np.array([float(jnp.linalg.norm(v[...].astype(jnp.float32))) for v in factors], np.float64)
+        norms = _norms(factors)
         if len(factors) < 2 or not (norms > 0).all() or not np.isfinite(norms).all():
             continue
         target = float(np.exp(np.mean(np.log(norms))))

@@ -21,10 +21,10 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from sigmadecomp.finetune._augment import augment, mix, mix_labels
+from sigmadecomp.finetune._balance import balance_factors
 from sigmadecomp.finetune._checkpoint import checkpoint_meta, load_checkpoint, save_checkpoint
 from sigmadecomp.finetune._config import FinetuneConfig
 from sigmadecomp.finetune._features import default_features
-from sigmadecomp.finetune._balance import balance_factors
 from sigmadecomp.finetune._implementations import (apply_implementations, factorized_layers,
                                                    training_implementations)
 from sigmadecomp.finetune._loss import distillation_loss
