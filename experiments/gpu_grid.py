@@ -116,7 +116,8 @@ def without_done(units: list[dict], finetune_runs: list[dict], rank_runs: list[d
     rank-selection cell when a run has its key). Units left empty are dropped."""
     ft_done = {(r["format"], r["ratio"], r["init"], r["learning_rate"], r.get("label_weight", 0.0))
                for r in finetune_runs if r.get("cpu_budget")}
-    rs_done = {tuple(r[f] for f in ("arch", "format", "norm", "calibration", "rule", "budget")) for r in rank_runs}
+    rs_done = {tuple(r[f] for f in ("arch", "format", "norm", "calibration", "rule", "budget")) for r in rank_runs
+               if r.get("calib_images", 256) == 256}  # the grid's cells use Config's 256; a --calib-images run is another cell
     out = []
     for unit in units:
         if unit["exp"] == "finetune":

@@ -27,6 +27,8 @@ def test_smoke_runs_records_and_resumes(data_dir, tmp_path):
     assert set(runs) == {"uniform", "global", "vbmf", "global_replan"}
     (lat,) = [r for r in every if r["budget"].startswith("latency")]  # the latency-budget path
     assert lat["achieved_latency"] <= 0.9 and lat["latency"]["measured_ratio"] > 0
+    frozen = json.loads((tmp_path / "latency_tables" / "resnet20-svd-sigma-b16.json").read_text())
+    assert frozen["date"] == lat["latency"]["table_date"]  # later latency runs select from this table
     assert lat["latency"]["flops_selection"]["predicted_latency"] > 0 and lat["latency"]["model_load"]
     for r in every:
         assert 0 <= r["accuracy"] <= 1 and r["baseline_accuracy"] > 0.8
@@ -45,3 +47,11 @@ def test_smoke_runs_records_and_resumes(data_dir, tmp_path):
     assert (tmp_path / "figure.png").stat().st_size > 0
     again = run("--data", str(tmp_path / "missing"))  # nothing left to do: no data needed
     assert again.returncode == 0 and "0 run(s) to do" in again.stdout, again.stderr[-3000:]
+    for r in every:  # the process footprint behind the out-of-memory crashes, per cell
+        assert r["process"]["max_rss_mb"] > 0 and r["calib_images"] == 32
+    more = run("--data", str(data_dir), "--calib-images", "48", "--rules", "uniform", "--budgets", "params=0.5")
+    assert more.returncode == 0 and "1 run(s) to do" in more.stdout, more.stderr[-3000:]
+    keyed = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert sorted(r["calib_images"] for r in keyed if r["rule"] == "uniform") == [32, 48]
+    assert "| ResNet-20 | svd | parallel sigma | params=0.5 | uniform | " in more.stdout  # the calibration-size table
+    assert "(48) |" in more.stdout

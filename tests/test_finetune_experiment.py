@@ -50,3 +50,30 @@ def test_training_implementations_benchmark_smoke(tmp_path):
     table = subprocess.run([sys.executable, str(script), "--table", "--out", str(out)], check=True,
                            capture_output=True, text=True).stdout
     assert "resnet20/r-cp/0.1/b8" in table
+
+
+@pytest.mark.data
+def test_gradients_script_on_a_saved_model(data_dir, tmp_path):
+    """experiments/finetune/gradients.py reads a saved compressed model and writes its gradient table."""
+    import jax
+
+    from sigmadecomp import compress
+    from sigmadecomp.data import cifar10_normalize, load_cifar10
+    from sigmadecomp.models import pretrained_resnet
+    from sigmadecomp.surgery import save
+
+    model = pretrained_resnet(20, data_dir / "weights" / "resnet20_cifar10.safetensors")
+    calib, _ = load_cifar10(data_dir / "cifar10", "train", limit=16)
+    result = compress.compress_model(model, cifar10_normalize(calib), format="svd", ratio=0.5, norm="frobenius",
+                                     key=jax.random.key(0), progress=False)
+    save(tmp_path / "models" / "resnet20-svd-0.5-frobenius-sweeps1", result.model, result.plan)
+    script = ROOT / "experiments" / "finetune" / "gradients.py"
+    proc = subprocess.run([sys.executable, str(script), "resnet20-svd-0.5-frobenius-sweeps1", "--models",
+                           str(tmp_path / "models"), "--data", str(data_dir), "--batch", "8", "--top", "3",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gradients-resnet20-svd-0.5-frobenius-sweeps1.json").read_text())
+    assert report["batch"] == 8 and len(report["top"]) == 3 and report["global_grad_norm"] > 0
+    relative = [r["relative"] for r in report["top"]]
+    assert relative == sorted(relative, reverse=True)
+    assert any(".factors" in r["param"] or "kernel" in r["param"] or "scale" in r["param"] for r in report["top"])

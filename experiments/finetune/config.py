@@ -12,8 +12,14 @@ import dataclasses
 
 # "sigma_seq": Σ-ALS, sequential calibration (the package's default); "sigma_par": Σ-ALS, every
 # layer's cov from the original network; "frobenius": classic ALS/HOOI/SVD on the weights;
-# "random": the Frobenius model's architecture with every factor redrawn at random.
+# "random": the Frobenius model's architecture with every factor redrawn at random;
+# "sigma_seq_global": Σ-sequential with every layer's ranks chosen by
+# ``select_ranks(rule="global", budget="params=<ratio>")`` (issue 12) instead of one ratio per layer.
 INITS = ("sigma_seq", "frobenius", "random", "sigma_par")
+ALL_INITS = ("sigma_seq", "sigma_seq_global", "sigma_par", "frobenius", "random")  # the order tables list them
+# global ranks: candidate ratios relative to the cell's rate, and ALS sweeps per damage-proxy point (CP)
+GLOBAL_GRID = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
+GLOBAL_PROXY_SWEEPS = 3
 
 
 @dataclasses.dataclass(frozen=True)

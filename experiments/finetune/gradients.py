@@ -7,7 +7,7 @@ One batch of ``--batch`` training images, the loss ``T²·KL`` of ``main.py`` (T
 inference mode (``main.py`` trains with it frozen), factorized layers run as their rebuilt kernels
 (the same function). Prints the parameters with the largest ``‖∂L/∂θ‖ / ‖θ‖`` and the global
 gradient norm (``FinetuneConfig.clip_norm`` clips it to 5), and writes them to
-``gradients-<model>[-balanced].json`` beside this script.
+``gradients-<model>[-balanced].json`` in ``--out`` (default: beside this script).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from flax import nnx  # noqa: E402
 
 from sigmadecomp import finetune as ft  # noqa: E402
 from sigmadecomp.data import cifar10_normalize, load_cifar10  # noqa: E402
-from sigmadecomp.finetune._implementations import factorized_layers  # noqa: E402
 from sigmadecomp.models import pretrained_resnet  # noqa: E402
 from sigmadecomp.surgery import load  # noqa: E402
 
@@ -39,6 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=pathlib.Path, default=HERE.parents[1] / ".." / "shared" / "data")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--out", type=pathlib.Path, default=HERE, help="folder of the JSON file (default: here)")
     p.add_argument("--balance", action="store_true", help="balance the factors first (FinetuneConfig.balance)")
     args = p.parse_args(argv)
     depth = int(args.model.split("-")[0].removeprefix("resnet"))
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     student = load(args.models / args.model, teacher)
     if args.balance:
         ft.balance_factors(student)
-    ft.apply_implementations(student, {path: "dense" for path in factorized_layers(student)})
+    ft.apply_implementations(student, {path: "dense" for path in ft.factorized_layers(student)})
     x, _ = load_cifar10(args.data / "cifar10", "train", limit=args.batch)
     x = jnp.asarray(cifar10_normalize(x))
     teacher.eval()
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     print(f"{args.model}{' (balanced)' if args.balance else ''}: loss {float(value):.3f}, global gradient norm {total:.1f}")
     for r in rows[: args.top]:
         print(f"  ‖∂L/∂θ‖/‖θ‖ {r['relative']:8.3g}   ‖∂L/∂θ‖ {r['grad_norm']:8.3g}   ‖θ‖ {r['param_norm']:7.3g}   {r['param']}")
-    out = HERE / f"gradients-{args.model}{'-balanced' if args.balance else ''}.json"
+    out = args.out / f"gradients-{args.model}{'-balanced' if args.balance else ''}.json"
     out.write_text(json.dumps(dict(model=args.model, balance=args.balance, batch=args.batch, loss=float(value),
                                    global_grad_norm=total, top=rows[: args.top],
                                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")),

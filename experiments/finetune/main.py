@@ -40,7 +40,7 @@ from sigmadecomp.data import cifar10_normalize, load_cifar10, sample  # noqa: E4
 from sigmadecomp.models import pretrained_resnet  # noqa: E402
 
 from _results import add_run, load_results, machine, save_results  # noqa: E402
-from config import FULL, SMOKE, Config  # noqa: E402
+from config import ALL_INITS, FULL, GLOBAL_GRID, GLOBAL_PROXY_SWEEPS, SMOKE, Config  # noqa: E402
 
 # The TNN seed's ResNet-32 table (full retraining on 50 000 images; dense 93.2%), in %.
 # Plain rows from issue 13, reshaped rows from issue 15 (the columns the seed reports; 2% left out).
@@ -138,7 +138,26 @@ def compress_for(model, calib, format, ratio, init, config: Config):
                   max_steps=config.max_steps, progress=False)
     if init == "sigma_seq":
         return seqcal.compress_sequential(model, calib, **common)
+    if init == "sigma_seq_global":
+        sel = global_ranks(model, calib, format, ratio, config)
+        common = {k: v for k, v in common.items() if k not in ("ratio", "skip")}
+        return seqcal.compress_sequential(model, calib, **common, ranks=sel, skip=sel.is_dense)
     return compress.compress_model(model, calib, norm="sigma" if init == "sigma_par" else "frobenius", **common)
+
+
+def global_ranks(model, calib, format, ratio, config: Config):
+    """Every layer's ranks under one budget, ``params=ratio`` of the compressed layers' dense count:
+    ``select_ranks``'s global rule on the dense model's statistics (its damage curves and
+    sensitivities from the calibration images), candidates at ``GLOBAL_GRID`` × ``ratio``."""
+    from sigmadecomp.surgery import plan, select_ranks
+
+    paths = plan(model, format=format, ratio=1.0, skip=config.skip).paths
+    covariances = compress.calibrate(model, calib, layers=paths, progress=False)
+    grid = tuple(sorted({min(round(g * ratio, 4), 0.9) for g in GLOBAL_GRID}))
+    return select_ranks(model, covariances, format=format, rule="global", budget=f"params={ratio}", norm="sigma",
+                        images=calib, key=jax.random.key(config.compress_seed + 1), skip=config.skip,
+                        input_shape=(1, 32, 32, 3), proxy=None if format in ("svd", "tucker2") else "sweeps",
+                        grid=grid, sweeps=GLOBAL_PROXY_SWEEPS, progress=True)
 
 
 def compressed_model(model, calib, format, ratio, init, config: Config, cache: pathlib.Path,
@@ -262,6 +281,9 @@ def run_all(config: Config, args, results, out):
     done = {run_key(r) for r in results["runs"]}
     runs = config.runs if args.only is None else [
         (f, float(r), i) for f, r, i in (item.split(":") for item in args.only)]
+    unknown = sorted({k[2] for k in runs} - set(ALL_INITS))
+    if unknown:
+        raise SystemExit(f"unknown init(s) {unknown}; choose from {list(ALL_INITS)}")
 
     def key_of(k):
         c, _ = cell_config(config, k, args)
@@ -297,6 +319,11 @@ def run_all(config: Config, args, results, out):
 # ---------------------------------------------------------------- table and figure
 
 
+# Σ-sequential with uniform or global ranks: one initialisation, compared with the others together
+SIGMA_SEQ = ("sigma_seq", "sigma_seq_global")
+INIT_STYLES = {"sigma_seq": "-", "sigma_seq_global": "-", "sigma_par": "-.", "frobenius": ":", "random": "--"}
+
+
 def _label(r) -> str:
     return (f"{r['init']} ({r['max_steps']} sweeps, BN {r.get('batch_norm', 'update')} in training, "
             f"lr {r.get('learning_rate', 0.02)})")
@@ -309,7 +336,7 @@ def table(results) -> str:
     ratios = sorted({r["ratio"] for r in runs})
     lines = ["| format | initialisation | stage | " + " | ".join(f"{r:.0%}" for r in ratios) + " |",
              "|" + "---|" * (3 + len(ratios))]
-    order = {"sigma_seq": 0, "sigma_par": 1, "frobenius": 2, "random": 3}
+    order = {init: i for i, init in enumerate(ALL_INITS)}
     for f in [f for f in ("svd", "cp", "tucker2") if any(r["format"] == f for r in runs)]:
         tnn = [f"{TNN[f][r]:.2f}" if r in TNN[f] else "–" for r in ratios]
         lines.append(f"| {f} | TNN seed | full retraining, 50 000 images | " + " | ".join(tnn) + " |")
@@ -351,7 +378,7 @@ def targets(results) -> str:
     recipe = lambda r: re.sub(r"/img\d+", "", run_key(r).replace(f"/{r['init']}/", "/*/"))  # noqa: E731
     images = lambda r: r["steps"] * r["batch_size"]  # noqa: E731
     for sigma in sorted((r for r in results["runs"] if r["init"] == "sigma_seq"), key=run_key):
-        others = {r["init"]: r["accuracy_finetuned"] for r in results["runs"] if r["init"] != "sigma_seq"
+        others = {r["init"]: r["accuracy_finetuned"] for r in results["runs"] if r["init"] not in SIGMA_SEQ
                   and recipe(r) == recipe(sigma) and abs(images(r) - images(sigma)) <= 0.15 * images(sigma)}
         if others:
             wins = all(sigma["accuracy_finetuned"] > v for v in others.values())
@@ -367,7 +394,6 @@ def figure(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"sigma_seq": "-", "sigma_par": "-.", "frobenius": ":", "random": "--"}
     combos = sorted({(r["format"], r["ratio"]) for r in results["runs"]})
     fig, axes = plt.subplots(1, len(combos), figsize=(4 * len(combos), 3.4), squeeze=False)
     for ax, (f, ratio) in zip(axes[0], combos):
@@ -375,7 +401,7 @@ def figure(results, path):
             if (r["format"], r["ratio"]) != (f, ratio):
                 continue
             ev = r["history"]["eval"]
-            ax.plot([e["seconds"] for e in ev], [100 * e["accuracy"] for e in ev], styles[r["init"]],
+            ax.plot([e["seconds"] for e in ev], [100 * e["accuracy"] for e in ev], INIT_STYLES[r["init"]],
                     marker="o" if r.get("batch_norm") == "frozen" else "x", ms=3,
                     label=f"{r['init']}, BN {r.get('batch_norm', 'update')}, lr {r.get('learning_rate', 0.02)}")
         ax.set_title(f"ResNet-32 {f} {ratio:.0%}")

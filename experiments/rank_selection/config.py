@@ -32,6 +32,8 @@ class Config:
     latency_batch: int = 128  # latency budget: batch at which layers (table) and models are timed
     latency_repeats: int = 7  # interleaved rounds per median (layers and whole models)
     max_error: float = 0.5  # global rules: the damage model's trust region (select_ranks(max_error=...))
+    # latency budgets: the layer tables are timed once and kept in this folder (beside results.json), so the same budget selects from the same table under any later load; None: re-time
+    latency_tables: str | None = "latency_tables"
 
 
 def _block(formats, rules, budgets, arch=20, norm="sigma", calibration="sequential"):

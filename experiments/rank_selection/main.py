@@ -13,9 +13,13 @@ there are skipped, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import gc
+import json
 import os
 import pathlib
+import resource
 import sys
 import tempfile
 import time
@@ -38,7 +42,9 @@ from _results import add_run, load_results, merge, save_results  # noqa: E402
 from config import FULL, SMOKE  # noqa: E402
 
 INPUT_SHAPE = (1, 32, 32, 3)
-KEY_FIELDS = ("arch", "format", "norm", "calibration", "rule", "budget")
+RUN_FIELDS = ("arch", "format", "norm", "calibration", "rule", "budget")  # a run of Config.runs
+# A result's key: the run and its calibration-set size (``--calib-images`` ablation; Config's default otherwise).
+KEY_FIELDS = RUN_FIELDS + ("calib_images",)
 # Published ResNet-20 / CIFAR-10 points: whole network, with training (ALDS: its "compress only"
 # row). Their baselines differ from ours; the accuracy *drop* is what is comparable.
 PUBLISHED = [
@@ -57,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--formats", nargs="+", help="only runs of these formats (e.g. a second process for cp)")
     p.add_argument("--rules", nargs="+", help="only runs of these rules (e.g. global_sweeps)")
     p.add_argument("--budgets", nargs="+", help="only runs of these budgets (e.g. flops=0.5 flops=0.33)")
+    p.add_argument("--calib-images", type=int, default=None,
+                   help="calibration images per run (default: the config's); runs are keyed by it, so an "
+                   "ablation sits beside the default runs in the same results.json")
     p.add_argument("--merge", type=pathlib.Path, nargs="+", default=[],
                    help="add the runs of these results.json files (from other --out folders), print the "
                    "tables and stop (no new runs)")
@@ -65,6 +74,14 @@ def parse_args(argv=None):
 
 def run_key(record) -> tuple:
     return tuple(record[f] for f in KEY_FIELDS)
+
+
+def sibling(key: tuple, **fields) -> tuple:
+    """``key`` with some fields replaced, e.g. ``sibling(key, rule="uniform")``: the run to compare with."""
+    unknown = set(fields) - set(KEY_FIELDS)
+    if unknown:
+        raise ValueError(f"not key fields: {sorted(unknown)}")
+    return tuple(fields.get(f, v) for f, v in zip(KEY_FIELDS, key))
 
 
 class Arch:
@@ -90,13 +107,18 @@ def measure(arch: Arch, key, test, config) -> dict:
     # global_sweeps: Tucker-2's ε from a few ALS sweeps at grid ratios (CP's default) instead of
     # the HOSVD spectrum proxy.
     proxy = "sweeps" if rule.startswith("global_sweeps") or fmt not in ("svd", "tucker2") else None
+    frozen = latency_table_file(depth, fmt, norm, config) if budget.startswith("latency") else None
     sel = select_ranks(arch.model, arch.covariances, format=fmt, rule=rule.split("_")[0], damage=damage,
                        budget=None if budget == "none" else budget, norm=norm, images=arch.calib,
                        key=jax.random.key(config.calib_seed + 1), skip=config.skip, input_shape=INPUT_SHAPE,
                        proxy=proxy if rule.startswith("global") else None,
                        grid=config.sweep_grid if proxy == "sweeps" else config.grid, sweeps=config.proxy_sweeps,
                        cache=arch.cache.setdefault(norm, {}), batch_size=config.latency_batch,
-                       latency_repeats=config.latency_repeats, max_error=config.max_error, progress=False)
+                       latency_repeats=config.latency_repeats, max_error=config.max_error, progress=False,
+                       latency_table=frozen if frozen is not None and frozen.is_file() else None)
+    if frozen is not None and not frozen.is_file():  # every later latency run of this format reads it
+        frozen.parent.mkdir(parents=True, exist_ok=True)
+        frozen.write_text(json.dumps(sel.latency_table, indent=1))
     select_seconds = time.perf_counter() - start
     common = dict(format=fmt, ranks=sel, skip=sel.is_dense, key=jax.random.key(config.compress_seed),
                   max_steps=config.max_steps, batch_size=config.batch_size, progress=False)
@@ -118,7 +140,7 @@ def measure(arch: Arch, key, test, config) -> dict:
     replan = result.replan or {}
     used = {r["path"]: r.get("used") for r in replan.get("layers", [])}
     return dict(
-        zip(KEY_FIELDS, key), **scores,
+        zip(RUN_FIELDS, key), **scores,
         achieved_params=replan.get("achieved_params", sel.achieved("params")),
         achieved_flops=replan.get("achieved_flops", sel.achieved("flops")),
         params=params, baseline_params=arch.params, params_ratio=params / arch.params,
@@ -136,6 +158,21 @@ def measure(arch: Arch, key, test, config) -> dict:
         calib_images=config.calib_images, test_images=len(test[1]), max_steps=config.max_steps,
         loadavg=list(os.getloadavg()), date=datetime.datetime.now().isoformat(timespec="seconds"),
     )
+
+
+def latency_table_file(depth, fmt, norm, config) -> pathlib.Path | None:
+    """Where a latency budget's layer table is kept (``Config.latency_tables``), or ``None``.
+
+    Timing the layers again for every run made the same budget feasible under one machine load and
+    infeasible under another (SVD latency=0.5, session 6), so the first table measured per model,
+    format and batch is written here and every later run selects from it; the whole models are
+    still timed per run (``latency_record``).
+    """
+    if config.latency_tables is None:
+        return None
+    folder = pathlib.Path(config.latency_tables)
+    folder = folder if folder.is_absolute() else HERE / folder
+    return folder / f"resnet{depth}-{fmt}-{norm}-b{config.latency_batch}.json"
 
 
 def latency_record(arch: Arch, key, sel, result, config) -> dict:
@@ -199,6 +236,20 @@ def before_cap(record, config) -> bool:
     return record["rule"].endswith("_replan") or max(picked) > config.max_error
 
 
+def footprint() -> dict:
+    """The process's peak resident memory and its count of memory mappings.
+
+    Three runs died with LLVM "Cannot allocate memory" while RSS was far below the machine's
+    memory; every compiled executable holds mappings and Linux caps them per process
+    (``vm.max_map_count``, 65 530 here), so both are recorded per cell.
+    """
+    try:
+        maps = sum(1 for _ in open("/proc/self/maps"))
+    except OSError:  # not Linux
+        maps = None
+    return dict(max_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), maps=maps)
+
+
 def run_all(config, args, results, out):
     current, stale = [], []
     for r in results["runs"]:
@@ -208,7 +259,7 @@ def run_all(config, args, results, out):
         results["runs"] = current
         print(f"{len(stale)} global run(s) made before the error cap moved to results['before_cap']", flush=True)
     done = {run_key(r) for r in results["runs"]}
-    todo = [k for k in config.runs if k not in done and (not args.formats or k[1] in args.formats)
+    todo = [k for k in config.runs if k + (config.calib_images,) not in done and (not args.formats or k[1] in args.formats)
             and (not args.budgets or k[5] in args.budgets) and (not args.rules or k[4] in args.rules)][: args.limit]
     print(f"{len(todo)} run(s) to do, {len(done)} already in {out}", flush=True)
     if not todo:
@@ -230,6 +281,10 @@ def run_all(config, args, results, out):
             save_results(results, out / "results.json")
             print(f"{key}: not measured: {error}", flush=True)
             continue
+        record["process"] = footprint()
+        jax.clear_caches()  # each cell compiles its own solvers; they are not reused by the next
+        gc.collect()
+        record["process"]["maps_after_clear"] = footprint()["maps"]
         add_run(results, record, run_key)
         save_results(results, out / "results.json")
         print(f"{key}: acc {record['accuracy']:.3f} (base {record['baseline_accuracy']:.3f}) params "
@@ -243,7 +298,7 @@ def run_all(config, args, results, out):
 # ------------------------------------------------------------------------- tables and figure
 
 
-def table(results) -> str:
+def table(results, calib: int = FULL.calib_images) -> str:
     rows = sorted(results["runs"], key=lambda r: (r["arch"], r["norm"], r["calibration"], r["format"],
                                                    r["budget"], r["rule"]))
     lines = ["| model | calibration | format | budget | rule | accuracy | Δ vs dense | achieved params "
@@ -254,6 +309,8 @@ def table(results) -> str:
         damage = ("—" if r["predicted_damage"] is None or not r["rule"].startswith("global")
                   else f"{r['predicted_damage']:.3f}")
         cal = r["calibration"] if r["norm"] == "sigma" else f"{r['calibration']} (Frobenius)"
+        if r["calib_images"] != calib:
+            cal += f", {r['calib_images']} images"
         lines.append(f"| ResNet-{r['arch']} | {cal} | {r['format']} | {r['budget']} | {r['rule']} | "
                      f"{100 * r['accuracy']:.1f} | {100 * (r['accuracy'] - r['baseline_accuracy']):+.1f} | "
                      f"{r['achieved_params']:.3f} | {r['achieved_flops']:.3f} | {dense} | {damage} |")
@@ -268,12 +325,29 @@ def versus(results) -> str:
     for key, r in sorted(by.items()):
         if not key[4].startswith("global"):
             continue
-        u = by.get(key[:4] + ("uniform", key[5]))
+        u = by.get(sibling(key, rule="uniform"))
         if u is None:
             continue
         lines.append(f"| ResNet-{key[0]} {key[3]} {key[2]} | {key[1]} | {key[5]} | {key[4]} | {100 * u['accuracy']:.1f} | "
                      f"{100 * r['accuracy']:.1f} | {100 * (r['accuracy'] - u['accuracy']):+.1f} | "
                      f"{u['achieved_params']:.3f} / {r['achieved_params']:.3f} |")
+    return "\n".join(lines)
+
+
+def calib_versus(results, calib: int = FULL.calib_images) -> str:
+    """Runs with another calibration-set size than ``calib`` (the config's), beside the same run at ``calib``."""
+    by = {run_key(r): r for r in results["runs"]}
+    lines = [f"| model | format | calibration | budget | rule | {calib} images | other size (images) | "
+             "difference (points) | achieved params | seconds (default / other) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, r in sorted(by.items()):
+        base = by.get(sibling(key, calib_images=calib))
+        if key[6] == calib:
+            continue
+        was = "not run" if base is None else f"{100 * base['accuracy']:.1f}"
+        diff = "–" if base is None else f"{100 * (r['accuracy'] - base['accuracy']):+.1f}"
+        secs = f"{'–' if base is None else round(base['seconds'])} / {round(r['seconds'])}"
+        lines.append(f"| ResNet-{key[0]} | {key[1]} | {key[3]} {key[2]} | {key[5]} | {key[4]} | {was} | "
+                     f"{100 * r['accuracy']:.1f} ({key[6]}) | {diff} | {r['achieved_params']:.3f} | {secs} |")
     return "\n".join(lines)
 
 
@@ -289,7 +363,7 @@ def latency_versus(results) -> str:
         if "latency" not in r:
             continue
         lat, f = r["latency"], r["latency"]["flops_selection"]
-        fr = by.get(key[:5] + ("flops=0.5",))
+        fr = by.get(sibling(key, budget="flops=0.5"))
         facc = "not run" if fr is None else f"{100 * fr['accuracy']:.1f} ({100 * (fr['accuracy'] - fr['baseline_accuracy']):+.1f})"
         lines.append(f"| ResNet-{key[0]} {key[2]} {key[3]} | {key[1]} | {key[5]} | {100 * r['accuracy']:.1f} "
                      f"({100 * (r['accuracy'] - r['baseline_accuracy']):+.1f}) | {r['achieved_latency']:.3f} | "
@@ -315,7 +389,7 @@ def cap_versus(results) -> str:
 
     for old in sorted(results.get("before_cap", []), key=run_key):
         key = run_key(old)
-        new, uniform = by.get(key), by.get(key[:4] + ("uniform", key[5]))
+        new, uniform = by.get(key), by.get(sibling(key, rule="uniform"))
         cap = "–" if new is None or new.get("error_cap") is None else f"{new['error_cap']:.2f}"
         after = "not run yet" if new is None else acc(new)
         params = "–" if new is None else f"{new['achieved_params']:.3f}"
@@ -332,7 +406,7 @@ def replan_versus(results) -> str:
     lines = ["| model | format | budget | rule | up front | re-planned | re-planned − up front (points) | achieved params u / r "
              "| layers re-ranked | seconds u / r |", "|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in sorted(by.items()):
-        g = by.get(key[:4] + (key[4].removesuffix("_replan"), key[5]))
+        g = by.get(sibling(key, rule=key[4].removesuffix("_replan")))
         if not key[4].endswith("_replan") or g is None:
             continue
         moved = sum(layer["ranks"] != layer.get("upfront_ranks") for layer in r["layers"])
@@ -343,12 +417,12 @@ def replan_versus(results) -> str:
     return "\n".join(lines)
 
 
-def targets(results) -> str:
+def targets(results, calib: int = FULL.calib_images) -> str:
     """The issue's targets (ResNet-20, Σ sequential, rule global), each met / missed / not measured."""
     by = {run_key(r): r for r in results["runs"]}
 
     def run(fmt, rule, budget):
-        return by.get((20, fmt, "sigma", "sequential", rule, budget))
+        return by.get((20, fmt, "sigma", "sequential", rule, budget, calib))
 
     lines = ["| target | measured | verdict |", "|---|---|---|"]
     for budget, slack in (("params=0.5", 0.5), ("params=0.33", 2.0), ("flops=0.5", 1.0)):
@@ -364,8 +438,8 @@ def targets(results) -> str:
                          f"({100 * r['accuracy']:.1f} vs {100 * r['baseline_accuracy']:.1f}) | "
                          f"{'met' if drop <= slack else f'missed by {drop - slack:.1f}'} |")
     for key, g in sorted(by.items()):
-        u = by.get(key[:4] + ("uniform", key[5]))
-        if key[0] != 20 or key[4] not in ("global", "global_sweeps") or u is None:
+        u = by.get(sibling(key, rule="uniform"))
+        if key[0] != 20 or key[6] != calib or key[4] not in ("global", "global_sweeps") or u is None:
             continue
         gain = 100 * (g["accuracy"] - u["accuracy"])
         need = 3.0 if key[5] == "params=0.33" and key[1] in ("tucker2", "svd") and key[2] == "sigma" else -1.0
@@ -393,13 +467,13 @@ def details(results) -> str:
     return "\n".join(out)
 
 
-def figure(results, path) -> None:
+def figure(results, path, calib: int = FULL.calib_images) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in results["runs"] if r["arch"] == 20 and r["norm"] == "sigma"]
+    runs = [r for r in results["runs"] if r["arch"] == 20 and r["norm"] == "sigma" and r["calib_images"] == calib]
     if not runs:
         return
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
@@ -428,7 +502,13 @@ def figure(results, path) -> None:
 def main(argv=None):
     args = parse_args(argv)
     config = SMOKE if args.smoke else FULL
+    if args.calib_images is not None:
+        if args.calib_images < 1:
+            raise SystemExit(f"--calib-images must be positive, got {args.calib_images}")
+        config = dataclasses.replace(config, calib_images=args.calib_images)
     out = args.out or (pathlib.Path(tempfile.mkdtemp(prefix="rank_selection_")) if args.smoke else HERE)
+    if config.latency_tables is not None:  # beside results.json (a smoke run writes none into the repository)
+        config = dataclasses.replace(config, latency_tables=str(out / config.latency_tables))
     results = load_results(out / "results.json")
     for other in args.merge:
         merge(results, load_results(other), run_key)
@@ -436,18 +516,21 @@ def main(argv=None):
         save_results(results, out / "results.json")
     if not args.table and not args.merge:
         run_all(config, args, results, out)
-    print(table(results))
+    calib = (SMOKE if args.smoke else FULL).calib_images  # the tables' default calibration-set size
+    print(table(results, calib))
     print()
     print(versus(results))
     print()
     print(replan_versus(results))
     print()
+    print(calib_versus(results, calib))
+    print()
     print(latency_versus(results))
     print()
-    print(targets(results))
+    print(targets(results, calib))
     print()
     print(details(results))
-    figure(results, out / "figure.png")
+    figure(results, out / "figure.png", calib)
     return 0
 
 

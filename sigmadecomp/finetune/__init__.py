@@ -8,6 +8,7 @@
   and ``sigmadecomp finetune`` run;
 * :func:`training_implementations` — per factorized layer, train the chain or the dense kernel
   rebuilt from the factors, whichever step is faster here (``FinetuneConfig.implementation="auto"``);
+* :func:`factorized_layers` — ``{path: layer}`` of a model's factorized layers;
 * :func:`balance_factors` — equal factor norms per layer before training (``FinetuneConfig.balance``);
 * :func:`reestimate_batch_norm` — no training: recompute BatchNorm statistics on calibration images;
 * the pieces: :func:`distillation_loss`, :func:`kl_divergence`, :func:`feature_loss`,
@@ -24,7 +25,7 @@ from sigmadecomp.finetune._batch_norm import batch_norm_layers, reestimate_batch
 from sigmadecomp.finetune._checkpoint import load_checkpoint, save_checkpoint
 from sigmadecomp.finetune._config import FinetuneConfig
 from sigmadecomp.finetune._features import resnet_block_outputs
-from sigmadecomp.finetune._implementations import apply_implementations, training_implementations
+from sigmadecomp.finetune._implementations import apply_implementations, factorized_layers, training_implementations
 from sigmadecomp.finetune._loss import distillation_loss, feature_loss, kl_divergence
 from sigmadecomp.finetune._pipeline import distill_on_cifar10, finetune_saved
 from sigmadecomp.finetune._train import FinetuneResult, finetune
@@ -41,6 +42,7 @@ __all__ = [
     "distill_on_cifar10",
     "distillation_loss",
     "factor_norms",
+    "factorized_layers",
     "feature_loss",
     "finetune",
     "finetune_saved",

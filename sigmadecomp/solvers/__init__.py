@@ -8,8 +8,11 @@ The multilinear engine (:class:`MultilinearALS`, DESIGN.md §5) fits any format 
 :class:`RTTALS`, :class:`RTRALS`; :class:`Tucker2Engine` checks it). They minimise
 ``f(W̃) = tr((W − W̃) cov (W − W̃)ᵀ)`` (Frobenius when ``cov`` is None); :func:`relative_error`
 scores any approximation. :class:`AbstractSolver` and :class:`Problem` are for writing new solvers.
+Each configuration and shape compiles once and stays compiled; :func:`release_compiled_solvers`
+frees them (:func:`compiled_solver_count` says how many), e.g. after fitting many different ranks.
 """
 
+from sigmadecomp._compile import compiled_solver_count, release_compiled_solvers
 from sigmadecomp.solvers._base import AbstractSolver, Problem
 from sigmadecomp.solvers._cp import CPALS
 from sigmadecomp.solvers._decompose import decompose, relative_error
@@ -46,6 +49,8 @@ __all__ = [
     "Problem",
     "Solution",
     "Status",
+    "compiled_solver_count",
     "decompose",
     "relative_error",
+    "release_compiled_solvers",
 ]

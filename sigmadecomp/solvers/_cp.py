@@ -40,7 +40,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from sigmadecomp._compile import fast_compile_jit
+from sigmadecomp._compile import fast_compile_jit, registered_jit
 from sigmadecomp._factorized import CP, CP3
 from sigmadecomp.solvers._base import AbstractSolver, Problem, problem_error, solution_stats
 from sigmadecomp.solvers._driver import iterate
@@ -647,7 +647,7 @@ def block_update(solver: CPALS, problem: Problem, factors, block: str):
     return _block_update(solver._static(), problem, factors, block, knobs)
 
 
-@partial(jax.jit, static_argnums=(0, 3))
+@registered_jit(static_argnums=(0, 3))
 def _block_update(solver: CPALS, problem: Problem, factors, block: str, knobs):
     engine = _engine(solver, problem, knobs)
     f = _from_format(factors, engine.dims)

@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from sigmadecomp._compile import registered_jit
 from sigmadecomp._factorized import _TYPES as _FACTORIZED, to_dense
 from sigmadecomp._patches import kernel_to_matrix
 from sigmadecomp.solvers._base import AbstractSolver, Problem
@@ -21,7 +22,7 @@ from sigmadecomp.solvers._validation import (
 __all__ = ["decompose", "make_problem", "relative_error"]
 
 
-@jax.jit
+@registered_jit
 def make_problem(kernel, cov, cross_cov, target_cov, ridge, target_energy=None) -> Problem:
     """The :class:`Problem` for ``kernel`` (validated inputs; ``ridge`` a traced scalar).
 
@@ -152,7 +153,7 @@ def _flag_not_psd(solution: Solution, psd) -> Solution:
     return dataclasses.replace(solution, value=value, status=status)
 
 
-@jax.jit
+@registered_jit
 def _relative_error(kernel, approx, cov):
     w, delta = kernel_to_matrix(kernel), kernel_to_matrix(kernel - approx)
     if cov is None:

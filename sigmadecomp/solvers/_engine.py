@@ -66,6 +66,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.scipy.linalg import solve_triangular
 
+from sigmadecomp._compile import registered_jit
 from sigmadecomp.solvers._base import AbstractSolver, Problem, problem_error, solution_stats
 from sigmadecomp.solvers._driver import iterate
 from sigmadecomp.solvers._numerics import (
@@ -415,7 +416,7 @@ def _sweep(solver: MultilinearALS, problem: Problem, tols, state: _State):
     return _State(cores, error, inner, state.step + 1), ok
 
 
-@functools.partial(jax.jit, static_argnames=("solver",))
+@registered_jit(static_argnames=("solver",))
 def _engine_solve(problem, key, cores, tols, *, solver: MultilinearALS) -> Solution:
     shape = problem.kernel_shape
     if cores is None:

@@ -20,13 +20,13 @@ the cores left to right then right to left. Initialisation: Frobenius TT-SVD of 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
+from sigmadecomp._compile import registered_jit
 from sigmadecomp._ttmatrix import (
     TTMatrix,
     balanced_modes,
@@ -226,7 +226,7 @@ def _right_canonical(cores):
     return tuple(cores)
 
 
-@functools.partial(jax.jit, static_argnames=("in_modes", "out_modes", "ranks", "max_steps"))
+@registered_jit(static_argnames=("in_modes", "out_modes", "ranks", "max_steps"))
 def _solve(problem: Problem, diag, init, *, in_modes, out_modes, ranks, max_steps, rtol) -> Solution:
     target_t, metric = problem.target.T, problem.metric
     start = tt_svd(problem.matrix.T, in_modes=in_modes, out_modes=out_modes, ranks=ranks) if init is None else init

@@ -777,11 +777,7 @@ def _global(layers, sensitivity, curves, budget, proxy, grid, sweeps, key, progr
             timer=None, max_error=None) -> tuple[list, list, tuple, dict | None, float | None]:
     damages, options, errors = [], [], []
     keys = jax.random.split(jax.random.fold_in(key, 1), len(layers))
-    for layer, layer_key in zip(tqdm(layers, desc="candidates", disable=not progress, leave=False), keys):
-        tag = ("candidates", layer.entry.path, layer.entry.format, layer.norm, proxy, grid, sweeps)
-        if tag not in cache:
-            cache[tag] = _candidates(layer, proxy, grid, sweeps, layer_key)
-        cands = cache[tag]
+    for layer, cands in zip(layers, _all_candidates(layers, proxy, grid, sweeps, keys, cache, progress)):
         s = sensitivity[layer.entry.path]
         options.append([None] + [r for r, _ in cands])
         errors.append(np.array([0.0] + [e for _, e in cands]))
@@ -810,6 +806,31 @@ def _global(layers, sensitivity, curves, budget, proxy, grid, sweeps, key, progr
     return [o[j] for o, j in zip(options, picks)], [float(e[j]) for e, j in zip(errors, picks)], tables, table, cap
 
 
+def _all_candidates(layers, proxy, grid, sweeps, keys, cache, progress) -> list:
+    """Every layer's ``[(ranks, ε)]`` (from ``cache`` when an earlier call measured them), fitted
+    group by group of layers with one kernel shape: they share every compiled solver, which are
+    released after each group (:func:`sigmadecomp.solvers.release_compiled_solvers`: one program
+    per grid rank and shape would otherwise pile up; ~500 memory mappings each on XLA:CPU). Each
+    layer keeps its own key, so the order does not change the result."""
+    from sigmadecomp.solvers import release_compiled_solvers
+
+    tags = [("candidates", layer.entry.path, layer.entry.format, layer.norm, proxy, grid, sweeps) for layer in layers]
+    groups: dict = {}
+    for i, layer in enumerate(layers):
+        groups.setdefault((layer.entry.format, tuple(layer.entry.kernel_shape), layer.entry.groups, layer.norm), []).append(i)
+    with tqdm(total=len(layers), desc="candidates", disable=not progress, leave=False) as bar:
+        for members in groups.values():
+            swept = False
+            for i in members:
+                if tags[i] not in cache:
+                    cache[tags[i]] = _candidates(layers[i], proxy, grid, sweeps, keys[i])
+                    swept = swept or _proxy_of(layers[i].entry.format, proxy) == "sweeps"
+                bar.update()
+            if swept:
+                release_compiled_solvers()
+    return [cache[tag] for tag in tags]
+
+
 def _error_cap(costs, errors, budget: float, max_error: float | None) -> float | None:
     """The trust region's cap: ``max_error``, or the smallest candidate error above it at which the
     cheapest allowed option of every layer fits ``budget``; ``None`` without a cap (or when no
@@ -831,10 +852,15 @@ def _table(layer: _Layer, options, errors, sensitivity, curves, pick, latency=No
                            None if curves is None else curves[path], float(sensitivity[path]), int(pick), latency)
 
 
+def _proxy_of(fmt: str, proxy: str | None) -> str:
+    """The damage proxy a format uses: ``proxy``, or its default (closed form for SVD and Tucker-2)."""
+    return proxy or ("spectrum" if fmt in ("svd", "tucker2") else "sweeps")
+
+
 def _candidates(layer: _Layer, proxy, grid, sweeps, key) -> list:
     """``[(ranks, ε)]`` cheaper than the dense layer (dense itself is added by the caller)."""
     fmt = layer.entry.format
-    proxy = proxy or ("spectrum" if fmt in ("svd", "tucker2") else "sweeps")
+    proxy = _proxy_of(fmt, proxy)
     if proxy == "spectrum" and fmt == "svd":
         ranks = [(r,) for r in range(1, len(layer.svd_fit_errors()))]
     elif proxy == "spectrum" and fmt == "tucker2":

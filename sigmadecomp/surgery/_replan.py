@@ -159,6 +159,11 @@ class Replanner:
             error = float(fit(c.options[j], self.sweeps))
             if np.isfinite(error):
                 measured[j] = max(error - floor, 0.0)
+        # each window rank compiled its own solver: a deep network would pile up hundreds
+        # (sigmadecomp/_compile.py says why that ends in "Cannot allocate memory")
+        from sigmadecomp.solvers import release_compiled_solvers
+
+        release_compiled_solvers()
         errors = self._corrected(c, measured)
         pick, feasible = self._resolve(c, errors)
         self.records[path] = dict(path=path, upfront=_listed(c.options[c.pick]), replanned=_listed(c.options[pick]),
