@@ -581,7 +581,10 @@ def select_ranks(
             predicted errors are always relative Σ-errors of that fit.
         images, key: calibration inputs and PRNG key for the sensitivities (``global`` only).
         proxy: ``global`` only: ``"spectrum"`` (SVD, Tucker-2) or ``"sweeps"`` (any format; the
-            default for the others): ``sweeps`` ALS sweeps at every ratio of ``grid``.
+            default for the others): ``sweeps`` ALS sweeps at every ratio of ``grid``. The swept
+            solvers' compiled programs are released after each group of layers of one shape
+            (:func:`sigmadecomp.solvers.release_compiled_solvers`; every solver, yours included,
+            compiles again on its next use): they would otherwise pile up, one per rank and shape.
         relative_noise: ``δ`` of :func:`layer_sensitivities`.
         damage: ``global`` only: ``"curve"`` (default; ``e_ℓ(ρ)`` = the layer's measured
             :func:`damage_curves` at ``ε_ℓ(ρ)``) or ``"linear"`` (``s_ℓ · ε_ℓ(ρ)`` with the slope
