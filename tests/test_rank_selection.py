@@ -268,8 +268,6 @@ def test_global_cp_uses_sweeps(small_net):
     # the swept ranks' compiled solvers are released group by group (they would pile up: ~500
     # memory mappings each on XLA:CPU, and a process may hold 65 530)
     assert sd.compiled_solver_count() == 0
-    again = _select(small_net, format="cp", rule="global", budget="params=0.5", grid=(0.2, 0.45), sweeps=1)
-    assert [c.ranks for c in again.layers] == [c.ranks for c in sel.layers]  # recompiled, same choice
 
 
 def test_bad_arguments(small_net):
