@@ -33,7 +33,6 @@ def write_readme(path: pathlib.Path, generated: str) -> None:
     old = path.read_text() if path.exists() else ""
     kept = old[old.index(KEEP):] if KEEP in old else KEEP + "\n"
     path.write_text(generated.rstrip() + "\n\n" + kept)
-INIT_ORDER = ("sigma_seq", "sigma_seq_global", "sigma_par", "frobenius", "random")
 
 
 def parse_args(argv=None):
@@ -138,7 +137,7 @@ def tnn_table(runs, ftm) -> str:
         seed = ftm.TNN.get(fmt, {})
         lines.append(f"| {fmt} | TNN seed | full retraining, 50 000 images | "
                      + " | ".join(f"{seed[r]:.2f}" if r in seed else "–" for r in RATES) + " |")
-        for init in [i for i in INIT_ORDER if any(r["init"] == i for r in mine)]:
+        for init in [i for i in ftm.ALL_INITS if any(r["init"] == i for r in mine)]:
             cell = {}
             for r in sorted((r for r in mine if r["init"] == init), key=lambda r: r.get("date", "")):
                 cell.setdefault(r["ratio"], r)  # the first run of each cell: no training, BN re-estimated
@@ -152,14 +151,14 @@ def tnn_table(runs, ftm) -> str:
     return "\n".join(lines)
 
 
-def time_table(runs, device_cpu: dict) -> str:
+def time_table(runs, device_cpu: dict, order: tuple) -> str:
     """Per distilled run: its image budget, the 2-core CPU rate it came from, the CPU seconds those
     images take at the rate measured for the run's own (format, rate) (600 when the budget used
     it; otherwise shows how far a borrowed rate was off), and the GPU seconds."""
     lines = ["| run | conv params | images (= CPU s × CPU img/s) | budget's CPU rate from | CPU s at own rate "
              "| distil s (all) | img/s (steady) | CPU s / distil s | compress s | device |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(runs, key=lambda r: (r["format"], r["ratio"], INIT_ORDER.index(r["init"]))):
+    for r in sorted(runs, key=lambda r: (r["format"], r["ratio"], order.index(r["init"]))):
         b = r["cpu_budget"]
         own = device_cpu.get(f"{r['format']}@{r['ratio']}", {}).get("images_per_second")
         used = [k for k, m in device_cpu.items() if m.get("images_per_second") == b["cpu_images_per_second"]]
@@ -179,10 +178,10 @@ def mean_loss(train, lo: float, hi: float) -> float:
     return sum(losses) / max(len(losses), 1)
 
 
-def observations(runs, sessions) -> str:
+def observations(runs, sessions, order: tuple) -> str:
     """What the grid's runs show, one line per run, then what did not run (all from the files)."""
     lines = []
-    for r in sorted(runs, key=lambda r: (r["format"], r["ratio"], INIT_ORDER.index(r["init"]))):
+    for r in sorted(runs, key=lambda r: (r["format"], r["ratio"], order.index(r["init"]))):
         ev, tr = r["history"]["eval"], r["history"]["train"] or [dict(step=0, loss=float("nan"))]
         quarter = next((e for e in ev if e["step"] >= 0.75 * r["steps"]), ev[-1])
         images = r["steps"] * r["batch_size"]
@@ -261,11 +260,11 @@ def finetune_targets(runs, ftm) -> str:
                 if (r["format"], r["ratio"], recipe_of(r, False)) == (fmt, ratio, recipe)}
         if "sigma_seq" not in cell or len(cell) < 2:
             continue
-        if "sigma_seq_global" in cell:  # issue 12's ranks under issue 13's budget: not another init
+        if "sigma_seq_global" in cell:  # issue 12's ranks under issue 13's budget: not another init (ftm.SIGMA_SEQ)
             lines.append(f"| {fmt} {ratio:.0%}, {recipe}: Σ-sequential, global ranks (`select_ranks`) vs one ratio "
                          f"per layer (not a target) | {pct(cell['sigma_seq_global'])} vs {pct(cell['sigma_seq'])} | "
                          f"{100 * (cell['sigma_seq_global'] - cell['sigma_seq']):+.2f} points |")
-        others = {k: v for k, v in cell.items() if k not in ("sigma_seq", "sigma_seq_global")}
+        others = {k: v for k, v in cell.items() if k not in ftm.SIGMA_SEQ}
         if not others:
             continue
         missing = [i for i in ("frobenius", "random", "sigma_par") if i not in cell]
@@ -280,7 +279,7 @@ def finetune_targets(runs, ftm) -> str:
     return "\n".join(lines)
 
 
-def finetune_figure(runs, path) -> None:
+def finetune_figure(runs, path, styles: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -292,7 +291,6 @@ def finetune_figure(runs, path) -> None:
     cols = min(4, len(combos))
     rows = -(-len(combos) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.3 * rows), squeeze=False)
-    styles = {"sigma_seq": "-", "sigma_seq_global": "-", "sigma_par": "-.", "frobenius": ":", "random": "--"}
     for ax, (fmt, ratio) in zip(axes.flat, combos):
         for r in runs:
             if (r["format"], r["ratio"]) != (fmt, ratio):
@@ -337,7 +335,7 @@ def finetune_readme(args, meta) -> None:
     ftm = load_experiment("finetune")
     results = load_results(args.finetune_dir / "results.json")
     runs = grid_runs(results)
-    finetune_figure(runs, args.finetune_dir / "figure.png")
+    finetune_figure(runs, args.finetune_dir / "figure.png", ftm.INIT_STYLES)
     legacy = {"runs": [r for r in results["runs"] if not r.get("cpu_budget")]}
     sessions = results.get("grid_sessions", [])
     failures = results.get("grid_failures", [])
@@ -378,12 +376,12 @@ Dense ResNet-32: {pct(runs[0]['baseline_accuracy']) if runs else '–'}%.
 
 ## What the grid shows
 
-{observations(runs, sessions) if runs else '_No GPU-grid run yet._'}
+{observations(runs, sessions, ftm.ALL_INITS) if runs else '_No GPU-grid run yet._'}
 
 ## Time: the 10-minute CPU budget on the GPU
 
-{time_table(runs, load_results(args.finetune_dir / "cpu_throughput.json").get("device", {}).get("formats", {}))
-  if runs else '_No GPU-grid run yet._'}
+{time_table(runs, load_results(args.finetune_dir / "cpu_throughput.json").get("device", {}).get("formats", {}),
+            ftm.ALL_INITS) if runs else '_No GPU-grid run yet._'}
 
 2-core CPU throughput (images/s of distillation), on the device machine and on the development
 machine. On the device the three measurements ran side by side on their own core pairs while the

@@ -156,8 +156,7 @@ def global_ranks(model, calib, format, ratio, config: Config):
     grid = tuple(sorted({min(round(g * ratio, 4), 0.9) for g in GLOBAL_GRID}))
     return select_ranks(model, covariances, format=format, rule="global", budget=f"params={ratio}", norm="sigma",
                         images=calib, key=jax.random.key(config.compress_seed + 1), skip=config.skip,
-                        input_shape=(1, 32, 32, 3), proxy=None if format in ("svd", "tucker2") else "sweeps",
-                        grid=grid, sweeps=GLOBAL_PROXY_SWEEPS, progress=True)
+                        input_shape=(1, 32, 32, 3), grid=grid, sweeps=GLOBAL_PROXY_SWEEPS, progress=True)
 
 
 def compressed_model(model, calib, format, ratio, init, config: Config, cache: pathlib.Path,

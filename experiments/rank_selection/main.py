@@ -340,9 +340,9 @@ def calib_versus(results, calib: int = FULL.calib_images) -> str:
     lines = [f"| model | format | calibration | budget | rule | {calib} images | other size (images) | "
              "difference (points) | achieved params | seconds (default / other) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in sorted(by.items()):
-        base = by.get(sibling(key, calib_images=calib))
         if key[6] == calib:
             continue
+        base = by.get(sibling(key, calib_images=calib))
         was = "not run" if base is None else f"{100 * base['accuracy']:.1f}"
         diff = "–" if base is None else f"{100 * (r['accuracy'] - base['accuracy']):+.1f}"
         secs = f"{'–' if base is None else round(base['seconds'])} / {round(r['seconds'])}"
@@ -501,7 +501,8 @@ def figure(results, path, calib: int = FULL.calib_images) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
-    config = SMOKE if args.smoke else FULL
+    base = SMOKE if args.smoke else FULL  # its calibration-set size is the tables' default
+    config = base
     if args.calib_images is not None:
         if args.calib_images < 1:
             raise SystemExit(f"--calib-images must be positive, got {args.calib_images}")
@@ -516,7 +517,7 @@ def main(argv=None):
         save_results(results, out / "results.json")
     if not args.table and not args.merge:
         run_all(config, args, results, out)
-    calib = (SMOKE if args.smoke else FULL).calib_images  # the tables' default calibration-set size
+    calib = base.calib_images
     print(table(results, calib))
     print()
     print(versus(results))
