@@ -106,6 +106,8 @@ def recipe_of(r, guard: bool = True) -> str:
     text += f" +features {r['feature_weight']}" if r.get("feature_weight") else ""
     text += f" +{r['mix']}" if r.get("mix", "none") != "none" else ""
     text += " +balanced" if r.get("balance") else ""
+    if r.get("validation"):  # the state with the best accuracy on held-out training images (and which)
+        text += f" +best of {r['validation']} held out (step {r['best']['step']}/{r['steps']})"
     if guard and r.get("divergence_factor"):  # guarded runs (session 5 on); the rollbacks it made, if any
         n = r.get("rollbacks", 0)
         text += " +guard" + (f" ({n} rollback{'s' * (n > 1)})" if n else "")

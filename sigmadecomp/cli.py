@@ -72,14 +72,21 @@ def _arch(text: str) -> str:
     return text
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _int_at_least(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1, "positive")
+_non_negative_int = _int_at_least(0, "non-negative")
 
 
 def _ints(count: int):
@@ -280,6 +287,9 @@ def _add_finetune_options(compress) -> None:
     compress.add_argument("--finetune-data", type=pathlib.Path, default=None, metavar="DIR",
                           help="CIFAR-10 folder whose data_batch_* files are the fine-tuning images "
                                "(default: --data; its test_batch is never used for training)")
+    compress.add_argument("--finetune-validation", type=_non_negative_int, default=0, metavar="N",
+                          help="hold N labelled fine-tuning images out and keep the epoch with the best "
+                               "accuracy on them, the start included (default: 0, keep the last epoch)")
 
 
 def _add_finetune(commands) -> None:
@@ -304,6 +314,9 @@ def _add_finetune(commands) -> None:
     tune.add_argument("--epochs", type=_positive_int, default=1, help="passes over the images (default: 1)")
     tune.add_argument("--lr", type=_positive_float, default=0.002, help="peak learning rate (default: 0.002)")
     tune.add_argument("--key", type=int, default=0, help="seed of the shuffles and augmentations")
+    tune.add_argument("--validation", type=_non_negative_int, default=0, metavar="N",
+                      help="hold N labelled training images out and keep the epoch with the best accuracy "
+                           "on them, the start included (default: 0, keep the last epoch)")
     tune.add_argument("--checkpoint-dir", type=pathlib.Path, default=None,
                       help="save the training state here every epoch; a rerun resumes from it")
     tune.add_argument("--save", type=pathlib.Path, default=None, help="write the fine-tuned model here")
@@ -428,7 +441,7 @@ def _run_compress(args) -> int:
             raise ValueError("--rank-rule/--budget/--tau apply to --arch on CIFAR-10 folders only, for now "
                              "(other models take --ratio)")
         return _finish(args, _run_user_model(args))
-    from sigmadecomp.compress import compress_pretrained, summary
+    from sigmadecomp.compress import compress_pretrained
 
     report = compress_pretrained(
         arch=args.arch, weights=args.weights, data_dir=args.data,
@@ -438,7 +451,8 @@ def _run_compress(args) -> int:
         calibration=args.calibration, bias_correction=args.bias_correction,
         rank_rule=args.rank_rule, budget=args.budget, tau=args.tau, replan=args.replan,
         finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
-        finetune_data=args.finetune_data, progress=args.progress, implementation=args.implementation,
+        finetune_data=args.finetune_data, finetune_validation=args.finetune_validation,
+        progress=args.progress, implementation=args.implementation,
         latency_repeats=args.latency_repeats, deploy_batch=args.deploy_batch,
         **({} if args.latency_table is None else {"latency_table": args.latency_table}),
     )
@@ -467,7 +481,7 @@ def _run_finetune(args) -> int:
     report = finetune_saved(
         model_dir=args.model, teacher_arch=args.teacher_arch, teacher_weights=args.teacher_weights,
         data_dir=args.data, eval_dir=args.eval_data, epochs=args.epochs, learning_rate=args.lr, key=args.key,
-        save_dir=args.save, checkpoint_dir=args.checkpoint_dir, progress=args.progress)
+        validation=args.validation, save_dir=args.save, checkpoint_dir=args.checkpoint_dir, progress=args.progress)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

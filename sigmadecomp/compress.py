@@ -459,6 +459,7 @@ def compress_pretrained(
     finetune_epochs: int = 0,
     finetune_lr: float | None = None,
     finetune_data=None,
+    finetune_validation: int = 0,
     progress: bool = True,
     implementation: str = "auto",
     latency_repeats: int = 5,
@@ -507,7 +508,9 @@ def compress_pretrained(
     ``finetune_epochs > 0`` then distils the compressed model from the dense one for that many
     epochs over the training batches of ``finetune_data`` (default ``data_dir``; never a test
     batch) with learning rate ``finetune_lr`` (:func:`sigmadecomp.finetune.distill_on_cifar10`);
-    the report's ``accuracy`` is after fine-tuning and ``accuracy_before_finetune`` before it.
+    the report's ``accuracy`` is after fine-tuning and ``accuracy_before_finetune`` before it;
+    ``finetune_validation`` labelled training images are then held out and the epoch with the best
+    accuracy on them is kept (``finetune_best``).
     """
     start = time.perf_counter()
     calibration = _check_calibration(calibration, norm)
@@ -553,7 +556,7 @@ def compress_pretrained(
     test_images = sd.data.cifar10_normalize(test_images)
     result, tuned = _maybe_finetune(model, result, test_images, test_labels, epochs=finetune_epochs,
                                     lr=finetune_lr, data_dir=finetune_data or data_dir, key=key,
-                                    batch_size=batch_size, progress=progress)
+                                    batch_size=batch_size, validation=finetune_validation, progress=progress)
     scores = evaluate_agreement(model, result.model, test_images, test_labels, batch_size=batch_size)
     counts, in_model = _whole_model_counts(model, result.model, result.plan, calib_images[:8])
     if save_dir is not None:
@@ -564,6 +567,7 @@ def compress_pretrained(
                   calibration=calibration, bias_correction=bias_correction, rank_rule=rank_rule,
                   budget=budget, tau=tau, replan=replan,
                   finetune_lr=finetune_lr, finetune_data=str(finetune_data or data_dir),
+                  finetune_validation=finetune_validation,
                   save=None if save_dir is None else str(save_dir), implementation=implementation,
                   deploy_batch=deploy_batch)
     how = {e.path: dict(implementation=e.implementation, implementation_reason=e.reason)
@@ -632,7 +636,7 @@ def _select(model, calib_images, *, format, norm, rule, budget, tau, skip, key, 
                                    input_shape=(1, *np.shape(calib_images)[1:]), progress=progress,
                                    batch_size=latency_batch, latency_table=latency_table)
 def _maybe_finetune(model, result, test_images, test_labels, *, epochs, lr, data_dir, key, batch_size,
-                    progress) -> tuple[Compressed, dict]:
+                    validation, progress) -> tuple[Compressed, dict]:
     """Distil ``result.model`` from ``model`` when ``epochs > 0``; the report fields either way."""
     if not epochs:
         return result, dict(finetune_epochs=0, finetune_seconds=0.0)
@@ -641,11 +645,12 @@ def _maybe_finetune(model, result, test_images, test_labels, *, epochs, lr, data
     before = evaluate_agreement(model, result.model, test_images, test_labels, batch_size=batch_size)
     run = distill_on_cifar10(result.model, model, data_dir, epochs=epochs,
                              learning_rate=FinetuneConfig.learning_rate if lr is None else lr,
-                             key=jax.random.fold_in(jax.random.key(key), 1), progress=progress)
+                             key=jax.random.fold_in(jax.random.key(key), 1), validation=validation,
+                             progress=progress)
     return dataclasses.replace(result, model=run.model), dict(
         accuracy_before_finetune=before["accuracy"], finetune_epochs=epochs,
         finetune_seconds=run.seconds, finetune_steps=run.steps, finetune_stopped=run.stopped,
-        finetune_rollbacks=run.rollbacks)
+        finetune_rollbacks=run.rollbacks, finetune_best=run.history.get("best"))
 
 
 _INPUT_SHAPE = (1, 32, 32, 3)

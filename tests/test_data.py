@@ -13,6 +13,7 @@ import pytest
 from sigmadecomp.data import (
     batches,
     cifar10_normalize,
+    holdout,
     load_cifar10,
     load_mnist,
     mnist_normalize,
@@ -206,6 +207,22 @@ def test_batches_and_sample_reject_bad_input():
         next(batches(x, np.zeros(4), batch_size=2))
     with pytest.raises(ValueError, match=r"n must be an int in 1\.\.5"):
         sample(x, None, 6, key=jax.random.key(0))
+
+
+def test_holdout_splits_disjointly_avoids_excluded_indices_and_rejects_bad_sizes():
+    x, y = np.arange(50) * 10, np.arange(50)
+    calib = np.arange(0, 50, 2)
+    (x_rest, y_rest), (x_val, y_val) = holdout(x, y, 20, key=jax.random.key(0), exclude=calib)
+    assert len(y_val) == 20 and len(y_rest) == 30 and not set(y_val) & set(calib.tolist())
+    assert sorted(y_rest.tolist() + y_val.tolist()) == list(range(50))
+    np.testing.assert_array_equal(x_rest, 10 * y_rest)  # pairs stay aligned, the order is kept
+    assert np.all(np.diff(y_rest) > 0)
+    again = holdout(x, y, 20, key=jax.random.key(0), exclude=calib)[1][1]
+    np.testing.assert_array_equal(y_val, again)
+    with pytest.raises(ValueError, match=r"n must be an int in 1\.\.25"):
+        holdout(x, y, 26, key=jax.random.key(0), exclude=calib)
+    with pytest.raises(ValueError, match="n must be an int"):
+        holdout(x, y, 0, key=jax.random.key(0))
 
 
 def test_sample_is_deterministic_and_distinct():

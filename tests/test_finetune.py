@@ -268,6 +268,88 @@ def test_interrupted_run_resumes_to_the_same_model(teacher_and_data, tmp_path):
                     checkpoint_dir=tmp_path)
 
 
+def _scripted(values, seen):
+    """An ``evaluate`` returning ``values`` in turn and recording each model's parameters."""
+    calls = iter(values)
+
+    def evaluate(model):
+        seen.append([np.asarray(p) for p in _params(model)])
+        return {"val": next(calls), "other": 0.0}
+    return evaluate
+
+
+def test_keep_best_returns_the_best_evaluated_state(teacher_and_data):
+    teacher, images = teacher_and_data
+    student = _compressed(teacher, images, "cp")
+    config = ft.FinetuneConfig(**{**CONFIG.__dict__, "eval_every": 1})  # 4 steps, evaluated at 0..4
+    seen = []
+    result = ft.finetune(student, teacher, images, key=jax.random.key(0), config=config, progress=False,
+                         evaluate=_scripted([0.3, 0.8, float("nan"), 0.8, 0.1], seen), keep_best="val")
+    assert result.best_step == 1 and result.history["best"] == dict(metric="val", step=1, value=0.8)
+    assert [e["val"] for e in result.history["eval"]][:2] == [0.3, 0.8]  # the history is the whole run's
+    for a, b in zip(seen[1], _params(result.model)):
+        assert np.array_equal(a, np.asarray(b))
+    assert not all(np.array_equal(a, b) for a, b in zip(seen[1], seen[4]))  # training did move on
+    # The starting student is a candidate: a run that only gets worse hands it back unchanged.
+    start = ft.finetune(student, teacher, images, key=jax.random.key(0), config=config, progress=False,
+                        evaluate=_scripted([0.9, 0.5, 0.4, 0.3, 0.2], []), keep_best="val")
+    assert start.best_step == 0
+    for a, b in zip(_params(student), _params(start.model)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    plain = ft.finetune(student, teacher, images, key=jax.random.key(0), config=config, progress=False,
+                        evaluate=_scripted([0.9, 0.5, 0.4, 0.3, 0.2], []))
+    assert plain.best_step is None and "best" not in plain.history
+    with pytest.raises(ValueError, match="keep_best needs evaluate"):
+        ft.finetune(student, teacher, images, key=jax.random.key(0), config=config, keep_best="val")
+    with pytest.raises(KeyError, match=r"'nope' is not a key.*\['other', 'val'\]"):
+        ft.finetune(student, teacher, images, key=jax.random.key(0), config=config, progress=False,
+                    evaluate=_scripted([0.1], []), keep_best="nope")
+
+
+def test_keep_best_survives_an_interrupted_run(teacher_and_data, tmp_path):
+    teacher, images = teacher_and_data
+    student = _compressed(teacher, images, "cp")
+    from sigmadecomp.data import holdout
+
+    train, held = holdout(images, None, 8, key=jax.random.key(2))
+    target = np.asarray(teacher(held))
+    closeness = lambda m: {"val": -float(np.mean((np.asarray(m(held)) - target) ** 2))}  # noqa: E731
+    config = ft.FinetuneConfig(**{**CONFIG.__dict__, "batch_size": 8, "eval_every": 1, "learning_rate": 0.5})
+    full = ft.finetune(student, teacher, train, key=jax.random.key(0), config=config, progress=False,
+                       evaluate=closeness, keep_best="val")
+    ft.finetune(student, teacher, train, key=jax.random.key(0), progress=False, checkpoint_dir=tmp_path,
+                config=ft.FinetuneConfig(**{**config.__dict__, "time_limit": 1e-9}), evaluate=closeness,
+                keep_best="val")
+    resumed = ft.finetune(student, teacher, train, key=jax.random.key(0), config=config, progress=False,
+                          checkpoint_dir=tmp_path, evaluate=closeness, keep_best="val")
+    assert resumed.resumed_from == 1 and resumed.best_step == full.best_step
+    assert resumed.history["best"]["value"] == pytest.approx(full.history["best"]["value"], rel=1e-5)
+    for a, b in zip(_params(full.model), _params(resumed.model)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="keep_best=.val., not None"):
+        ft.finetune(student, teacher, train, key=jax.random.key(0), config=config, progress=False,
+                    checkpoint_dir=tmp_path, evaluate=closeness)
+
+
+def test_distill_on_cifar10_holds_validation_images_out_and_keeps_the_best(tmp_path):
+    import pickle
+
+    rng = np.random.default_rng(0)
+    for i in range(1, 6):  # 5 × 16 synthetic training images in the official format
+        batch = {b"labels": rng.integers(0, 10, 16).tolist(), b"data": rng.integers(0, 256, (16, 3072), dtype=np.uint8)}
+        (tmp_path / f"data_batch_{i}").write_bytes(pickle.dumps(batch, protocol=2))
+    teacher = SmallCNN(widths=(4, 8, 8), in_channels=3, image_size=32, rngs=nnx.Rngs(0))
+    student = SmallCNN(widths=(4, 8, 8), in_channels=3, image_size=32, rngs=nnx.Rngs(1))
+    run = ft.distill_on_cifar10(student, teacher, tmp_path, epochs=2, key=jax.random.key(0), validation=16,
+                                progress=False)
+    values = [e["validation_accuracy"] for e in run.history["eval"]]
+    assert run.steps == 2 and [e["step"] for e in run.history["eval"]] == [0, 1, 2]  # 64 images: 1 step/epoch
+    assert run.history["best"] == dict(metric="validation_accuracy", step=run.best_step, value=max(values))
+    assert run.best_step == values.index(max(values)) and all(v in np.arange(17) / 16 for v in values)
+    plain = ft.distill_on_cifar10(student, teacher, tmp_path, epochs=1, key=jax.random.key(0), progress=False)
+    assert plain.best_step is None and plain.history["eval"] == []
+
+
 # lr 30 without clipping blows SmallCNN's student up at the second step (loss 0.08 -> 22 -> 11 000).
 EXPLODING = ft.FinetuneConfig(epochs=5, batch_size=16, learning_rate=30.0, log_every=1, clip_norm=None,
                               warmup_fraction=0.0, augment=False)

@@ -17,11 +17,13 @@ def test_finetune_help_lists_the_options(capsys):
         main(["finetune", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--model", "--teacher-arch", "--teacher-weights", "--data", "--epochs", "--checkpoint-dir"):
+    for flag in ("--model", "--teacher-arch", "--teacher-weights", "--data", "--epochs", "--checkpoint-dir",
+                 "--validation"):
         assert flag in out
     with pytest.raises(SystemExit):
         main(["compress", "--help"])
-    assert "--finetune-epochs" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--finetune-epochs" in out and "--finetune-validation" in out
 
 
 def test_finetune_missing_model_is_one_line(tmp_path, capsys):
@@ -37,6 +39,12 @@ def test_bad_finetune_lr_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["compress", "--arch", "resnet20", "--weights", "w", "--data", "d", "--finetune-lr", "-1"])
     assert exit_info.value.code == 2 and "positive" in capsys.readouterr().err
+    for command in (["compress", "--arch", "resnet20", "--weights", "w", "--data", "d", "--finetune-validation", "-1"],
+                    ["finetune", "--model", "m", "--teacher-arch", "resnet20", "--teacher-weights", "w",
+                     "--data", "d", "--validation", "x"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(command)
+        assert exit_info.value.code == 2 and "non-negative integer" in capsys.readouterr().err
 
 
 def _tiny_training_folder(folder, data_dir, n_per_batch=13):
@@ -71,13 +79,14 @@ def test_compress_then_finetune_end_to_end(data_dir, tmp_path, capsys):
     assert report["config"]["finetune_data"] == str(tiny)
     code = main(["finetune", "--model", str(tmp_path / "model"), "--teacher-arch", "resnet20",
                  "--teacher-weights", str(weights), "--data", str(tiny), "--eval-data", str(data_dir / "cifar10"),
-                 "--checkpoint-dir", str(tmp_path / "ckpt"), "--save", str(tmp_path / "tuned"),
+                 "--checkpoint-dir", str(tmp_path / "ckpt"), "--save", str(tmp_path / "tuned"), "--validation", "1",
                  "--json", str(tmp_path / "finetune.json"), "--no-progress"])
     assert code == 0, capsys.readouterr().err
     tuned = json.loads((tmp_path / "finetune.json").read_text())
     # The saved model is the fine-tuned one: the second run starts where the first ended.
     assert tuned["accuracy_before_finetune"] == pytest.approx(report["accuracy"])
     assert tuned["finetune_steps"] == 1 and np.isfinite(tuned["history"]["train"][-1]["loss"])
+    assert tuned["finetune_best"]["step"] in (0, 1) and tuned["config"]["validation"] == 1
     assert (tmp_path / "ckpt" / "finetune_checkpoint.safetensors").is_file()
     assert (tmp_path / "tuned" / "plan.json").is_file()
     assert "accuracy" in capsys.readouterr().out

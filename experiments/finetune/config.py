@@ -60,6 +60,10 @@ class Config:
     divergence_factor: float | None = 2.0
     # FinetuneConfig.balance: equal factor norms per layer before training (session 6, --balance)
     balance: bool = False
+    # labelled training images held out (never calibration images; session 8, --validation): the
+    # distillation trains on the rest and returns its state with the best accuracy on them, the
+    # start included (finetune's keep_best). 0: train on every image, keep the last state.
+    validation: int = 0
 
 
 FULL = Config()

@@ -36,7 +36,7 @@ from sigmadecomp import calibration as seqcal  # noqa: E402
 from sigmadecomp import compress  # noqa: E402
 from sigmadecomp import finetune as ft  # noqa: E402
 from sigmadecomp._paths import get_by_path  # noqa: E402
-from sigmadecomp.data import cifar10_normalize, load_cifar10, sample  # noqa: E402
+from sigmadecomp.data import cifar10_normalize, holdout, load_cifar10, sample  # noqa: E402
 from sigmadecomp.models import pretrained_resnet  # noqa: E402
 
 from _results import add_run, load_results, machine, save_results  # noqa: E402
@@ -73,6 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--no-guard", action="store_true", help="train without the divergence guard")
     p.add_argument("--balance", action="store_true", help="equal factor norms per layer before training "
                    "(FinetuneConfig.balance)")
+    p.add_argument("--validation", type=int, default=None, metavar="N",
+                   help="hold N labelled training images out (never calibration images) and keep the "
+                        "distillation state with the best accuracy on them, the start included")
     p.add_argument("--images", type=int, default=None, help="distillation budget in training images "
                    "(steps = images // batch size; default: the config's steps)")
     p.add_argument("--cpu-budget", action="store_true", help="issue 13's budget: train 600 s × the 2-core CPU "
@@ -100,6 +103,7 @@ def run_key(r) -> str:
     key += f"/{r['optimizer']}" if r.get("optimizer", "sgd") != "sgd" else ""
     key += f"/{r['mix']}" if r.get("mix", "none") != "none" else ""
     key += "/balanced" if r.get("balance") else ""
+    key += f"/val{r['validation']}" if r.get("validation") else ""
     return key + (f"/guard{r['divergence_factor']}" if r.get("divergence_factor") else "")  # none before session 5
 
 
@@ -229,18 +233,30 @@ def measure(model, train, calib, test, key: tuple, config: Config, cache: pathli
         log_every=min(config.eval_every, 6), label_weight=config.label_weight,
         feature_weight=config.feature_weight, optimizer=config.optimizer, mix=config.mix,
         divergence_factor=config.divergence_factor, balance=config.balance)
+    evaluate, keep_best = accuracy, None
+    if config.validation:  # held out of the training images, never a calibration image
+        calib_index = np.asarray(jax.random.permutation(jax.random.key(config.calib_seed), len(train[0])))
+        train, (held_x, held_y) = holdout(*train, config.validation, key=jax.random.key(config.train_seed + 2),
+                                          exclude=calib_index[: config.calib_images])
+        evaluate, keep_best = lambda m: dict(  # noqa: E731
+            accuracy(m), validation_accuracy=float(np.mean(compress.predict_labels(m, held_x) == held_y))), \
+            "validation_accuracy"
     # One "epoch" of exactly `steps` batches of the training images (key train_seed + 1).
     images, labels = training_stream(train, config.steps * config.batch_size, config.train_seed + 1)
     load_before = os.getloadavg()
     run = ft.finetune(compressed if start_from == "compressed" else bn, model, images,
                       labels if config.label_weight else None, key=jax.random.key(config.train_seed),
-                      config=ft_config, evaluate=accuracy, progress=False)
+                      config=ft_config, evaluate=evaluate, keep_best=keep_best, progress=False)
+    # The returned model's test accuracy: the last evaluation's, or with keep_best the chosen one's
+    # (chosen by the held-out training images; the test set chooses nothing).
+    chosen = next(e for e in run.history["eval"] if e["step"] == run.best_step) if keep_best else run.history["eval"][-1]
     return dict(
         arch=config.arch, format=format, ratio=ratio, init=init,
         batch_norm=config.batch_norm, learning_rate=config.learning_rate, start_from=start_from, calib_kl=kl,
         conv_param_rate=conv_rate(model, plan), params=compress.count_params(compressed),
         baseline_params=compress.count_params(model),
-        accuracy_compressed=before, accuracy_bn=after_bn, accuracy_finetuned=run.history["eval"][-1]["accuracy"],
+        accuracy_compressed=before, accuracy_bn=after_bn, accuracy_finetuned=chosen["accuracy"],
+        accuracy_last=run.history["eval"][-1]["accuracy"], validation=config.validation, best=run.history.get("best"),
         baseline_accuracy=baseline_accuracy(model, test), finetune_seconds=round(run.seconds, 2),
         compress_seconds=None if compress_seconds is None else round(compress_seconds, 2), bn_seconds=round(bn_seconds, 2),
         steps=run.steps, batch_size=config.batch_size, epochs_equivalent=round(epochs_equiv, 3),
@@ -289,7 +305,8 @@ def run_all(config: Config, args, results, out):
         return run_key(dict(arch=c.arch, format=k[0], ratio=k[1], init=k[2], batch_norm=c.batch_norm,
                             learning_rate=c.learning_rate, steps=c.steps, batch_size=c.batch_size,
                             label_weight=c.label_weight, feature_weight=c.feature_weight, optimizer=c.optimizer,
-                            mix=c.mix, divergence_factor=c.divergence_factor, balance=c.balance))
+                            mix=c.mix, divergence_factor=c.divergence_factor, balance=c.balance,
+                            validation=c.validation))
 
     todo = [k for k in runs if key_of(k) not in done]
     todo = todo[: args.limit] if args.limit is not None else todo
@@ -479,7 +496,8 @@ def with_images(config: Config, images: int) -> Config:
 def with_overrides(config: Config, args) -> Config:
     """The configuration with the command line's recipe overrides applied."""
     names = dict(lr="learning_rate", feature_weight="feature_weight", optimizer="optimizer", ce="label_weight",
-                 batch_norm="batch_norm", batch_size="batch_size", mix="mix", guard="divergence_factor")
+                 batch_norm="batch_norm", batch_size="batch_size", mix="mix", guard="divergence_factor",
+                 validation="validation")
     config = dataclasses.replace(config, **{field: getattr(args, arg) for arg, field in names.items()
                                             if getattr(args, arg) is not None})
     if args.no_guard:

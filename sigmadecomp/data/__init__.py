@@ -5,13 +5,14 @@
 * :func:`load_images`, :func:`load_image_folder`, :func:`load_npz`, :func:`normalize_images` — a
   user's own images: a folder with one sub-folder per class (Pillow), or an ``.npz``;
 * :func:`load_digits` — scikit-learn's 8×8 digits (no download), split with a ``key``;
-* :func:`batches`, :func:`sample` — batching and calibration subsets driven by an explicit ``key``.
+* :func:`batches`, :func:`sample`, :func:`holdout` — batching, calibration subsets and validation
+  splits driven by an explicit ``key``.
 
 Loaders return numpy arrays (host memory); missing or corrupt files raise ``FileNotFoundError`` /
 ``ValueError`` naming the file and the format expected.
 """
 
-from sigmadecomp.data._batching import batches, sample
+from sigmadecomp.data._batching import batches, holdout, sample
 from sigmadecomp.data._cifar10 import CIFAR10_MEAN, CIFAR10_STD, cifar10_normalize, load_cifar10
 from sigmadecomp.data._digits import Digits, load_digits
 from sigmadecomp.data._images import ImageSet, load_image_folder, load_images, load_npz, normalize_images
@@ -26,6 +27,7 @@ __all__ = [
     "MNIST_STD",
     "batches",
     "cifar10_normalize",
+    "holdout",
     "load_cifar10",
     "load_digits",
     "load_image_folder",

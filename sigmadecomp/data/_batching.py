@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-__all__ = ["batches", "sample"]
+__all__ = ["batches", "holdout", "sample"]
 
 
 def _check_pair(images, labels) -> tuple[np.ndarray, np.ndarray | None]:
@@ -68,3 +68,34 @@ def sample(images, labels=None, n: int = 0, *, key):
         raise ValueError(f"n must be an int in 1..{total} (the number of examples), got {n!r}")
     idx = _order(total, key)[:n]
     return images[idx] if labels is None else (images[idx], labels[idx])
+
+
+def holdout(images, labels=None, n: int = 0, *, key, exclude=None):
+    """Split off ``n`` examples chosen by ``key`` as a validation set, e.g. to keep the best
+    fine-tuning state (:func:`sigmadecomp.finetune.finetune`'s ``keep_best``) without touching the
+    test set. Returns ``(rest, held_out)``, each ``(images, labels)`` when labels are given, else
+    images alone; ``rest`` keeps the data's order. ``exclude``: indices never held out (e.g. the
+    calibration images, so validation does not favour the model fitted on them).
+
+    >>> x, y = np.arange(10) * 10, np.arange(10)
+    >>> (x_train, y_train), (x_val, y_val) = holdout(x, y, 3, key=jax.random.key(0))
+    >>> len(x_train), len(x_val), sorted(set(y_train) | set(y_val)) == list(range(10))
+    (7, 3, True)
+    >>> _, x_val = holdout(x, None, 2, key=jax.random.key(0), exclude=np.arange(8))
+    >>> sorted(x_val.tolist())
+    [80, 90]
+    """
+    images, labels = _check_pair(images, labels)
+    total = images.shape[0]
+    banned = np.zeros(total, bool)
+    if exclude is not None:
+        banned[np.asarray(exclude, dtype=int)] = True
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 1 <= n < total - banned.sum() + 1:
+        raise ValueError(f"n must be an int in 1..{total - int(banned.sum())} (the examples that may be held "
+                         f"out), got {n!r}")
+    order = _order(total, key)
+    held = np.sort(order[~banned[order]][:n])
+    keep = np.setdiff1d(np.arange(total), held)
+    if labels is None:
+        return images[keep], images[held]
+    return (images[keep], labels[keep]), (images[held], labels[held])

@@ -11,22 +11,35 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sigmadecomp.data import cifar10_normalize, load_cifar10
+from sigmadecomp.data import cifar10_normalize, holdout, load_cifar10
 from sigmadecomp.finetune._config import FinetuneConfig
 from sigmadecomp.finetune._train import FinetuneResult, finetune
 
 __all__ = ["distill_on_cifar10", "finetune_saved"]
 
 
+VALIDATION_METRIC = "validation_accuracy"
+
+
 def distill_on_cifar10(student: nnx.Module, teacher: nnx.Module, data_dir, *, epochs: int,
                        learning_rate: float = FinetuneConfig.learning_rate, key: jax.Array,
-                       checkpoint_dir=None, progress: bool = True) -> FinetuneResult:
+                       validation: int = 0, checkpoint_dir=None, progress: bool = True) -> FinetuneResult:
     """:func:`finetune` on every image of ``data_dir``'s training batches (``data_batch_*``),
-    labels unused (pure distillation), the other settings at :class:`FinetuneConfig`'s defaults."""
-    images, _ = load_cifar10(data_dir, "train")
+    labels unused (pure distillation), the other settings at :class:`FinetuneConfig`'s defaults.
+
+    ``validation > 0`` holds that many labelled training images out (chosen by ``key``), evaluates
+    their accuracy at the start and after every epoch, and returns the state with the best one
+    (``keep_best``; ``history["best"]``), so the run never ends below its start on held-out data."""
+    images, labels = load_cifar10(data_dir, "train")
+    images = cifar10_normalize(images)
     config = FinetuneConfig(epochs=epochs, learning_rate=learning_rate)
-    return finetune(student, teacher, cifar10_normalize(images), key=key, config=config,
-                    checkpoint_dir=checkpoint_dir, progress=progress)
+    if not validation:
+        return finetune(student, teacher, images, key=key, config=config, checkpoint_dir=checkpoint_dir,
+                        progress=progress)
+    (images, _), (held, held_labels) = holdout(images, labels, validation, key=jax.random.fold_in(key, 1))
+    return finetune(student, teacher, images, key=key, config=config, checkpoint_dir=checkpoint_dir,
+                    evaluate=lambda m: {VALIDATION_METRIC: _accuracy(m, held, held_labels)},
+                    keep_best=VALIDATION_METRIC, progress=progress)
 
 
 def _accuracy(model, images, labels) -> float:
@@ -37,11 +50,14 @@ def _accuracy(model, images, labels) -> float:
 
 def finetune_saved(*, model_dir, teacher_arch: str, teacher_weights, data_dir, eval_dir=None,
                    epochs: int, learning_rate: float = FinetuneConfig.learning_rate, key: int = 0,
-                   save_dir=None, checkpoint_dir=None, progress: bool = True) -> dict:
+                   validation: int = 0, save_dir=None, checkpoint_dir=None, progress: bool = True) -> dict:
     """Distil a model saved by ``sigmadecomp compress --save`` from its dense teacher: what
     ``sigmadecomp finetune`` runs. Returns a JSON-ready dict with ``accuracy_before_finetune``,
     ``accuracy``, ``baseline_accuracy`` (the teacher), ``finetune_seconds``, ``finetune_epochs``,
-    ``finetune_steps``, ``finetune_stopped``, ``finetune_rollbacks`` (divergence guard) and the configuration; ``save_dir`` receives the fine-tuned model."""
+    ``finetune_steps``, ``finetune_stopped``, ``finetune_rollbacks`` (divergence guard),
+    ``finetune_best`` (with ``validation`` images held out: the kept state's step and validation
+    accuracy, see :func:`distill_on_cifar10`) and the configuration; ``save_dir`` receives the
+    fine-tuned model."""
     from sigmadecomp.compress import ARCHS
     from sigmadecomp.models import pretrained_resnet
     from sigmadecomp.surgery import Plan, load, save
@@ -55,7 +71,8 @@ def finetune_saved(*, model_dir, teacher_arch: str, teacher_weights, data_dir, e
     before = _accuracy(student, test_images, test_labels)
     start = time.perf_counter()
     result = distill_on_cifar10(student, teacher, data_dir, epochs=epochs, learning_rate=learning_rate,
-                                key=jax.random.key(key), checkpoint_dir=checkpoint_dir, progress=progress)
+                                key=jax.random.key(key), validation=validation, checkpoint_dir=checkpoint_dir,
+                                progress=progress)
     wall = time.perf_counter() - start
     if save_dir is not None:
         plan = Plan.from_dict(json.loads((pathlib.Path(model_dir) / "plan.json").read_text())["plan"])
@@ -65,7 +82,7 @@ def finetune_saved(*, model_dir, teacher_arch: str, teacher_weights, data_dir, e
         baseline_accuracy=_accuracy(teacher, test_images, test_labels), num_eval_images=int(len(test_labels)),
         finetune_seconds=result.seconds, finetune_wall_seconds=wall, finetune_epochs=epochs,
         finetune_steps=result.steps, finetune_stopped=result.stopped, finetune_rollbacks=result.rollbacks,
-        history=result.history,
+        finetune_best=result.history.get("best"), history=result.history,
         config=dict(model=str(model_dir), teacher_arch=teacher_arch, teacher_weights=str(teacher_weights),
                     data=str(data_dir), eval_data=str(eval_dir or data_dir), learning_rate=learning_rate,
-                    key=key, save=None if save_dir is None else str(save_dir)))
+                    key=key, validation=validation, save=None if save_dir is None else str(save_dir)))

@@ -38,7 +38,8 @@ Features = Callable[[nnx.Module, jax.Array], tuple[jax.Array, list]]
 class FinetuneResult:
     """The fine-tuned student (inference mode) and what happened.
 
-    ``history`` is JSON-ready: ``{"train": [...], "eval": [...], "guard": [...]}``. Train entries (every
+    ``history`` is JSON-ready: ``{"train": [...], "eval": [...], "guard": [...]}`` (plus ``"best"`` when
+    ``keep_best`` chose the returned state: ``metric``, ``step``, ``value``). Train entries (every
     ``log_every`` steps): ``step``, ``epoch``, ``loss``, ``kl``, ``ce``, ``feature`` (means over the
     interval), ``learning_rate``, ``seconds`` (training time so far, evaluation and checkpoints
     excluded), ``images_per_second`` (over the interval). Eval entries: ``step``, ``seconds`` and
@@ -55,6 +56,7 @@ class FinetuneResult:
     stopped: str  # "completed", "time_limit" or "diverged" (the divergence guard gave up)
     resumed_from: int  # step the run resumed from (0: fresh start)
     rollbacks: int = 0  # divergence-guard rollbacks (each halved the learning rate)
+    best_step: int | None = None  # with keep_best: the step of the returned state (0: the start)
 
 
 def _split(student: nnx.Module, config: FinetuneConfig, implementations: dict):
@@ -158,6 +160,7 @@ def finetune(
     evaluate: Callable[[nnx.Module], dict] | None = None,
     checkpoint_dir=None,
     features: Features | None = None,
+    keep_best: str | None = None,
     progress: bool = True,
 ) -> FinetuneResult:
     """Distil ``student`` (e.g. a compressed model, any factorized format) from ``teacher``.
@@ -179,6 +182,12 @@ def finetune(
             student, teacher, data, key and config; anything else is an error).
         features: ``(model, x) -> (logits, [block outputs])`` for the feature term; default: the
             residual blocks' outputs of a :class:`sigmadecomp.models.CifarResNet`.
+        keep_best: a key of ``evaluate``'s dict to maximise, e.g. the accuracy on labelled images
+            held out of ``images`` (:func:`sigmadecomp.data.holdout`; never the test set): the
+            returned model is the evaluated state with the highest value, the starting student
+            included, so the run never hands back a model worse than the one it was given by that
+            measure (ties keep the earlier state). Needs ``evaluate``; checkpoints keep the best
+            state too.
         progress: show a tqdm bar with the loss and the throughput.
 
     >>> import jax, numpy as np
@@ -191,7 +200,21 @@ def finetune(
     ...                   config=FinetuneConfig(epochs=2, batch_size=16, learning_rate=0.05))
     >>> result.steps, result.compilations
     (4, 1)
+
+    Keep the best state by accuracy on held-out labelled images:
+
+    >>> from sigmadecomp.data import holdout
+    >>> labels = np.arange(32) % 10
+    >>> (x, y), (x_val, y_val) = holdout(images, labels, 8, key=jax.random.key(1))
+    >>> accuracy = lambda m: {"val": float(np.mean(np.argmax(m(x_val), -1) == y_val))}
+    >>> result = finetune(student, teacher, x, key=jax.random.key(0), progress=False, evaluate=accuracy,
+    ...                   keep_best="val", config=FinetuneConfig(epochs=2, batch_size=8))
+    >>> result.best_step in (0, 3, 6)
+    True
     """
+    if keep_best is not None and evaluate is None:
+        raise ValueError("keep_best needs evaluate (a model -> dict function whose dict holds "
+                         f"{keep_best!r})")
     images, labels = _check_data(images, labels, config)
     features = features or default_features(student, teacher, config.feature_weight)
     steps_per_epoch = images.shape[0] // config.batch_size
@@ -213,38 +236,54 @@ def finetune(
     start, seconds = 0, 0.0
     state = [params, rest, opt_state]
     guard = _Guard(config.divergence_factor, config.max_rollbacks, list(state), events=history["guard"])
-    resumed = _resume(checkpoint_dir, state, guard, fingerprint)
+    best = _Best(keep_best, list(state))
+    resumed = _resume(checkpoint_dir, state, guard, best, fingerprint)
     if resumed is not None:
         state, history, start, seconds = resumed
         params, rest = state[0], state[1]
-    loop = _Loop(config, images, labels, steps_per_epoch, shuffle_key, augment_key, evaluate, graphdef)
+    loop = _Loop(config, images, labels, steps_per_epoch, shuffle_key, augment_key, evaluate, graphdef, best)
     step_fn = _make_step(graphdef, teacher_graphdef, config, total, features)
     if evaluate is not None and start == 0:
-        history["eval"].append(_eval_entry(evaluate, graphdef, params, rest, 0, 0.0))
+        loop.evaluate_at(state, 0, 0.0, history)
     bar = tqdm(total=total, initial=start, desc="distillation", disable=not progress, unit="step")
-    save = functools.partial(_save, checkpoint_dir, state, guard, history, fingerprint)
+    save = functools.partial(_save, checkpoint_dir, state, guard, best, history, fingerprint)
     step, seconds, stopped = loop.run(step_fn, state, guard, teacher_state, start, total, seconds, history,
                                       bar, save)
     bar.close()
     save(step, seconds)
-    model = nnx.merge(graphdef, state[0], state[1])
+    final = state
+    if keep_best is not None and best.step is not None:
+        final = best.state
+        history["best"] = dict(metric=keep_best, step=best.step, value=best.value)
+    model = nnx.merge(graphdef, final[0], final[1])
     model.eval()
     apply_implementations(model, {p: layer.implementation for p, layer in factorized_layers(student).items()})
     return FinetuneResult(model, history, step, seconds, step_fn._cache_size(), stopped, start,
-                          guard.rollbacks)
+                          guard.rollbacks, best.step if keep_best is not None else None)
 
 
-def _resume(folder, state: list, guard: _Guard, fingerprint: dict):
+def _resume(folder, state: list, guard: _Guard, best: _Best, fingerprint: dict):
     """``(state, history, step, seconds)`` of the checkpoint in ``folder`` (the guard restored with
-    its snapshot), or ``None`` when there is none."""
-    loaded = None if folder is None else load_checkpoint(folder, dict(state=_named(state), snapshot=_named(state)))
+    its snapshot, the best state with its step), or ``None`` when there is none."""
+    if folder is None:
+        return None
+    meta = checkpoint_meta(folder)
+    if meta and meta.get("fingerprint") != fingerprint:
+        raise ValueError(f"the checkpoint in {folder} was made with another config, key or "
+                         "data size; use the same ones to resume, or another folder")
+    if meta and meta.get("best", {}).get("metric") != best.metric:
+        raise ValueError(f"the checkpoint in {folder} was made with keep_best="
+                         f"{meta.get('best', {}).get('metric')!r}, not {best.metric!r}; use the same to resume")
+    like = dict(state=_named(state), snapshot=_named(state))
+    if best.metric is not None:
+        like["best"] = _named(state)
+    loaded = load_checkpoint(folder, like)
     if loaded is None:
         return None
     trees, meta = loaded
-    if meta["fingerprint"] != fingerprint:
-        raise ValueError(f"the checkpoint in {folder} was made with another config, key or "
-                         "data size; use the same ones to resume, or another folder")
     guard.restore(meta["guard"], _unnamed(trees["snapshot"]), meta["history"]["guard"])
+    if best.metric is not None:
+        best.restore(meta["best"], _unnamed(trees["best"]))
     return _unnamed(trees["state"]), meta["history"], meta["step"], meta["seconds"]
 
 
@@ -256,11 +295,41 @@ def _unnamed(trees: dict) -> list:
     return [trees["params"], trees["rest"], trees["opt_state"]]
 
 
-def _save(folder, state, guard, history, fingerprint, step, seconds):
+def _save(folder, state, guard, best, history, fingerprint, step, seconds):
     if folder is None:
         return
-    save_checkpoint(folder, dict(state=_named(state), snapshot=_named(guard.snapshot)),
-                    dict(step=step, seconds=seconds, history=history, fingerprint=fingerprint, guard=guard.meta()))
+    trees = dict(state=_named(state), snapshot=_named(guard.snapshot))
+    if best.metric is not None:
+        trees["best"] = _named(best.state)
+    save_checkpoint(folder, trees, dict(step=step, seconds=seconds, history=history, fingerprint=fingerprint,
+                                        guard=guard.meta(), best=best.meta()))
+
+
+@dataclasses.dataclass
+class _Best:
+    """``keep_best``: the evaluated state with the highest ``metric`` so far."""
+
+    metric: str | None
+    state: list  # [params, rest, opt_state] (immutable arrays: no copy)
+    step: int | None = None
+    value: float = float("-inf")
+
+    def consider(self, entry: dict, state: list):
+        if self.metric is None:
+            return
+        if self.metric not in entry:
+            raise KeyError(f"keep_best={self.metric!r} is not a key of evaluate's dict "
+                           f"{sorted(k for k in entry if k not in ('step', 'seconds'))}")
+        value = float(entry[self.metric])
+        if np.isfinite(value) and (self.step is None or value > self.value):
+            self.state, self.step, self.value = list(state), entry["step"], value
+
+    def meta(self) -> dict:
+        return dict(metric=self.metric, step=self.step, value=self.value if np.isfinite(self.value) else None)
+
+    def restore(self, meta: dict, state: list):
+        self.state, self.step = state, meta["step"]
+        self.value = float("-inf") if meta["value"] is None else meta["value"]
 
 
 @dataclasses.dataclass
@@ -334,6 +403,12 @@ class _Loop:
     augment_key: jax.Array
     evaluate: Callable | None
     graphdef: object
+    best: _Best
+
+    def evaluate_at(self, state: list, step: int, seconds: float, history: dict):
+        entry = _eval_entry(self.evaluate, self.graphdef, state[0], state[1], step, seconds)
+        history["eval"].append(entry)
+        self.best.consider(entry, state)
 
     def batch(self, step: int):
         epoch, i = divmod(step, self.steps_per_epoch)
@@ -380,7 +455,7 @@ class _Loop:
             bar.update(1)
             limit_hit = c.time_limit is not None and seconds >= c.time_limit
             if self.evaluate is not None and (step % eval_every == 0 or step == total or limit_hit):
-                history["eval"].append(_eval_entry(self.evaluate, self.graphdef, state[0], state[1], step, seconds))
+                self.evaluate_at(state, step, seconds, history)
             if step % ckpt_every == 0 and step < total:
                 save(step, seconds)
             tic = time.perf_counter()
