@@ -37,7 +37,6 @@ import sigmadecomp.compress as pipeline
 from sigmadecomp import calibration as calib_mod
 from sigmadecomp import linen as sdl
 from sigmadecomp.data import CIFAR10_MEAN, CIFAR10_STD, load_images, normalize_images, sample
-from sigmadecomp.surgery import plan as nnx_plan
 from sigmadecomp.surgery import save as nnx_save
 from sigmadecomp.surgery._plan import trace_shapes
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from sigmadecomp._factorized import CP, CP3
 from sigmadecomp.layers import _ops
 from sigmadecomp.layers._common import (
-    FactorizedLayer, as_groups, conv_groups, cat, check_bias, full_kernel_shape, make_conv, split,
+    FactorizedLayer, conv_groups, cat, check_bias, full_kernel_shape, make_conv, split,
 )
 from sigmadecomp.layers._config import ConvConfig
 

@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import unfreeze
 
-from sigmadecomp import solvers
 from sigmadecomp.data import batches as make_batches
 from sigmadecomp.layers._config import ConvConfig
 from sigmadecomp.formats._registry import spec_of

@@ -180,14 +180,14 @@ class Tucker2ALS(AbstractSolver):
 
 def _lift(a, in_factor):
     """``a (U_in ⊗ I_P)`` for ``a`` of shape ``(n, cin·P)`` → ``(n, r_in·P)``, via a reshape."""
-    n, (cin, r_in) = a.shape[0], in_factor.shape
+    n, cin = a.shape[0], in_factor.shape[0]
     out = jnp.einsum("ncp,ca->nap", a.reshape(n, cin, -1), in_factor, precision=HIGHEST)
     return out.reshape(n, -1)
 
 
 def _unlift(b, in_factor):
     """``b (U_in ⊗ I_P)ᵀ`` for ``b`` of shape ``(n, r_in·P)`` → ``(n, cin·P)``."""
-    n, (cin, r_in) = b.shape[0], in_factor.shape
+    n, r_in = b.shape[0], in_factor.shape[1]
     out = jnp.einsum("nap,ca->ncp", b.reshape(n, r_in, -1), in_factor, precision=HIGHEST)
     return out.reshape(n, -1)
 
