@@ -2,8 +2,10 @@
 
 * :func:`finetune` — optax training of any compressed model (every factorized format) on
   ``T²·KL(teacher ‖ student)`` (+ cross-entropy, + feature matching on block outputs), with random
-  crop + flip, warm-up + cosine schedule, frozen or updated BatchNorm, resumable checkpoints and a
-  history; configured by :class:`FinetuneConfig`, returns a :class:`FinetuneResult`;
+  crop + flip, warm-up + cosine schedule, frozen or updated BatchNorm, resumable checkpoints, a
+  history, and (``keep_best``) the best evaluated state on held-out images
+  (:func:`sigmadecomp.data.holdout`) instead of the last; configured by :class:`FinetuneConfig`,
+  returns a :class:`FinetuneResult`;
 * :func:`distill_on_cifar10`, :func:`finetune_saved` — what ``sigmadecomp compress --finetune-epochs``
   and ``sigmadecomp finetune`` run;
 * :func:`training_implementations` — per factorized layer, train the chain or the dense kernel
