@@ -70,8 +70,8 @@ def from_finetune(path: pathlib.Path) -> list:
         return []
     cells = []
     for r in json.loads(path.read_text())["runs"]:
-        if r["arch"] != 32 or r["init"] != "sigma_seq" or not r.get("cpu_budget"):
-            continue
+        if r["arch"] != 32 or r["init"] != "sigma_seq" or not r.get("cpu_budget") or r.get("validation"):
+            continue  # (runs with held-out images train on fewer images and keep their best state)
         cells.append(dict(
             arch=32, format=r["format"], ratio=r["ratio"], max_steps=r["max_steps"], distill_steps=r["steps"],
             batch_size=r["batch_size"], learning_rate=r["learning_rate"], feature_weight=r.get("feature_weight", 0.0),
