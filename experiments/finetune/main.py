@@ -235,12 +235,15 @@ def measure(model, train, calib, test, key: tuple, config: Config, cache: pathli
         divergence_factor=config.divergence_factor, balance=config.balance)
     evaluate, keep_best = accuracy, None
     if config.validation:  # held out of the training images, never a calibration image
-        calib_index = np.asarray(jax.random.permutation(jax.random.key(config.calib_seed), len(train[0])))
+        # the calibration images' indices: run_all's sample() drawn on the indices themselves
+        calib_index = sample(np.arange(len(train[0])), None, config.calib_images, key=jax.random.key(config.calib_seed))
         train, (held_x, held_y) = holdout(*train, config.validation, key=jax.random.key(config.train_seed + 2),
-                                          exclude=calib_index[: config.calib_images])
-        evaluate, keep_best = lambda m: dict(  # noqa: E731
-            accuracy(m), validation_accuracy=float(np.mean(compress.predict_labels(m, held_x) == held_y))), \
-            "validation_accuracy"
+                                          exclude=calib_index)
+
+        def with_validation(m):
+            return dict(accuracy(m), validation_accuracy=float(np.mean(compress.predict_labels(m, held_x) == held_y)))
+
+        evaluate, keep_best = with_validation, "validation_accuracy"
     # One "epoch" of exactly `steps` batches of the training images (key train_seed + 1).
     images, labels = training_stream(train, config.steps * config.batch_size, config.train_seed + 1)
     load_before = os.getloadavg()

@@ -90,8 +90,9 @@ def holdout(images, labels=None, n: int = 0, *, key, exclude=None):
     banned = np.zeros(total, bool)
     if exclude is not None:
         banned[np.asarray(exclude, dtype=int)] = True
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 1 <= n < total - banned.sum() + 1:
-        raise ValueError(f"n must be an int in 1..{total - int(banned.sum())} (the examples that may be held "
+    allowed = total - int(banned.sum())
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 1 <= n <= allowed:
+        raise ValueError(f"n must be an int in 1..{allowed} (the examples that may be held "
                          f"out), got {n!r}")
     order = _order(total, key)
     held = np.sort(order[~banned[order]][:n])
