@@ -7,6 +7,19 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see sigmadecomp/__init__.py
 import pathlib
 
+# A persistent compilation cache shared by the xdist workers, the modules (each module ends with
+# jax.clear_caches(), below) and the scripts tests start in subprocesses (they inherit the
+# environment). The suite's time is mostly XLA compilation of the same solver programs at the same
+# small shapes; a cache hit skips the compile, not the trace. The cache is keyed by the lowered
+# program, compile options and JAX version, so it cannot return a stale program; it lives in
+# .pytest_cache (ignored, empty in a fresh clone). Compile-count checks count its hits as compiles
+# (tests/_compiles.py). Set JAX_COMPILATION_CACHE_DIR yourself to move it, or
+# JAX_ENABLE_COMPILATION_CACHE=false to measure the suite without it.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import jax
 import pytest
 

@@ -62,6 +62,17 @@ _PRIORITY = (
     + _block(("tucker2", "svd", "cp"), ("global",), ("latency=0.7", "latency=0.85"))
     # the deepest network of the data kit (session 6)
     + _block(("tucker2", "cp"), ("uniform", "global"), ("params=0.5",), arch=56)
+    # session 9: bias correction in the sequential pass (each compressed layer's mean output restored
+    # through the next BatchNorm's running mean), under the global selections and uniform
+    + _block(("tucker2",), ("global_sweeps", "global", "uniform"), ("params=0.33", "params=0.5"),
+             calibration="sequential+bias")
+    + _block(("cp", "svd"), ("global", "uniform"), ("params=0.33",), calibration="sequential+bias")
+    # session 9: the rest of the budget grid on ResNet-32, then ResNet-56 at 0.33, then Frobenius at 0.33
+    + _block(("tucker2", "svd", "cp"), ("uniform", "global"), ("flops=0.5", "params=0.25"), arch=32)
+    + _block(("tucker2", "svd", "cp"), ("uniform", "global"), ("flops=0.33", "params=0.15"), arch=32)
+    + _block(("tucker2", "svd", "cp"), ("uniform", "global"), ("params=0.33",), arch=56)
+    + _block(("svd",), ("uniform", "global"), ("params=0.5",), arch=56)
+    + _block(("tucker2", "svd"), ("uniform", "global"), ("params=0.33",), norm="frobenius", calibration="parallel")
 )
 
 FULL = Config(runs=tuple(dict.fromkeys(_PRIORITY)))

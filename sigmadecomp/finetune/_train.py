@@ -236,7 +236,7 @@ def finetune(
     start, seconds = 0, 0.0
     state = [params, rest, opt_state]
     guard = _Guard(config.divergence_factor, config.max_rollbacks, list(state), events=history["guard"])
-    best = _Best(keep_best, list(state))
+    best = _Best(keep_best, state[:2])
     resumed = _resume(checkpoint_dir, state, guard, best, fingerprint)
     if resumed is not None:
         state, history, start, seconds = resumed
@@ -276,19 +276,24 @@ def _resume(folder, state: list, guard: _Guard, best: _Best, fingerprint: dict):
                          f"{meta.get('best', {}).get('metric')!r}, not {best.metric!r}; use the same to resume")
     like = dict(state=_named(state), snapshot=_named(state))
     if best.metric is not None:
-        like["best"] = _named(state)
+        like["best"] = _named_model(state)
     loaded = load_checkpoint(folder, like)
     if loaded is None:
         return None
     trees, meta = loaded
     guard.restore(meta["guard"], _unnamed(trees["snapshot"]), meta["history"]["guard"])
     if best.metric is not None:
-        best.restore(meta["best"], _unnamed(trees["best"]))
+        best.restore(meta["best"], [trees["best"]["params"], trees["best"]["rest"]])
     return _unnamed(trees["state"]), meta["history"], meta["step"], meta["seconds"]
 
 
 def _named(state: list) -> dict:
     return dict(params=state[0], rest=state[1], opt_state=state[2])
+
+
+def _named_model(state: list) -> dict:
+    """The model part of a state (no optimizer state): what keep_best returns."""
+    return dict(params=state[0], rest=state[1])
 
 
 def _unnamed(trees: dict) -> list:
@@ -300,7 +305,7 @@ def _save(folder, state, guard, best, history, fingerprint, step, seconds):
         return
     trees = dict(state=_named(state), snapshot=_named(guard.snapshot))
     if best.metric is not None:
-        trees["best"] = _named(best.state)
+        trees["best"] = _named_model(best.state)
     save_checkpoint(folder, trees, dict(step=step, seconds=seconds, history=history, fingerprint=fingerprint,
                                         guard=guard.meta(), best=best.meta()))
 
@@ -310,7 +315,7 @@ class _Best:
     """``keep_best``: the evaluated state with the highest ``metric`` so far."""
 
     metric: str | None
-    state: list  # [params, rest, opt_state] (immutable arrays: no copy)
+    state: list  # [params, rest]: the model only, never resumed from (immutable arrays: no copy)
     step: int | None = None
     value: float = float("-inf")
 
@@ -322,7 +327,7 @@ class _Best:
                            f"{sorted(k for k in entry if k not in ('step', 'seconds'))}")
         value = float(entry[self.metric])
         if np.isfinite(value) and (self.step is None or value > self.value):
-            self.state, self.step, self.value = list(state), entry["step"], value
+            self.state, self.step, self.value = state[:2], entry["step"], value
 
     def meta(self) -> dict:
         return dict(metric=self.metric, step=self.step, value=self.value if np.isfinite(self.value) else None)
