@@ -289,7 +289,12 @@ def _add_finetune_options(compress) -> None:
                                "(default: --data; its test_batch is never used for training)")
     compress.add_argument("--finetune-validation", type=_non_negative_int, default=0, metavar="N",
                           help="hold N labelled fine-tuning images out and keep the epoch with the best "
-                               "accuracy on them, the start included (default: 0, keep the last epoch)")
+                               "--finetune-validation-metric on them, the start included (default: 0, keep "
+                               "the last epoch)")
+    compress.add_argument("--finetune-validation-metric", choices=("accuracy", "kl"), default=None,
+                          help="what --finetune-validation keeps the best of: held-out accuracy (highest) or "
+                               "held-out distillation loss T²·KL (lowest; still tells epochs apart when "
+                               "held-out accuracy saturates) (default: accuracy)")
 
 
 def _add_finetune(commands) -> None:
@@ -315,8 +320,10 @@ def _add_finetune(commands) -> None:
     tune.add_argument("--lr", type=_positive_float, default=0.002, help="peak learning rate (default: 0.002)")
     tune.add_argument("--key", type=int, default=0, help="seed of the shuffles and augmentations")
     tune.add_argument("--validation", type=_non_negative_int, default=0, metavar="N",
-                      help="hold N labelled training images out and keep the epoch with the best accuracy "
-                           "on them, the start included (default: 0, keep the last epoch)")
+                      help="hold N labelled training images out and keep the epoch with the best "
+                           "--validation-metric on them, the start included (default: 0, keep the last epoch)")
+    tune.add_argument("--validation-metric", choices=("accuracy", "kl"), default=None,
+                      help="held-out accuracy (highest) or distillation loss T²·KL (lowest) (default: accuracy)")
     tune.add_argument("--checkpoint-dir", type=pathlib.Path, default=None,
                       help="save the training state here every epoch; a rerun resumes from it")
     tune.add_argument("--save", type=pathlib.Path, default=None, help="write the fine-tuned model here")
@@ -421,8 +428,15 @@ def _check_replan_flags(args) -> None:
                          "(with --norm sigma)")
 
 
+def _check_validation_flags(metric, validation, metric_flag: str, validation_flag: str) -> None:
+    if metric is not None and not validation:
+        raise ValueError(f"{metric_flag} chooses the epoch by held-out images: add {validation_flag} N")
+
+
 def _run_compress(args) -> int:
     _check_replan_flags(args)
+    _check_validation_flags(args.finetune_validation_metric, args.finetune_validation,
+                            "--finetune-validation-metric", "--finetune-validation")
     _check_paths(args)
     if args.finetune_epochs < 0:
         raise ValueError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
@@ -452,6 +466,7 @@ def _run_compress(args) -> int:
         rank_rule=args.rank_rule, budget=args.budget, tau=args.tau, replan=args.replan,
         finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
         finetune_data=args.finetune_data, finetune_validation=args.finetune_validation,
+        finetune_validation_metric=args.finetune_validation_metric or "accuracy",
         progress=args.progress, implementation=args.implementation,
         latency_repeats=args.latency_repeats, deploy_batch=args.deploy_batch,
         **({} if args.latency_table is None else {"latency_table": args.latency_table}),
@@ -470,6 +485,7 @@ def _finish(args, report: dict) -> int:
 
 
 def _run_finetune(args) -> int:
+    _check_validation_flags(args.validation_metric, args.validation, "--validation-metric", "--validation")
     for flag, path, name in (("--model", args.model, "plan.json"), ("--data", args.data, "data_batch_1"),
                              ("--eval-data", args.eval_data or args.data, "test_batch")):
         if not (path / name).is_file():
@@ -481,7 +497,7 @@ def _run_finetune(args) -> int:
     report = finetune_saved(
         model_dir=args.model, teacher_arch=args.teacher_arch, teacher_weights=args.teacher_weights,
         data_dir=args.data, eval_dir=args.eval_data, epochs=args.epochs, learning_rate=args.lr, key=args.key,
-        validation=args.validation, save_dir=args.save, checkpoint_dir=args.checkpoint_dir, progress=args.progress)
+        validation=args.validation, validation_metric=args.validation_metric or "accuracy", save_dir=args.save, checkpoint_dir=args.checkpoint_dir, progress=args.progress)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

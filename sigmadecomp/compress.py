@@ -49,6 +49,7 @@ __all__ = [
     "checked_fit",
     "keep_dense",
     "predict_labels",
+    "predict_logits",
     "resnet_depth",
     "rejection",
     "solver_for",
@@ -113,12 +114,17 @@ def count_params(model: nnx.Module) -> int:
 
 
 @partial(jax.jit, static_argnums=0)
-def _argmax_logits(graphdef, state, images):
-    return jnp.argmax(nnx.merge(graphdef, state)(images), axis=-1)
+def _logits(graphdef, state, images):
+    return nnx.merge(graphdef, state)(images)
 
 
-def predict_labels(model: nnx.Module, images, *, batch_size: int = 256) -> np.ndarray:
-    """Top-1 predicted class of every image, in batches (the last one padded: one compilation)."""
+def predict_logits(model: nnx.Module, images, *, batch_size: int = 256) -> np.ndarray:
+    """The model's outputs on every image, in batches (the last one padded: one compilation).
+
+    >>> from sigmadecomp.models import SmallCNN
+    >>> predict_logits(SmallCNN(rngs=nnx.Rngs(0)), np.zeros((3, 8, 8, 1), np.float32)).shape
+    (3, 10)
+    """
     images = np.asarray(images)
     graphdef, state = nnx.split(canonical_convs(model))
     size = min(batch_size, images.shape[0])
@@ -126,8 +132,13 @@ def predict_labels(model: nnx.Module, images, *, batch_size: int = 256) -> np.nd
     for start in range(0, images.shape[0], size):
         chunk = images[start : start + size]
         padded = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-        out.append(np.asarray(_argmax_logits(graphdef, state, jnp.asarray(padded)))[: len(chunk)])
+        out.append(np.asarray(_logits(graphdef, state, jnp.asarray(padded)))[: len(chunk)])
     return np.concatenate(out)
+
+
+def predict_labels(model: nnx.Module, images, *, batch_size: int = 256) -> np.ndarray:
+    """Top-1 predicted class of every image (:func:`predict_logits`' argmax)."""
+    return np.argmax(predict_logits(model, images, batch_size=batch_size), axis=-1)
 
 
 def evaluate_agreement(
@@ -460,6 +471,7 @@ def compress_pretrained(
     finetune_lr: float | None = None,
     finetune_data=None,
     finetune_validation: int = 0,
+    finetune_validation_metric: str = "accuracy",
     progress: bool = True,
     implementation: str = "auto",
     latency_repeats: int = 5,
@@ -510,7 +522,8 @@ def compress_pretrained(
     batch) with learning rate ``finetune_lr`` (:func:`sigmadecomp.finetune.distill_on_cifar10`);
     the report's ``accuracy`` is after fine-tuning and ``accuracy_before_finetune`` before it;
     ``finetune_validation`` labelled training images are then held out and the epoch with the best
-    accuracy on them is kept (``finetune_best``).
+    ``finetune_validation_metric`` on them (``"accuracy"``, or ``"kl"``: the distillation loss) is
+    kept (``finetune_best``).
     """
     start = time.perf_counter()
     calibration = _check_calibration(calibration, norm)
@@ -556,7 +569,8 @@ def compress_pretrained(
     test_images = sd.data.cifar10_normalize(test_images)
     result, tuned = _maybe_finetune(model, result, test_images, test_labels, epochs=finetune_epochs,
                                     lr=finetune_lr, data_dir=finetune_data or data_dir, key=key,
-                                    batch_size=batch_size, validation=finetune_validation, progress=progress)
+                                    batch_size=batch_size, validation=finetune_validation,
+                                    validation_metric=finetune_validation_metric, progress=progress)
     scores = evaluate_agreement(model, result.model, test_images, test_labels, batch_size=batch_size)
     counts, in_model = _whole_model_counts(model, result.model, result.plan, calib_images[:8])
     if save_dir is not None:
@@ -567,7 +581,7 @@ def compress_pretrained(
                   calibration=calibration, bias_correction=bias_correction, rank_rule=rank_rule,
                   budget=budget, tau=tau, replan=replan,
                   finetune_lr=finetune_lr, finetune_data=str(finetune_data or data_dir),
-                  finetune_validation=finetune_validation,
+                  finetune_validation=finetune_validation, finetune_validation_metric=finetune_validation_metric,
                   save=None if save_dir is None else str(save_dir), implementation=implementation,
                   deploy_batch=deploy_batch)
     how = {e.path: dict(implementation=e.implementation, implementation_reason=e.reason)
@@ -636,7 +650,7 @@ def _select(model, calib_images, *, format, norm, rule, budget, tau, skip, key, 
                                    input_shape=(1, *np.shape(calib_images)[1:]), progress=progress,
                                    batch_size=latency_batch, latency_table=latency_table)
 def _maybe_finetune(model, result, test_images, test_labels, *, epochs, lr, data_dir, key, batch_size,
-                    validation, progress) -> tuple[Compressed, dict]:
+                    validation, validation_metric, progress) -> tuple[Compressed, dict]:
     """Distil ``result.model`` from ``model`` when ``epochs > 0``; the report fields either way."""
     if not epochs:
         return result, dict(finetune_epochs=0, finetune_seconds=0.0)
@@ -646,7 +660,7 @@ def _maybe_finetune(model, result, test_images, test_labels, *, epochs, lr, data
     run = distill_on_cifar10(result.model, model, data_dir, epochs=epochs,
                              learning_rate=FinetuneConfig.learning_rate if lr is None else lr,
                              key=jax.random.fold_in(jax.random.key(key), 1), validation=validation,
-                             progress=progress)
+                             validation_metric=validation_metric, progress=progress)
     return dataclasses.replace(result, model=run.model), dict(
         accuracy_before_finetune=before["accuracy"], finetune_epochs=epochs,
         finetune_seconds=run.seconds, finetune_steps=run.steps, finetune_stopped=run.stopped,

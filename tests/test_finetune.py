@@ -285,7 +285,7 @@ def test_keep_best_returns_the_best_evaluated_state(teacher_and_data):
     seen = []
     result = ft.finetune(student, teacher, images, key=jax.random.key(0), config=config, progress=False,
                          evaluate=_scripted([0.3, 0.8, float("nan"), 0.8, 0.1], seen), keep_best="val")
-    assert result.best_step == 1 and result.history["best"] == dict(metric="val", step=1, value=0.8)
+    assert result.best_step == 1 and result.history["best"] == dict(metric="val", mode="max", step=1, value=0.8)
     assert [e["val"] for e in result.history["eval"]][:2] == [0.3, 0.8]  # the history is the whole run's
     for a, b in zip(seen[1], _params(result.model)):
         assert np.array_equal(a, np.asarray(b))
@@ -296,9 +296,20 @@ def test_keep_best_returns_the_best_evaluated_state(teacher_and_data):
     assert start.best_step == 0
     for a, b in zip(_params(student), _params(start.model)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+    # A loss is minimised: the lowest finite value wins (NaN never does).
+    seen = []
+    low = ft.finetune(student, teacher, images, key=jax.random.key(0), config=config, progress=False,
+                      evaluate=_scripted([float("nan"), 0.5, 0.2, 0.2, 0.4], seen), keep_best="val",
+                      keep_best_mode="min")
+    assert low.best_step == 2 and low.history["best"] == dict(metric="val", mode="min", step=2, value=0.2)
+    for a, b in zip(seen[2], _params(low.model)):
+        assert np.array_equal(a, np.asarray(b))
     plain = ft.finetune(student, teacher, images, key=jax.random.key(0), config=config, progress=False,
                         evaluate=_scripted([0.9, 0.5, 0.4, 0.3, 0.2], []))
     assert plain.best_step is None and "best" not in plain.history
+    with pytest.raises(ValueError, match="keep_best_mode must be 'max' or 'min'"):
+        ft.finetune(student, teacher, images, key=jax.random.key(0), config=config, keep_best="val",
+                    evaluate=_scripted([0.1], []), keep_best_mode="lowest")
     with pytest.raises(ValueError, match="keep_best needs evaluate"):
         ft.finetune(student, teacher, images, key=jax.random.key(0), config=config, keep_best="val")
     with pytest.raises(KeyError, match=r"'nope' is not a key.*\['other', 'val'\]"):
@@ -326,9 +337,12 @@ def test_keep_best_survives_an_interrupted_run(teacher_and_data, tmp_path):
     assert resumed.history["best"]["value"] == pytest.approx(full.history["best"]["value"], rel=1e-5)
     for a, b in zip(_params(full.model), _params(resumed.model)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
-    with pytest.raises(ValueError, match="keep_best=.val., not None"):
+    with pytest.raises(ValueError, match="keep_best='val', keep_best_mode='max', not None"):
         ft.finetune(student, teacher, train, key=jax.random.key(0), config=config, progress=False,
                     checkpoint_dir=tmp_path, evaluate=closeness)
+    with pytest.raises(ValueError, match="not 'val', 'min'"):
+        ft.finetune(student, teacher, train, key=jax.random.key(0), config=config, progress=False,
+                    checkpoint_dir=tmp_path, evaluate=closeness, keep_best="val", keep_best_mode="min")
 
 
 def test_distill_on_cifar10_holds_validation_images_out_and_keeps_the_best(tmp_path):
@@ -344,10 +358,35 @@ def test_distill_on_cifar10_holds_validation_images_out_and_keeps_the_best(tmp_p
                                 progress=False)
     values = [e["validation_accuracy"] for e in run.history["eval"]]
     assert run.steps == 2 and [e["step"] for e in run.history["eval"]] == [0, 1, 2]  # 64 images: 1 step/epoch
-    assert run.history["best"] == dict(metric="validation_accuracy", step=run.best_step, value=max(values))
+    assert run.history["best"] == dict(metric="validation_accuracy", mode="max", step=run.best_step, value=max(values))
     assert run.best_step == values.index(max(values)) and all(v in np.arange(17) / 16 for v in values)
+    # the held-out distillation loss, lowest kept; the same held-out images (same key) evaluated
+    by_kl = ft.distill_on_cifar10(student, teacher, tmp_path, epochs=2, key=jax.random.key(0), validation=16,
+                                  validation_metric="kl", progress=False)
+    losses = [e["validation_kl"] for e in by_kl.history["eval"]]
+    assert [e["validation_accuracy"] for e in by_kl.history["eval"]] == values
+    assert by_kl.history["best"] == dict(metric="validation_kl", mode="min", step=by_kl.best_step, value=min(losses))
+    with pytest.raises(ValueError, match="validation_metric must be one of"):
+        ft.distill_on_cifar10(student, teacher, tmp_path, epochs=1, key=jax.random.key(0), validation=16,
+                              validation_metric="loss", progress=False)
     plain = ft.distill_on_cifar10(student, teacher, tmp_path, epochs=1, key=jax.random.key(0), progress=False)
     assert plain.best_step is None and plain.history["eval"] == []
+
+
+def test_held_out_metrics_match_the_distillation_term_and_check_their_input(teacher_and_data):
+    teacher, images = teacher_and_data
+    student = SmallCNN(widths=(4, 8, 8), rngs=nnx.Rngs(1))
+    labels = np.arange(len(images)) % 10
+    metrics = ft.held_out_metrics(teacher, images, labels, temperature=2.0, batch_size=5)  # batches of 5
+    got = metrics(student)
+    want = ft.kl_divergence(teacher(images), student(images), temperature=2.0)
+    assert got["validation_kl"] == pytest.approx(float(want), rel=1e-5)
+    assert got["validation_accuracy"] == np.mean(np.argmax(student(images), -1) == labels)
+    assert "validation_accuracy" not in ft.held_out_metrics(teacher, images)(student)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        ft.held_out_metrics(teacher, images, labels[:3])
+    with pytest.raises(ValueError, match="non-empty batch"):
+        ft.held_out_metrics(teacher, images[:0])
 
 
 # lr 30 without clipping blows SmallCNN's student up at the second step (loss 0.08 -> 22 -> 11 000).

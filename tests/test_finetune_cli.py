@@ -45,6 +45,12 @@ def test_bad_finetune_lr_is_a_usage_error(capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(command)
         assert exit_info.value.code == 2 and "non-negative integer" in capsys.readouterr().err
+    for command in (["compress", "--arch", "resnet20", "--weights", "w", "--data", "d",
+                     "--finetune-validation-metric", "kl"],
+                    ["finetune", "--model", "m", "--teacher-arch", "resnet20", "--teacher-weights", "w",
+                     "--data", "d", "--validation-metric", "kl"]):
+        assert main(command) == 1
+        assert "held-out images: add --" in capsys.readouterr().err
 
 
 def _tiny_training_folder(folder, data_dir, n_per_batch=13):

@@ -64,6 +64,9 @@ class Config:
     # distillation trains on the rest and returns its state with the best accuracy on them, the
     # start included (finetune's keep_best). 0: train on every image, keep the last state.
     validation: int = 0
+    # what the held-out images choose by (session 9, --validation-metric): "accuracy" (highest) or
+    # "kl" (lowest held-out distillation loss; sigmadecomp.finetune.held_out_metrics)
+    validation_metric: str = "accuracy"
 
 
 FULL = Config()

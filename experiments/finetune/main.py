@@ -76,6 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--validation", type=int, default=None, metavar="N",
                    help="hold N labelled training images out (never calibration images) and keep the "
                         "distillation state with the best accuracy on them, the start included")
+    p.add_argument("--validation-metric", choices=("accuracy", "kl"), default=None,
+                   help="with --validation: keep the state with the highest held-out accuracy (default) or "
+                        "the lowest held-out distillation loss")
     p.add_argument("--images", type=int, default=None, help="distillation budget in training images "
                    "(steps = images // batch size; default: the config's steps)")
     p.add_argument("--cpu-budget", action="store_true", help="issue 13's budget: train 600 s × the 2-core CPU "
@@ -104,6 +107,7 @@ def run_key(r) -> str:
     key += f"/{r['mix']}" if r.get("mix", "none") != "none" else ""
     key += "/balanced" if r.get("balance") else ""
     key += f"/val{r['validation']}" if r.get("validation") else ""
+    key += f"-{r['validation_metric']}" if r.get("validation") and r.get("validation_metric", "accuracy") != "accuracy" else ""
     return key + (f"/guard{r['divergence_factor']}" if r.get("divergence_factor") else "")  # none before session 5
 
 
@@ -233,23 +237,27 @@ def measure(model, train, calib, test, key: tuple, config: Config, cache: pathli
         log_every=min(config.eval_every, 6), label_weight=config.label_weight,
         feature_weight=config.feature_weight, optimizer=config.optimizer, mix=config.mix,
         divergence_factor=config.divergence_factor, balance=config.balance)
-    evaluate, keep_best = accuracy, None
+    evaluate, keep_best, keep_best_mode = accuracy, None, "max"
     if config.validation:  # held out of the training images, never a calibration image
         # the calibration images' indices: run_all's sample() drawn on the indices themselves
         calib_index = sample(np.arange(len(train[0])), None, config.calib_images, key=jax.random.key(config.calib_seed))
         train, (held_x, held_y) = holdout(*train, config.validation, key=jax.random.key(config.train_seed + 2),
                                           exclude=calib_index)
 
-        def with_validation(m):
-            return dict(accuracy(m), validation_accuracy=float(np.mean(compress.predict_labels(m, held_x) == held_y)))
+        held_out = ft.held_out_metrics(model, held_x, held_y, temperature=config.temperature)
 
-        evaluate, keep_best = with_validation, "validation_accuracy"
+        def with_validation(m):
+            return dict(accuracy(m), **held_out(m))
+
+        evaluate = with_validation
+        keep_best, keep_best_mode = ft.VALIDATION_METRICS[config.validation_metric]
     # One "epoch" of exactly `steps` batches of the training images (key train_seed + 1).
     images, labels = training_stream(train, config.steps * config.batch_size, config.train_seed + 1)
     load_before = os.getloadavg()
     run = ft.finetune(compressed if start_from == "compressed" else bn, model, images,
                       labels if config.label_weight else None, key=jax.random.key(config.train_seed),
-                      config=ft_config, evaluate=evaluate, keep_best=keep_best, progress=False)
+                      config=ft_config, evaluate=evaluate, keep_best=keep_best, keep_best_mode=keep_best_mode,
+                      progress=False)
     # The returned model's test accuracy: the last evaluation's, or with keep_best the chosen one's
     # (chosen by the held-out training images; the test set chooses nothing).
     chosen = next(e for e in run.history["eval"] if e["step"] == run.best_step) if keep_best else run.history["eval"][-1]
@@ -259,7 +267,8 @@ def measure(model, train, calib, test, key: tuple, config: Config, cache: pathli
         conv_param_rate=conv_rate(model, plan), params=compress.count_params(compressed),
         baseline_params=compress.count_params(model),
         accuracy_compressed=before, accuracy_bn=after_bn, accuracy_finetuned=chosen["accuracy"],
-        accuracy_last=run.history["eval"][-1]["accuracy"], validation=config.validation, best=run.history.get("best"),
+        accuracy_last=run.history["eval"][-1]["accuracy"], validation=config.validation,
+        **({"validation_metric": config.validation_metric} if config.validation else {}), best=run.history.get("best"),
         baseline_accuracy=baseline_accuracy(model, test), finetune_seconds=round(run.seconds, 2),
         compress_seconds=None if compress_seconds is None else round(compress_seconds, 2), bn_seconds=round(bn_seconds, 2),
         steps=run.steps, batch_size=config.batch_size, epochs_equivalent=round(epochs_equiv, 3),
@@ -309,7 +318,7 @@ def run_all(config: Config, args, results, out):
                             learning_rate=c.learning_rate, steps=c.steps, batch_size=c.batch_size,
                             label_weight=c.label_weight, feature_weight=c.feature_weight, optimizer=c.optimizer,
                             mix=c.mix, divergence_factor=c.divergence_factor, balance=c.balance,
-                            validation=c.validation))
+                            validation=c.validation, validation_metric=c.validation_metric))
 
     todo = [k for k in runs if key_of(k) not in done]
     todo = todo[: args.limit] if args.limit is not None else todo
@@ -500,7 +509,7 @@ def with_overrides(config: Config, args) -> Config:
     """The configuration with the command line's recipe overrides applied."""
     names = dict(lr="learning_rate", feature_weight="feature_weight", optimizer="optimizer", ce="label_weight",
                  batch_norm="batch_norm", batch_size="batch_size", mix="mix", guard="divergence_factor",
-                 validation="validation")
+                 validation="validation", validation_metric="validation_metric")
     config = dataclasses.replace(config, **{field: getattr(args, arg) for arg, field in names.items()
                                             if getattr(args, arg) is not None})
     if args.no_guard:

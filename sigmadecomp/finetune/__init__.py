@@ -4,7 +4,8 @@
   ``T²·KL(teacher ‖ student)`` (+ cross-entropy, + feature matching on block outputs), with random
   crop + flip, warm-up + cosine schedule, frozen or updated BatchNorm, resumable checkpoints, a
   history, and (``keep_best``) the best evaluated state on held-out images
-  (:func:`sigmadecomp.data.holdout`) instead of the last; configured by :class:`FinetuneConfig`,
+  (:func:`sigmadecomp.data.holdout`, :func:`held_out_metrics`: accuracy or distillation loss)
+  instead of the last; configured by :class:`FinetuneConfig`,
   returns a :class:`FinetuneResult`;
 * :func:`distill_on_cifar10`, :func:`finetune_saved` — what ``sigmadecomp compress --finetune-epochs``
   and ``sigmadecomp finetune`` run;
@@ -31,8 +32,10 @@ from sigmadecomp.finetune._implementations import apply_implementations, factori
 from sigmadecomp.finetune._loss import distillation_loss, feature_loss, kl_divergence
 from sigmadecomp.finetune._pipeline import distill_on_cifar10, finetune_saved
 from sigmadecomp.finetune._train import FinetuneResult, finetune
+from sigmadecomp.finetune._validation import VALIDATION_METRICS, held_out_metrics
 
 __all__ = [
+    "VALIDATION_METRICS",
     "FinetuneConfig",
     "FinetuneResult",
     "apply_implementations",
@@ -48,6 +51,7 @@ __all__ = [
     "feature_loss",
     "finetune",
     "finetune_saved",
+    "held_out_metrics",
     "kl_divergence",
     "load_checkpoint",
     "reestimate_batch_norm",

@@ -39,7 +39,7 @@ class FinetuneResult:
     """The fine-tuned student (inference mode) and what happened.
 
     ``history`` is JSON-ready: ``{"train": [...], "eval": [...], "guard": [...]}`` (plus ``"best"`` when
-    ``keep_best`` chose the returned state: ``metric``, ``step``, ``value``). Train entries (every
+    ``keep_best`` chose the returned state: ``metric``, ``mode``, ``step``, ``value``). Train entries (every
     ``log_every`` steps): ``step``, ``epoch``, ``loss``, ``kl``, ``ce``, ``feature`` (means over the
     interval), ``learning_rate``, ``seconds`` (training time so far, evaluation and checkpoints
     excluded), ``images_per_second`` (over the interval). Eval entries: ``step``, ``seconds`` and
@@ -161,6 +161,7 @@ def finetune(
     checkpoint_dir=None,
     features: Features | None = None,
     keep_best: str | None = None,
+    keep_best_mode: str = "max",
     progress: bool = True,
 ) -> FinetuneResult:
     """Distil ``student`` (e.g. a compressed model, any factorized format) from ``teacher``.
@@ -188,6 +189,8 @@ def finetune(
             included, so the run never hands back a model worse than the one it was given by that
             measure (ties keep the earlier state). Needs ``evaluate``; checkpoints keep the best
             state too.
+        keep_best_mode: ``"max"`` (an accuracy) or ``"min"`` (a loss, e.g. ``validation_kl`` of
+            :func:`held_out_metrics`, which keeps resolving where held-out accuracy saturates).
         progress: show a tqdm bar with the loss and the throughput.
 
     >>> import jax, numpy as np
@@ -212,6 +215,8 @@ def finetune(
     >>> result.best_step in (0, 3, 6)
     True
     """
+    if keep_best_mode not in ("max", "min"):
+        raise ValueError(f"keep_best_mode must be 'max' or 'min'; got {keep_best_mode!r}")
     if keep_best is not None and evaluate is None:
         raise ValueError("keep_best needs evaluate (a model -> dict function whose dict holds "
                          f"{keep_best!r})")
@@ -236,7 +241,7 @@ def finetune(
     start, seconds = 0, 0.0
     state = [params, rest, opt_state]
     guard = _Guard(config.divergence_factor, config.max_rollbacks, list(state), events=history["guard"])
-    best = _Best(keep_best, state[:2])
+    best = _Best(keep_best, state[:2], keep_best_mode)
     resumed = _resume(checkpoint_dir, state, guard, best, fingerprint)
     if resumed is not None:
         state, history, start, seconds = resumed
@@ -254,7 +259,7 @@ def finetune(
     final = state
     if keep_best is not None and best.step is not None:
         final = best.state
-        history["best"] = dict(metric=keep_best, step=best.step, value=best.value)
+        history["best"] = dict(metric=keep_best, mode=keep_best_mode, step=best.step, value=best.value)
     model = nnx.merge(graphdef, final[0], final[1])
     model.eval()
     apply_implementations(model, {p: layer.implementation for p, layer in factorized_layers(student).items()})
@@ -271,9 +276,11 @@ def _resume(folder, state: list, guard: _Guard, best: _Best, fingerprint: dict):
     if meta and meta.get("fingerprint") != fingerprint:
         raise ValueError(f"the checkpoint in {folder} was made with another config, key or "
                          "data size; use the same ones to resume, or another folder")
-    if meta and meta.get("best", {}).get("metric") != best.metric:
-        raise ValueError(f"the checkpoint in {folder} was made with keep_best="
-                         f"{meta.get('best', {}).get('metric')!r}, not {best.metric!r}; use the same to resume")
+    made = meta.get("best", {}) if meta else {}
+    if meta and (made.get("metric"), made.get("mode", "max")) != (best.metric, best.mode):
+        raise ValueError(f"the checkpoint in {folder} was made with keep_best={made.get('metric')!r}, "
+                         f"keep_best_mode={made.get('mode', 'max')!r}, not {best.metric!r}, {best.mode!r}; "
+                         "use the same to resume")
     like = dict(state=_named(state), snapshot=_named(state))
     if best.metric is not None:
         like["best"] = _named_model(state)
@@ -312,12 +319,14 @@ def _save(folder, state, guard, best, history, fingerprint, step, seconds):
 
 @dataclasses.dataclass
 class _Best:
-    """``keep_best``: the evaluated state with the highest ``metric`` so far."""
+    """``keep_best``: the evaluated state with the best (highest, or lowest for ``mode="min"``)
+    ``metric`` so far."""
 
     metric: str | None
     state: list  # [params, rest]: the model only, never resumed from (immutable arrays: no copy)
+    mode: str = "max"
     step: int | None = None
-    value: float = float("-inf")
+    value: float | None = None
 
     def consider(self, entry: dict, state: list):
         if self.metric is None:
@@ -326,15 +335,15 @@ class _Best:
             raise KeyError(f"keep_best={self.metric!r} is not a key of evaluate's dict "
                            f"{sorted(k for k in entry if k not in ('step', 'seconds'))}")
         value = float(entry[self.metric])
-        if np.isfinite(value) and (self.step is None or value > self.value):
+        better = self.step is None or (value > self.value if self.mode == "max" else value < self.value)
+        if np.isfinite(value) and better:
             self.state, self.step, self.value = state[:2], entry["step"], value
 
     def meta(self) -> dict:
-        return dict(metric=self.metric, step=self.step, value=self.value if np.isfinite(self.value) else None)
+        return dict(metric=self.metric, mode=self.mode, step=self.step, value=self.value)
 
     def restore(self, meta: dict, state: list):
-        self.state, self.step = state, meta["step"]
-        self.value = float("-inf") if meta["value"] is None else meta["value"]
+        self.state, self.step, self.value = state, meta["step"], meta["value"]
 
 
 @dataclasses.dataclass
