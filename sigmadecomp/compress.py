@@ -649,6 +649,8 @@ def _select(model, calib_images, *, format, norm, rule, budget, tau, skip, key, 
                                    norm=norm, images=calib_images, key=key, skip=skip,
                                    input_shape=(1, *np.shape(calib_images)[1:]), progress=progress,
                                    batch_size=latency_batch, latency_table=latency_table)
+
+
 def _maybe_finetune(model, result, test_images, test_labels, *, epochs, lr, data_dir, key, batch_size,
                     validation, validation_metric, progress) -> tuple[Compressed, dict]:
     """Distil ``result.model`` from ``model`` when ``epochs > 0``; the report fields either way."""

@@ -481,11 +481,12 @@ def figure(results, path, calib: int = FULL.calib_images) -> None:
     markers = {"uniform": "o", "energy": "s", "vbmf": "^", "global": "*", "global_linear": "x", "global_sweeps": "P",
                "global_replan": "D", "global_sweeps_replan": "d"}
     for ax, fmt in zip(axes, ("svd", "tucker2", "cp")):
-        for rule, marker in markers.items():
+        for (rule, marker), cal in itertools.product(markers.items(), ("sequential", "sequential+bias")):
             pts = sorted((r["params_ratio"], 100 * r["accuracy"]) for r in runs
-                         if r["format"] == fmt and r["rule"] == rule)
-            if pts:
-                ax.plot(*zip(*pts), marker=marker, ms=9 if rule == "global" else 6, label=rule)
+                         if r["format"] == fmt and r["rule"] == rule and r["calibration"] == cal)
+            if pts:  # bias correction: the same marker, dashed
+                ax.plot(*zip(*pts), marker=marker, ms=9 if rule == "global" else 6, ls="-" if cal == "sequential" else "--",
+                        label=rule if cal == "sequential" else f"{rule} + bias correction")
         base = 100 * runs[0]["baseline_accuracy"]
         ax.axhline(base, color="grey", lw=0.8, ls=":")
         for pub in PUBLISHED:
