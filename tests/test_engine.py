@@ -157,9 +157,23 @@ def test_warm_start_and_bad_input():
         sd.decompose(kernel, sd.TTALS((2, 5, 2)))
     with pytest.raises(ValueError, match=r"r_space.*exceeds the kh·kw mode"):
         sd.decompose(kernel, sd.Tucker3ALS((2, 2, 5)))
+    with pytest.raises(ValueError, match=r"r_out\) = 3 exceeds the r_in·r_space \(core unfolding\) mode of size 2"):
+        sd.decompose(kernel, sd.Tucker3ALS((3, 1, 2)))  # the core could not reach r_out = 3
     with pytest.raises(ValueError, match=r"r0·r1 = 6 exceeds the cin mode"):
         sd.decompose(kernel, sd.TRALS((2, 3, 2, 2)))
     with pytest.raises(ValueError, match="init must be a TT"):
         sd.decompose(kernel, solver, init=sd.decompose(kernel, sd.SVD(2)).value)
     with pytest.raises(ValueError, match="cg_max_steps"):
         sd.TTALS((3, 4, 3), cg_max_steps=0)
+
+
+def test_left_basis_has_the_asked_width_beyond_the_matrix_rank():
+    from sigmadecomp.solvers._subspace import left_basis
+
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(6, 2)))
+    for rank in (1, 2, 4, 6):
+        q = left_basis(a, rank)
+        assert q.shape == (6, rank)
+        np.testing.assert_allclose(np.asarray(q.T @ q), np.eye(rank), atol=1e-10)
+    q2 = left_basis(a, 2)  # the leading columns span a's column space
+    np.testing.assert_allclose(np.asarray(q2 @ (q2.T @ a)), np.asarray(a), atol=1e-10)

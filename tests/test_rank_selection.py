@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -268,6 +269,16 @@ def test_global_cp_uses_sweeps(small_net):
     # the swept ranks' compiled solvers are released group by group (they would pile up: ~500
     # memory mappings each on XLA:CPU, and a process may hold 65 530)
     assert sd.compiled_solver_count() == 0
+
+
+def test_global_tucker3_offers_only_ranks_the_core_can_reach(small_net):
+    # Regression: the grid once offered (2, 1, 2)-like ranks on the 3-channel first layer (r_out
+    # above r_in·r_space), on which the HOOI start failed inside a scan.
+    sel = _select(small_net, format="tucker3", rule="global", budget="params=0.5", grid=(0.3,), sweeps=1)
+    assert sel.achieved("params") <= 0.5
+    for c in sel.layers:
+        r = c.ranks or (1, 1, 1)
+        assert all(r[k] <= math.prod(r[:k] + r[k + 1:]) for k in range(3)), c
 
 
 def test_bad_arguments(small_net):

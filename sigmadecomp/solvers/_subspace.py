@@ -15,7 +15,7 @@ def left_basis(a, rank: int):
     Why eigh of the smaller Gram matrix: only the leading subspace is needed, and it is much
     cheaper than an SVD of a wide unfolding. ``rank`` must be ``<= m``."""
     rows, cols = a.shape
-    if rows <= cols:
+    if rows <= cols or rank > cols:  # (rank > cols: a·aᵀ's eigenvectors complete the basis)
         return jnp.linalg.eigh(mm(a, a.T))[1][:, ::-1][:, :rank]
     vecs = jnp.linalg.eigh(mm(a.T, a))[1][:, ::-1][:, :rank]
     return jnp.linalg.qr(mm(a, vecs))[0]

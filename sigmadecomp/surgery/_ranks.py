@@ -127,7 +127,18 @@ def tucker3_ranks_for_ratio(kernel_shape, ratio: float, *, groups: int = 1, kern
         spectra = _mode_spectra(kernel, kh, kw, cin, cout)
         ranks = lambda a: tuple(_energy_rank(s, a) for s in spectra)  # noqa: E731
     budget = ratio * p * cin * cout
-    return ranks(largest_scale(lambda a: params(ranks(a)), budget))
+    return _core_reachable(ranks(largest_scale(lambda a: params(_core_reachable(ranks(a))), budget)))
+
+
+def _core_reachable(ranks: tuple) -> tuple:
+    """Tucker ranks with none above the product of the others (Tucker3ALS rejects the excess:
+    the core cannot reach it); lowering one never raises another, so this settles in a few passes."""
+    ranks = list(ranks)
+    while True:
+        lowered = [min(r, math.prod(ranks[:k] + ranks[k + 1:])) for k, r in enumerate(ranks)]
+        if lowered == ranks:
+            return tuple(ranks)
+        ranks = lowered
 
 
 def tt_ranks_for_ratio(kernel_shape, ratio: float, *, groups: int = 1, kernel=None) -> tuple[int, int, int]:
