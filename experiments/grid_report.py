@@ -569,9 +569,18 @@ the budget piles up in the last layers (details: `replan_part/NOTES.md`).
 Every run above calibrates on {rsm.FULL.calib_images} images. The same selection rule and budget with
 more calibration images (the covariances, the damage curves and the sequential refits all see
 them), beside the default run; `main.py --calib-images N` keys these runs by N. 512 test images:
-a difference of one point is about two images, inside the noise (±1.4 s.e. at 90 %).
+a difference of one point is about five images, inside the noise (one standard error is 1.3 points at 90 %).
 
 {rsm.calib_versus(results)}
+
+## Bias correction in the sequential pass (`sequential+bias`, session 9)
+
+Does restoring each compressed layer's mean output (`compress_sequential(bias_correction=True)`:
+the shift `W·E[x] − W̃·E[x̂]` folded into the next BatchNorm's running mean) close the Tucker-2
+gap to the targets? The same selection and budget with and without it, same cache (so the same
+ranks); 512 test images: one point is about five images, inside the noise.
+
+{rsm.bias_versus(results)}
 
 ## Measured-latency budget (`--budget latency=R`)
 

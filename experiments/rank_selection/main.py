@@ -353,6 +353,22 @@ def calib_versus(results, calib: int = FULL.calib_images) -> str:
     return "\n".join(lines)
 
 
+def bias_versus(results) -> str:
+    """Runs with bias correction in the sequential pass beside the same run without it."""
+    by = {run_key(r): r for r in results["runs"]}
+    lines = ["| model | format | budget | rule | sequential | + bias correction | difference (points) | achieved params |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key, r in sorted(by.items()):
+        if key[3] != "sequential+bias":
+            continue
+        base = by.get(sibling(key, calibration="sequential"))
+        was = "not run" if base is None else f"{100 * base['accuracy']:.1f}"
+        diff = "–" if base is None else f"{100 * (r['accuracy'] - base['accuracy']):+.1f}"
+        lines.append(f"| ResNet-{key[0]} | {key[1]} | {key[5]} | {key[4]} | {was} | {100 * r['accuracy']:.1f} | {diff} | "
+                     f"{r['achieved_params']:.3f} |")
+    return "\n".join(lines)
+
+
 def latency_versus(results) -> str:
     """Latency-budget runs: the table's predicted ratio, the measured whole-model ratio, accuracy,
     and the flops=0.5 global selection of the same format at the same latency table / measurement."""

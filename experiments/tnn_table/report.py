@@ -20,6 +20,11 @@ sys.path[:0] = [str(HERE)]
 
 from config import FORMATS, RATIOS  # noqa: E402
 
+# experiments/finetune's per-layer-rank runs (init sigma_seq_global: select_ranks' global rule at
+# params=R, then Σ-sequential) get rows of their own, under this name, after their format's
+GLOBAL_SUFFIX = " (per-layer ranks)"
+ROWS = tuple(x for f in FORMATS for x in (f, f + GLOBAL_SUFFIX))
+
 # The TNN seed's ResNet-32 table, % test accuracy after full retraining on CIFAR-10's 50 000 images
 # (dense 93.2%). Plain rows SVD/CP/Tucker-2 as quoted in experiments/finetune (5/10/20%); reshaped
 # rows as quoted in issue 15. "–" where we have no number from the seed.
@@ -27,7 +32,7 @@ SEED = {
     "svd": {0.05: 83.09, 0.1: 87.27, 0.2: 89.58},
     "cp": {0.05: 84.02, 0.1: 86.93, 0.2: 88.75},
     "tucker2": {0.05: 83.57, 0.1: 86.00, 0.2: 88.03},
-    "tt": {},
+    "tt": {0.05: 77.44, 0.1: 82.92, 0.2: 84.13},  # quoted in issue 13 (plain TT)
     "r-cp": {0.02: 85.7, 0.05: 89.86, 0.1: 91.28},
     "r-tucker": {0.02: 61.06, 0.05: 71.34, 0.1: 81.59, 0.2: 87.11},
     "r-tt": {0.02: 78.95, 0.05: 84.26, 0.1: 87.89},
@@ -70,10 +75,11 @@ def from_finetune(path: pathlib.Path) -> list:
         return []
     cells = []
     for r in json.loads(path.read_text())["runs"]:
-        if r["arch"] != 32 or r["init"] != "sigma_seq" or not r.get("cpu_budget") or r.get("validation"):
+        if (r["arch"] != 32 or r["init"] not in ("sigma_seq", "sigma_seq_global") or not r.get("cpu_budget")
+                or r.get("validation")):
             continue  # (runs with held-out images train on fewer images and keep their best state)
         cells.append(dict(
-            arch=32, format=r["format"], ratio=r["ratio"], max_steps=r["max_steps"], distill_steps=r["steps"],
+            arch=32, format=r["format"] + (GLOBAL_SUFFIX if r["init"] == "sigma_seq_global" else ""), ratio=r["ratio"], max_steps=r["max_steps"], distill_steps=r["steps"],
             batch_size=r["batch_size"], learning_rate=r["learning_rate"], feature_weight=r.get("feature_weight", 0.0),
             optimizer=r.get("optimizer", "sgd"), mix=r.get("mix", "none"), label_weight=r.get("label_weight", 0.0),
             conv_param_rate=r["conv_param_rate"], accuracy_dense=r["baseline_accuracy"],
@@ -107,10 +113,11 @@ def accuracy_table(cells) -> str:
     distills = sorted({_recipe(r) for r in cells if r["distill_steps"] > 0})
     head = "| format | row | " + " | ".join(f"{r:.0%}" for r in RATIOS) + " |"
     lines = [head, "|" + "---|" * (2 + len(RATIOS))]
-    for f in [f for f in FORMATS if any(r["format"] == f for r in cells) or SEED.get(f)]:
+    for f in [f for f in ROWS if any(r["format"] == f for r in cells) or SEED.get(f)]:
         mine = {r["ratio"]: r for r in _own_last(cells) if r["format"] == f}
         seed = [f"{SEED[f][r]:.2f}" if r in SEED.get(f, {}) else "–" for r in RATIOS]
-        lines.append(f"| {f} | TNN seed: full retraining, 50 000 images | " + " | ".join(seed) + " |")
+        if f in SEED:  # (no seed row for our per-layer-rank variant)
+            lines.append(f"| {f} | TNN seed: full retraining, 50 000 images | " + " | ".join(seed) + " |")
         row = [_pct(mine[r]["accuracy_no_training"]) if r in mine else "–" for r in RATIOS]
         lines.append(f"| {f} | ours: Σ-sequential, no training | " + " | ".join(row) + " |")
         for recipe in distills:
@@ -125,7 +132,7 @@ def accuracy_table(cells) -> str:
 def rate_table(cells) -> str:
     """Achieved fraction of the conv parameters (the rank rules round down; rank ≥ 1 on small layers)."""
     lines = ["| format | " + " | ".join(f"{r:.0%}" for r in RATIOS) + " |", "|" + "---|" * (1 + len(RATIOS))]
-    for f in FORMATS:
+    for f in ROWS:
         mine = {r["ratio"]: r for r in sorted(cells, key=lambda r: r["distill_steps"]) if r["format"] == f}
         if mine:
             lines.append(f"| {f} | " + " | ".join(f"{mine[r]['conv_param_rate']:.3f}" if r in mine else "–" for r in RATIOS) + " |")
@@ -134,7 +141,7 @@ def rate_table(cells) -> str:
 
 def details(cells) -> str:
     lines = ["| cell | compress s | distil s | distillation | load (1 min) | device | date |", "|---|---|---|---|---|---|---|"]
-    for r in sorted(cells, key=lambda r: (FORMATS.index(r["format"]), r["ratio"], r["distill_steps"])):
+    for r in sorted(cells, key=lambda r: (ROWS.index(r["format"]), r["ratio"], r["distill_steps"])):
         lines.append(f"| {r['format']} {r['ratio']:.0%} (distil {r['distill_steps']}) | {r['compress_seconds']:.0f} | "
                      f"{r['distill_seconds'] if r['distill_seconds'] is not None else '–'} | {r['distill']} | "
                      f"{r['loadavg'][0][0]:.1f} | {r['device']} | {r['date']} |")
