@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import pathlib
 import sys
@@ -45,6 +46,10 @@ def main(argv=None):
     p.add_argument("--formats", nargs="+", default=list(FORMATS))
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--max-steps", type=int, default=6)
+    p.add_argument("--num-modes", nargs="+", type=int, default=[3],
+                   help="channel modes m of the reshaped formats (balanced factors of cin and cout; the "
+                        "registry's default is 3). m != 3 takes the registry's rank rule with those modes. "
+                        "Rows are added to --out (same layer, ratio, format and m replaced)")
     p.add_argument("--table", action="store_true", help="print the markdown table of --out only")
     args = p.parse_args(argv)
     if args.table:
@@ -54,34 +59,95 @@ def main(argv=None):
     train_x, _ = load_cifar10(args.data / "cifar10", "train")
     calib = cifar10_normalize(sample(train_x, None, args.images, key=jax.random.key(0)))
     covs = compress.calibrate(model, calib, layers=args.layers, progress=False)
+    old = json.loads(args.out.read_text())["rows"] if args.out.is_file() else []
     rows = []
     for path in args.layers:
         kernel = get_by_path(model, path).kernel[...]
         cov = jax.numpy.asarray(covs[path].cov, kernel.dtype)
         for ratio in args.ratios:
-            for fmt in args.formats:
-                spec = formats.get(fmt)
-                ranks = rank_for_ratio(fmt, tuple(kernel.shape), ratio)
+            for fmt, m in [(f, m) for f in args.formats for m in (args.num_modes if f.startswith("r-") else [3])]:
+                solver, ranks = solver_at(fmt, m, tuple(kernel.shape), ratio, args.max_steps)
                 tic = time.perf_counter()
-                sol = sd.decompose(kernel, spec.solver(ranks, max_steps=args.max_steps), cov=cov, key=jax.random.key(0))
+                sol = sd.decompose(kernel, solver, cov=cov, key=jax.random.key(0))
                 error = float(sd.relative_error(kernel, sol.value, cov=cov))
                 rows.append(dict(layer=path, kernel_shape=list(kernel.shape), ratio=ratio, format=fmt, ranks=list(ranks),
+                                 num_modes=m if fmt.startswith("r-") else None,
                                  params=sd.num_params(sol.value), dense_params=int(kernel.size), relative_sigma_error=error,
-                                 status=sd.Status(int(sol.status)).name, seconds=round(time.perf_counter() - tic, 2)))
-                print(f"{path} {ratio:.0%} {fmt:9s} ranks {ranks} params {rows[-1]['params']:6d} "
+                                 status=sd.Status(int(sol.status)).name, seconds=round(time.perf_counter() - tic, 2),
+                                 loadavg=os.getloadavg()[0]))
+                print(f"{path} {ratio:.0%} {column(rows[-1]):9s} ranks {ranks} params {rows[-1]['params']:6d} "
                       f"Σ-error {error:.4f} ({rows[-1]['status']}, {rows[-1]['seconds']} s)", flush=True)
+    new = {_row_key(r) for r in rows}
+    rows = [r for r in old if _row_key(r) not in new] + rows
     args.out.write_text(json.dumps(dict(rows=rows, images=args.images, max_steps=args.max_steps, loadavg=os.getloadavg(),
                                          date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")),
                                     indent=1))
 
 
+def _row_key(r) -> tuple:
+    return r["layer"], r["ratio"], column(r)
+
+
+def column(r) -> str:
+    """The table column of a row: the format, with ``(m=…)`` for a reshaped format at m != 3."""
+    m = r.get("num_modes")
+    return r["format"] if m in (None, 3) else f"{r['format']} (m={m})"
+
+
+def solver_at(fmt: str, m: int, kernel_shape: tuple, ratio: float, max_steps: int):
+    """``(solver, ranks)`` of ``fmt`` at ``ratio`` of the kernel's parameters: the registry's rank
+    rule for m = 3 (and the plain formats), else reshaped modes of m balanced factors and the same
+    rule by hand: the largest uniform rank (clipped to each bond's smaller side) whose cores fit,
+    then single bonds raised by one in turn while they fit."""
+    spec = formats.get(fmt)
+    if m == 3 or not fmt.startswith("r-"):
+        ranks = rank_for_ratio(fmt, kernel_shape, ratio)
+        return spec.solver(ranks, max_steps=max_steps), ranks
+    from sigmadecomp import _reshaped as rs
+
+    kh, kw, cin, cout = kernel_shape
+    in_modes, out_modes = rs.balanced_factors(cin, m), rs.balanced_factors(cout, m)
+    dims = (kh * kw,) + tuple(s * t for s, t in zip(in_modes, out_modes))
+    count = {"r-cp": 1, "r-tt": m, "r-tucker": m + 1, "r-tr": m + 1}[fmt]
+    caps = [min(math.prod(dims[: j + 1]), math.prod(dims[j + 1:])) for j in range(m)] if fmt == "r-tt" else \
+        list(dims) if fmt == "r-tucker" else [math.inf] * count
+
+    def make(ranks):
+        return spec.solver(tuple(ranks), in_modes=in_modes, out_modes=out_modes, max_steps=max_steps), tuple(ranks)
+
+    def fits(ranks):
+        if any(r > c for r, c in zip(ranks, caps)):
+            return False
+        try:
+            solver = make(ranks)[0]
+            solver.check(kernel_shape)
+        except ValueError:
+            return False
+        return sum(math.prod(shape) for shape in solver.core_shapes(kernel_shape)) <= ratio * math.prod(kernel_shape)
+
+    def uniform(r):
+        return [int(min(r, c)) for c in caps]
+
+    r = 1
+    while uniform(r + 1) != uniform(r) and fits(uniform(r + 1)):
+        r += 1
+    ranks, grown = uniform(r), True
+    while grown:  # then single bonds up by one in turn while the budget allows (the registry's rule)
+        grown = False
+        for j in range(len(ranks)):
+            trial = ranks[:j] + [ranks[j] + 1] + ranks[j + 1:]
+            if fits(trial):
+                ranks, grown = trial, True
+    return make(ranks)
+
+
 def table(results) -> str:
     """Relative Σ-error (parameters) per layer and ratio, one column per format."""
     rows = results["rows"]
-    fmts = [f for f in FORMATS if any(r["format"] == f for r in rows)]
+    fmts = sorted({column(r) for r in rows}, key=lambda c: (FORMATS.index(c.split(" ")[0]), c))
     lines = ["| layer | ratio | " + " | ".join(fmts) + " |", "|" + "---|" * (2 + len(fmts))]
     for layer, ratio in dict.fromkeys((r["layer"], r["ratio"]) for r in rows):
-        cell = {r["format"]: r for r in rows if (r["layer"], r["ratio"]) == (layer, ratio)}
+        cell = {column(r): r for r in rows if (r["layer"], r["ratio"]) == (layer, ratio)}
         lines.append(f"| {layer} {tuple(cell[fmts[0]]['kernel_shape'])} | {ratio:.0%} | " + " | ".join(
             f"{cell[f]['relative_sigma_error']:.3f} ({cell[f]['params']})" if f in cell else "–" for f in fmts) + " |")
     return "\n".join(lines)

@@ -54,7 +54,8 @@ def held_out_metrics(teacher: nnx.Module, images, labels=None, *,
 
     def evaluate(model: nnx.Module) -> dict:
         logits = predict_logits(model, images, batch_size=batch_size)
-        out = {"validation_kl": max(float(kl_divergence(target, jnp.asarray(logits), temperature=temperature)), 0.0)}
+        student = jnp.asarray(logits, target.dtype)  # (a float64 teacher beside a float32 student)
+        out = {"validation_kl": max(float(kl_divergence(target, student, temperature=temperature)), 0.0)}
         if labels is not None:
             out["validation_accuracy"] = float(np.mean(np.argmax(logits, axis=-1) == labels))
         return out
