@@ -107,7 +107,8 @@ def recipe_of(r, guard: bool = True) -> str:
     text += f" +{r['mix']}" if r.get("mix", "none") != "none" else ""
     text += " +balanced" if r.get("balance") else ""
     if r.get("validation"):  # the state with the best accuracy on held-out training images (and which)
-        text += f" +best of {r['validation']} held out (step {r['best']['step']}/{r['steps']})"
+        by = "lowest KL" if r.get("validation_metric") == "kl" else "highest accuracy"
+        text += f" +{by} of {r['validation']} held out (step {r['best']['step']}/{r['steps']})"
     if guard and r.get("divergence_factor"):  # guarded runs (session 5 on); the rollbacks it made, if any
         n = r.get("rollbacks", 0)
         text += " +guard" + (f" ({n} rollback{'s' * (n > 1)})" if n else "")
