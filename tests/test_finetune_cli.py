@@ -86,13 +86,15 @@ def test_compress_then_finetune_end_to_end(data_dir, tmp_path, capsys):
     code = main(["finetune", "--model", str(tmp_path / "model"), "--teacher-arch", "resnet20",
                  "--teacher-weights", str(weights), "--data", str(tiny), "--eval-data", str(data_dir / "cifar10"),
                  "--checkpoint-dir", str(tmp_path / "ckpt"), "--save", str(tmp_path / "tuned"), "--validation", "1",
-                 "--json", str(tmp_path / "finetune.json"), "--no-progress"])
+                 "--validation-metric", "kl", "--json", str(tmp_path / "finetune.json"), "--no-progress"])
     assert code == 0, capsys.readouterr().err
     tuned = json.loads((tmp_path / "finetune.json").read_text())
     # The saved model is the fine-tuned one: the second run starts where the first ended.
     assert tuned["accuracy_before_finetune"] == pytest.approx(report["accuracy"])
     assert tuned["finetune_steps"] == 1 and np.isfinite(tuned["history"]["train"][-1]["loss"])
     assert tuned["finetune_best"]["step"] in (0, 1) and tuned["config"]["validation"] == 1
+    assert tuned["finetune_best"]["metric"] == "validation_kl" and tuned["finetune_best"]["mode"] == "min"
+    assert tuned["config"]["validation_metric"] == "kl"
     assert (tmp_path / "ckpt" / "finetune_checkpoint.safetensors").is_file()
     assert (tmp_path / "tuned" / "plan.json").is_file()
     assert "accuracy" in capsys.readouterr().out
