@@ -281,6 +281,19 @@ def test_global_tucker3_offers_only_ranks_the_core_can_reach(small_net):
         assert all(r[k] <= math.prod(r[:k] + r[k + 1:]) for k in range(3)), c
 
 
+@pytest.mark.experiment  # every conv format's solver compiles at every grid rank: minutes in all
+@pytest.mark.parametrize("fmt", [f for f in sd.formats.format_names() if f != "tt-matrix"])
+@pytest.mark.parametrize("rule", ["uniform", "energy", "vbmf", "global"])
+def test_every_rule_works_with_every_conv_format(small_net, fmt, rule):
+    budget = None if rule == "vbmf" else "params=0.5"
+    sel = _select(small_net, format=fmt, rule=rule, budget=budget, grid=(0.3,), sweeps=1)
+    if budget is not None:
+        assert sel.achieved("params") <= 0.5 + 1e-9
+    net = small_net[0]
+    p = sd.plan(net, format=fmt, ranks=sel, skip=sel.is_dense)  # the plan accepts every choice
+    assert set(p.paths) | {c.path for c in sel.layers if c.ranks is None} == {c.path for c in sel.layers}
+
+
 def test_bad_arguments(small_net):
     with pytest.raises(ValueError, match="rule must be"):
         _select(small_net, format="svd", rule="best")
