@@ -526,6 +526,17 @@ curves, `uniform` is the per-layer ratio. Runs per machine: {json.dumps(devices)
 
 {rsm.targets(results)}
 
+Where the targets stand (hand-written, session 9): CP meets every accuracy target, and `global`
+never falls below `uniform` by more than the noise on ResNet-20 (it is ≥ 3 points ahead at 0.33 for
+Tucker-2 and SVD). Tucker-2 misses "within 0.5 of dense at 0.5" by 0.3 points with swept damage
+curves (one standard error of 512 test images is 1.3 points) and "within 2 at 0.33" by 3.7–5.0
+points. Measured levers that did not close the 0.33 gap: swept instead of spectral damage curves
+(+1.2), re-planning during the sequential pass (−1.6), 1 024 instead of 256 calibration images
+(−0.8), bias correction (+0.1, table below). At the same parameter budget CP loses 0.4 points
+where Tucker-2 loses 5.7: the gap is the format's, not the allocation's. What would close it:
+training (experiments/finetune), or letting `global` choose the format per layer as well as the
+ranks (not built).
+
 ## All runs
 
 {rsm.table(results)}
