@@ -196,3 +196,20 @@ def test_registry_plan_compress_save_load(tmp_path):
     sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     fmt = next(a for a in sub.choices["compress"]._actions if "--format" in a.option_strings)
     assert {"r-cp", "r-tucker", "r-tt", "r-tr"} <= set(fmt.choices)
+
+
+@pytest.mark.parametrize("kind", ["r-cp", "r-tucker", "r-tt", "r-tr"])
+def test_rank_rule_with_other_modes_fits_the_budget(kind):
+    from sigmadecomp.formats._reshaped import SOLVERS, reshaped_ranks_for_ratio
+    from sigmadecomp.layers._reshaped import count_reshaped
+
+    shape, budget = (3, 3, 16, 16), 0.1 * 3 * 3 * 16 * 16
+    for modes in ((4, 4), (2, 2, 2, 2)):
+        ranks = reshaped_ranks_for_ratio(kind, shape, 0.1, in_modes=modes, out_modes=modes)
+        SOLVERS[kind](ranks, in_modes=modes, out_modes=modes).check(shape)  # the solver takes them
+        assert count_reshaped(kind, shape, ranks, in_modes=modes, out_modes=modes).params <= budget
+    # the default modes given explicitly: the registry's own choice
+    assert reshaped_ranks_for_ratio(kind, shape, 0.1) == reshaped_ranks_for_ratio(
+        kind, shape, 0.1, in_modes=rs.default_modes(shape)[0], out_modes=rs.default_modes(shape)[1])
+    with pytest.raises(ValueError, match="both in_modes and out_modes"):
+        reshaped_ranks_for_ratio(kind, shape, 0.1, in_modes=(4, 4))

@@ -75,8 +75,8 @@ def parse_args(argv=None):
                    "(FinetuneConfig.balance)")
     p.add_argument("--validation", type=int, default=None, metavar="N",
                    help="hold N labelled training images out (never calibration images) and keep the "
-                        "distillation state with the best accuracy on them, the start included")
-    p.add_argument("--validation-metric", choices=("accuracy", "kl"), default=None,
+                        "distillation state with the best --validation-metric on them, the start included")
+    p.add_argument("--validation-metric", choices=tuple(ft.VALIDATION_METRICS), default=None,
                    help="with --validation: keep the state with the highest held-out accuracy (default) or "
                         "the lowest held-out distillation loss")
     p.add_argument("--images", type=int, default=None, help="distillation budget in training images "

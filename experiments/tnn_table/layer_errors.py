@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import pathlib
 import sys
@@ -48,7 +47,7 @@ def main(argv=None):
     p.add_argument("--max-steps", type=int, default=6)
     p.add_argument("--num-modes", nargs="+", type=int, default=[3],
                    help="channel modes m of the reshaped formats (balanced factors of cin and cout; the "
-                        "registry's default is 3). m != 3 takes the registry's rank rule with those modes. "
+                        "registry's default is 3; the registry's rank rule with those modes). "
                         "Rows are added to --out (same layer, ratio, format and m replaced)")
     p.add_argument("--table", action="store_true", help="print the markdown table of --out only")
     args = p.parse_args(argv)
@@ -96,49 +95,17 @@ def column(r) -> str:
 
 def solver_at(fmt: str, m: int, kernel_shape: tuple, ratio: float, max_steps: int):
     """``(solver, ranks)`` of ``fmt`` at ``ratio`` of the kernel's parameters: the registry's rank
-    rule for m = 3 (and the plain formats), else reshaped modes of m balanced factors and the same
-    rule by hand: the largest uniform rank (clipped to each bond's smaller side) whose cores fit,
-    then single bonds raised by one in turn while they fit."""
+    rule, for a reshaped format at m != 3 with m balanced factors of cin and cout as its modes."""
     spec = formats.get(fmt)
     if m == 3 or not fmt.startswith("r-"):
         ranks = rank_for_ratio(fmt, kernel_shape, ratio)
         return spec.solver(ranks, max_steps=max_steps), ranks
     from sigmadecomp import _reshaped as rs
+    from sigmadecomp.formats._reshaped import reshaped_ranks_for_ratio
 
-    kh, kw, cin, cout = kernel_shape
-    in_modes, out_modes = rs.balanced_factors(cin, m), rs.balanced_factors(cout, m)
-    dims = (kh * kw,) + tuple(s * t for s, t in zip(in_modes, out_modes))
-    count = {"r-cp": 1, "r-tt": m, "r-tucker": m + 1, "r-tr": m + 1}[fmt]
-    caps = [min(math.prod(dims[: j + 1]), math.prod(dims[j + 1:])) for j in range(m)] if fmt == "r-tt" else \
-        list(dims) if fmt == "r-tucker" else [math.inf] * count
-
-    def make(ranks):
-        return spec.solver(tuple(ranks), in_modes=in_modes, out_modes=out_modes, max_steps=max_steps), tuple(ranks)
-
-    def fits(ranks):
-        if any(r > c for r, c in zip(ranks, caps)):
-            return False
-        try:
-            solver = make(ranks)[0]
-            solver.check(kernel_shape)
-        except ValueError:
-            return False
-        return sum(math.prod(shape) for shape in solver.core_shapes(kernel_shape)) <= ratio * math.prod(kernel_shape)
-
-    def uniform(r):
-        return [int(min(r, c)) for c in caps]
-
-    r = 1
-    while uniform(r + 1) != uniform(r) and fits(uniform(r + 1)):
-        r += 1
-    ranks, grown = uniform(r), True
-    while grown:  # then single bonds up by one in turn while the budget allows (the registry's rule)
-        grown = False
-        for j in range(len(ranks)):
-            trial = ranks[:j] + [ranks[j] + 1] + ranks[j + 1:]
-            if fits(trial):
-                ranks, grown = trial, True
-    return make(ranks)
+    modes = dict(in_modes=rs.balanced_factors(kernel_shape[2], m), out_modes=rs.balanced_factors(kernel_shape[3], m))
+    ranks = reshaped_ranks_for_ratio(fmt, kernel_shape, ratio, **modes)
+    return spec.solver(ranks, max_steps=max_steps, **modes), ranks
 
 
 def table(results) -> str:

@@ -32,63 +32,76 @@ DESCRIPTIONS = {
 }
 
 
-def _modes(kind, kernel_shape):
+def _modes(kind, kernel_shape, modes):
+    """``(in_modes, out_modes)``: the given ones, or the registry's defaults (m = 3)."""
+    if modes is not None:
+        return rs.check_modes(kernel_shape, *modes)
     z = rs.zeros(kind, kernel_shape, (1,) * len(RANK_NAMES[kind]))
     return z.in_modes, z.out_modes
 
 
-def _caps(kind, kernel_shape) -> tuple:
+def _caps(kind, kernel_shape, modes) -> tuple:
     """The largest useful value of each rank (the bond's smaller side; r-CP and r-TR: none)."""
     kh, kw, _, _ = rs.kernel_dims(kernel_shape)
-    in_modes, out_modes = _modes(kind, kernel_shape)
+    in_modes, out_modes = modes
     dims = (kh * kw,) + tuple(s * t for s, t in zip(in_modes, out_modes))
     if kind == "r-tt":
         return tuple(min(math.prod(dims[: j + 1]), math.prod(dims[j + 1:])) for j in range(len(dims) - 1))
     if kind == "r-tucker":
         return dims
-    return (math.inf,) * len(RANK_NAMES[kind])
+    return (math.inf,) * (1 if kind == "r-cp" else len(dims))  # r-TR: one rank per core
 
 
-def _ranks_at(kind, kernel_shape, r: int) -> tuple:
-    return tuple(int(min(r, c)) for c in _caps(kind, kernel_shape))
+def _ranks_at(kind, kernel_shape, modes, r: int) -> tuple:
+    return tuple(int(min(r, c)) for c in _caps(kind, kernel_shape, modes))
 
 
-def _params(kind, kernel_shape, ranks) -> int:
-    return count_reshaped(kind, tuple(kernel_shape), ranks).params
-
-
-def _fits(kind, kernel_shape, ranks, budget) -> bool:
-    caps = _caps(kind, kernel_shape)
-    if any(r > c for r, c in zip(ranks, caps)) or _params(kind, kernel_shape, ranks) > budget:
+def _fits(kind, kernel_shape, modes, ranks, budget) -> bool:
+    caps = _caps(kind, kernel_shape, modes)
+    in_modes, out_modes = modes
+    if any(r > c for r, c in zip(ranks, caps)) or count_reshaped(
+            kind, tuple(kernel_shape), tuple(ranks), in_modes=in_modes, out_modes=out_modes).params > budget:
         return False
     try:
-        SOLVERS[kind](tuple(ranks)).check(tuple(kernel_shape))
+        SOLVERS[kind](tuple(ranks), in_modes=in_modes, out_modes=out_modes).check(tuple(kernel_shape))
     except ValueError:
         return False
     return True
 
 
-def reshaped_ranks_for_ratio(kind: str, kernel_shape, ratio: float, *, groups: int = 1, kernel=None) -> tuple:
+def reshaped_ranks_for_ratio(kind: str, kernel_shape, ratio: float, *, groups: int = 1, kernel=None,
+                             in_modes=None, out_modes=None) -> tuple:
     """The largest uniform rank (clipped to each bond) with at most ``ratio`` of the kernel's
     parameters, then single bonds raised by one in turn while the budget allows; at least 1.
+    ``in_modes`` / ``out_modes`` (both or neither): another factorisation of the channels than the
+    default (e.g. m = 2 modes), for the solvers' and layers' modes of the same names; the number
+    of ranks follows from m.
 
     >>> reshaped_ranks_for_ratio("r-tt", (3, 3, 64, 64), 0.1)
     (9, 11, 10)
+    >>> reshaped_ranks_for_ratio("r-tt", (3, 3, 64, 64), 0.1, in_modes=(8, 8), out_modes=(8, 8))
+    (7, 7)
     """
     del kernel
     if groups != 1:
         raise ValueError(f"{kind}: reshaped formats do not support grouped convs (groups={groups})")
+    if (in_modes is None) != (out_modes is None):
+        raise ValueError(f"{kind}: give both in_modes and out_modes, or neither")
+    modes = _modes(kind, kernel_shape, None if in_modes is None else (in_modes, out_modes))
     budget = ratio * math.prod(kernel_shape)
+
+    def at(r):
+        return _ranks_at(kind, kernel_shape, modes, r)
+
     r = 1
-    while _ranks_at(kind, kernel_shape, r + 1) != _ranks_at(kind, kernel_shape, r) and \
-            _fits(kind, kernel_shape, _ranks_at(kind, kernel_shape, r + 1), budget):
+    while at(r + 1) != at(r) and _fits(kind, kernel_shape, modes, at(r + 1), budget):
         r += 1
-    ranks, grown = list(_ranks_at(kind, kernel_shape, r)), True
+    ranks, grown = list(at(r)), True
     while grown:
         grown = False
         for j in range(len(ranks)):
             trial = ranks[:j] + [ranks[j] + 1] + ranks[j + 1:]
-            if _fits(kind, kernel_shape, tuple(trial), budget):
+            if _fits(kind, kernel_shape, modes, tuple(trial), budget):
                 ranks, grown = trial, True
     return tuple(ranks)
 

@@ -51,12 +51,11 @@ class Tucker3ALS(MultilinearALS):
 
     def check(self, kernel_shape: tuple) -> None:
         kh, kw, cin, cout = kernel_dims(kernel_shape)
-        for name, rank, mode, size in zip(("r_out", "r_in", "r_space"), self.ranks,
-                                          ("cout", "cin", "kh·kw"), (cout, cin, kh * kw)):
+        names = ("r_out", "r_in", "r_space")
+        for name, rank, mode, size in zip(names, self.ranks, ("cout", "cin", "kh·kw"), (cout, cin, kh * kw)):
             check_rank_fits("Tucker3ALS", f"ranks ({name})", rank, mode, size, kernel_shape)
         # A rank above the product of the other two cannot be reached by the core (its unfolding
         # has fewer columns): it stores factor columns that change nothing, as in Tucker2ALS.
-        names = ("r_out", "r_in", "r_space")
         for k, name in enumerate(names):
             (a, ra), (b, rb) = [(n, r) for j, (n, r) in enumerate(zip(names, self.ranks)) if j != k]
             check_rank_fits("Tucker3ALS", f"ranks ({name})", self.ranks[k], f"{a}·{b} (core unfolding)", ra * rb,
