@@ -248,7 +248,9 @@ def test_rank_penalty_prunes_zero_slices():
 
 
 def test_group_lasso_training_drops_ranks():
-    """A planted rank-(2, 2) target learned at ranks (6, 6) with the group lasso keeps ≤ 3 per bond."""
+    """A planted rank-(2, 2) target learned at ranks (6, 6) with the group lasso keeps ≤ 3 per bond.
+    (Weight 3e-2: every one of six initial keys tried keeps ≤ 3 with error ≤ 0.0023; at 1e-2 half of
+    them kept 4.)"""
     import optax
 
     target = sd.TTLinear.from_tt(_random_tt(jax.random.key(22), IN_MODES, OUT_MODES, (2, 2), "float32"))
@@ -263,7 +265,7 @@ def test_group_lasso_training_drops_ranks():
         @nnx.jit
         def step(layer, opt):
             def loss(m):
-                return jnp.mean((m(x) - y) ** 2) + 1e-2 * sd.rank_penalty(m)
+                return jnp.mean((m(x) - y) ** 2) + 3e-2 * sd.rank_penalty(m)
             opt.update(layer, nnx.grad(loss)(layer))
 
         for _ in range(400):

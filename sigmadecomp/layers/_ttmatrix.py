@@ -25,6 +25,7 @@ group norm stays above a threshold and :func:`prune_ranks` removes the others.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -101,13 +102,17 @@ def tt_init_cores(key, in_modes, out_modes, ranks, *, init: str = "tt", variance
         raise ValueError(f"init must be 'tt' or 'naive' and variance one of {sorted(_VARIANCE)}; got {init!r}, {variance!r}")
     full, num = (1, *ranks, 1), len(in_modes)
     shapes = [(full[k], m, n, full[k + 1]) for k, (m, n) in enumerate(zip(in_modes, out_modes))]
-    keys = jax.random.split(key, num)
     if init == "naive":
         lecun = nnx.initializers.lecun_normal()
-        return tuple(lecun(k, s, dtype) for k, s in zip(keys, shapes))
+        return tuple(lecun(k, s, dtype) for k, s in zip(jax.random.split(key, num), shapes))
     var = _VARIANCE[variance](math.prod(in_modes), math.prod(out_modes))
     std = (var / math.prod(ranks)) ** (1.0 / (2 * num))
-    return tuple(std * jax.random.normal(k, s, dtype) for k, s in zip(keys, shapes))
+    # one draw for all cores, cut into pieces: eager jax.random.normal compiles once per shape
+    # (about a second each on CPU), so a layer is built with one compilation instead of one per core
+    sizes = [math.prod(s) for s in shapes]
+    flat = std * jax.random.normal(key, (sum(sizes),), dtype)
+    ends = itertools.accumulate(sizes)
+    return tuple(flat[end - size:end].reshape(s) for end, size, s in zip(ends, sizes, shapes))
 
 
 def _orthonormal(raw):
