@@ -14,7 +14,6 @@ from flax import nnx
 
 from sigmadecomp import compress, formats
 from sigmadecomp import finetune as ft
-from sigmadecomp.layers import FactorizedLayer
 from sigmadecomp.models import CifarResNet, SmallCNN
 
 

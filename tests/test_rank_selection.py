@@ -271,6 +271,38 @@ def test_global_cp_uses_sweeps(small_net):
     assert sd.compiled_solver_count() == 0
 
 
+def test_global_chooses_each_layers_format_from_several(small_net):
+    from sigmadecomp.calibration import compress_sequential
+
+    net, images, _ = small_net
+    cache: dict = {}
+    mixed = _select(small_net, format=("svd", "tucker2"), rule="global", budget="params=0.4", cache=cache)
+    single = {f: _select(small_net, format=f, rule="global", budget="params=0.4", cache=cache)
+              for f in ("svd", "tucker2")}
+    assert mixed.achieved("params") <= 0.4 and mixed.options["formats"] == ["svd", "tucker2"]
+    for table, choice in zip(mixed.candidates, mixed.layers):  # every option of both formats was offered
+        assert table.formats[0] is None and set(table.formats[1:]) == {"svd", "tucker2"}
+        assert choice.format == (table.formats[table.pick] or choice.format)
+        assert choice.ranks == table.options[table.pick]
+    # the same candidates (shared cache) as the one-format selections: each single pick is on offer
+    for f, sel in single.items():
+        for table, choice in zip(mixed.candidates, sel.layers):
+            assert choice.ranks is None or any(o == choice.ranks and g == f
+                                               for o, g in zip(table.options, table.formats))
+    p = sd.plan(net, format="svd", ranks=mixed, skip=mixed.is_dense)  # the plan takes each layer's format
+    assert {e.path: e.format for e in p.entries} == mixed.formats
+    assert all(e.ranks == mixed[e.path] for e in p.entries)
+    out = compress_sequential(net, images, format="svd", ranks=mixed, skip=mixed.is_dense, key=jax.random.key(0),
+                              max_steps=2, progress=False)
+    assert {e.path: e.format for e in out.plan.entries} == mixed.formats
+    with pytest.raises(ValueError, match="need rule 'global'"):
+        _select(small_net, format=("svd", "tucker2"), rule="uniform", budget="params=0.4")
+    with pytest.raises(ValueError, match="distinct"):
+        _select(small_net, format=("svd", "svd"), rule="global", budget="params=0.4")
+    with pytest.raises(ValueError, match="tried several"):
+        mixed.replanner()
+
+
 def test_global_tucker3_offers_only_ranks_the_core_can_reach(small_net):
     # Regression: the grid once offered (2, 1, 2)-like ranks on the 3-channel first layer (r_out
     # above r_in·r_space), on which the HOOI start failed inside a scan.

@@ -164,6 +164,12 @@ class RankSelection(Mapping):
     def __len__(self):
         return sum(layer.ranks is not None for layer in self.layers)
 
+    @property
+    def formats(self) -> dict:
+        """``{path: format}`` of the compressed layers (one format, or each layer's pick when
+        ``global`` tried several); :func:`plan` reads it from ``ranks=selection``."""
+        return {layer.path: layer.format for layer in self.layers if layer.ranks is not None}
+
     def is_dense(self, path: str) -> bool:
         """Whether ``path`` is left uncompressed (chosen dense, or never selectable)."""
         return path not in self
@@ -543,7 +549,7 @@ def select_ranks(
     model: nnx.Module,
     covariances: Mapping,
     *,
-    format: str,
+    format: str | Sequence[str],
     rule: str,
     budget=None,
     tau: float | None = None,
@@ -572,7 +578,11 @@ def select_ranks(
         covariances: ``{path: LayerCovariance}`` of the original network (e.g.
             :func:`sigmadecomp.compress.calibrate`); the spectra are whitened with them.
         format, skip, formats, input_shape: as in :func:`plan` (``input_shape`` is needed for a
-            FLOPs budget).
+            FLOPs budget). ``global`` also takes several formats, e.g. ``("cp", "tucker2")``: every
+            layer's candidates are then those of every format, and the knapsack picks each
+            layer's format with its ranks (``selection.formats``; :func:`plan` reads them from
+            ``ranks=selection``). Errors are relative Σ-errors whatever the format, so the
+            candidates compare directly. Params or FLOPs budgets only; no re-planning.
         rule: ``"uniform"``, ``"energy"``, ``"vbmf"`` or ``"global"``.
         budget: ``"params=R"`` / ``"flops=R"`` or a :class:`Budget`: needed by ``uniform`` and
             ``global``; optional for ``energy`` (then ``τ`` is fitted to it); ignored by ``vbmf``.
@@ -623,7 +633,9 @@ def select_ranks(
     budget = None if budget is None else Budget.parse(budget)
     if rule in ("uniform", "global") and budget is None:
         raise ValueError(f"rule {rule!r} needs a budget (e.g. budget='params=0.5')")
-    base = plan(model, format=format, ratio=1.0, skip=skip, formats=formats, input_shape=input_shape)
+    tried = _check_formats(format, rule, budget, formats)
+    bases = [plan(model, format=f, ratio=1.0, skip=skip, formats=formats, input_shape=input_shape) for f in tried]
+    base = bases[0]
     if budget is not None and budget.kind == "flops" and base.flops_before is None:
         raise ValueError("a FLOPs budget needs input_shape (e.g. (1, 32, 32, 3)) to count FLOPs")
     if budget is not None and budget.kind == "latency":
@@ -632,10 +644,11 @@ def select_ranks(
     if missing:
         raise ValueError(f"covariances has no entry for layer(s) {missing}; calibrate them too")
     cache = {} if cache is None else cache
-    layers = [_Layer(e, np.asarray(get_by_path(model, e.path).kernel[...], np.float64),
-                     np.asarray(covariances[e.path].cov, np.float64), norm,
-                     cache.setdefault(("spectra", e.path, norm), {}), get_by_path(model, e.path).kernel[...])
-              for e in base.entries]
+    alternatives = [[_Layer(e, np.asarray(get_by_path(model, e.path).kernel[...], np.float64),
+                            np.asarray(covariances[e.path].cov, np.float64), norm,
+                            cache.setdefault(("spectra", e.path, norm), {}), get_by_path(model, e.path).kernel[...])
+                     for e in entries] for entries in zip(*(b.entries for b in bases))]
+    layers = [alts[0] for alts in alternatives]
     _check_groups(layers)
     options = dict(norm=norm, tau=tau, proxy=proxy, relative_noise=relative_noise)
     sensitivity, tables = None, ()
@@ -655,9 +668,12 @@ def select_ranks(
         sensitivity = cache["sensitivity", relative_noise]
         curves = cache["curves"] if damage == "curve" else None
         timer = _latency_timer(model, base, latency_table, batch_size, latency_repeats, cache, progress)
-        ranks, errors, tables, table, cap = _global(layers, sensitivity, curves, budget, proxy, tuple(grid), sweeps,
-                                                    key, progress, cache, timer, max_error)
+        ranks, errors, tables, table, cap, layers = _global(alternatives, sensitivity, curves, budget, proxy,
+                                                            tuple(grid), sweeps, key, progress, cache, timer,
+                                                            max_error)
         options.update(grid=list(grid), sweeps=sweeps, damage=damage, max_error=max_error, error_cap=cap)
+        if len(tried) > 1:
+            options.update(formats=list(tried))
         if table is not None:
             options.update(latency_batch_size=table["batch_size"])
     else:
@@ -667,6 +683,23 @@ def select_ranks(
     curves = cache.get("curves") if damage == "curve" else None  # measured by this or an earlier global call
     choices = tuple(_choice(layer, r, err, sensitivity, curves, table) for layer, r, err in zip(layers, ranks, errors))
     return RankSelection(rule, budget, choices, options, time.perf_counter() - start, tables, table)
+
+
+def _check_formats(format, rule, budget, formats) -> tuple:
+    """``format`` as a tuple of distinct format names; several only for ``global`` on params/FLOPs."""
+    tried = (format,) if isinstance(format, str) else tuple(format)
+    if not tried or len(set(tried)) != len(tried) or not all(isinstance(f, str) for f in tried):
+        raise ValueError(f"format must be a format name or a sequence of distinct ones; got {format!r}")
+    if len(tried) > 1:
+        if rule != "global":
+            raise ValueError(f"several formats {tried} need rule 'global' (its knapsack picks each layer's "
+                             f"format); got rule {rule!r}")
+        if budget.kind == "latency":
+            raise ValueError("several formats take a params or flops budget; a latency budget times one format")
+        if formats:
+            raise ValueError("several formats choose every layer's format: leave formats= out (skip the "
+                             "layers no format should touch)")
+    return tried
 
 
 def _check_latency(rule, base, latency_table) -> None:
@@ -776,19 +809,30 @@ def _rule_ranks(rule: str, layers: list, budget: Budget | None, tau) -> list:
     return _largest_fitting(energy, layers, budget, total, 1e-6, 1.0, "energy")
 
 
-def _global(layers, sensitivity, curves, budget, proxy, grid, sweeps, key, progress, cache,
-            timer=None, max_error=None) -> tuple[list, list, tuple, dict | None, float | None]:
-    damages, options, errors = [], [], []
-    keys = jax.random.split(jax.random.fold_in(key, 1), len(layers))
-    for layer, cands in zip(layers, _all_candidates(layers, proxy, grid, sweeps, keys, cache, progress)):
-        s = sensitivity[layer.entry.path]
-        options.append([None] + [r for r, _ in cands])
-        errors.append(np.array([0.0] + [e for _, e in cands]))
-        damages.append(s * errors[-1] if curves is None else np.interp(errors[-1], *curves[layer.entry.path]))
+def _global(alternatives, sensitivity, curves, budget, proxy, grid, sweeps, key, progress, cache,
+            timer=None, max_error=None) -> tuple[list, list, tuple, dict | None, float | None, list]:
+    """The knapsack over every layer's candidates; ``alternatives[i]`` holds layer ``i`` once per
+    format tried (one format: a list of one). Returns ranks, errors, candidate tables, latency
+    table, error cap and each layer's chosen alternative (its format)."""
+    damages, options, owners, errors = [], [], [], []
+    keys = jax.random.split(jax.random.fold_in(key, 1), len(alternatives))
+    swept = _all_candidates([layer for alts in alternatives for layer in alts], proxy, grid, sweeps,
+                            [k for alts, k in zip(alternatives, keys) for _ in alts], cache, progress)
+    position = 0
+    for alts in alternatives:
+        cands = swept[position:position + len(alts)]
+        position += len(alts)
+        path = alts[0].entry.path
+        options.append([None] + [r for c in cands for r, _ in c])
+        owners.append([0] + [a for a, c in enumerate(cands) for _ in c])
+        errors.append(np.array([0.0] + [e for c in cands for _, e in c]))
+        damages.append(sensitivity[path] * errors[-1] if curves is None else np.interp(errors[-1], *curves[path]))
+    layers = [alts[0] for alts in alternatives]
     paths = [layer.entry.path for layer in layers]
     table = None if budget.kind != "latency" else timer(dict(zip(paths, options)))
     latency = None if table is None else [_latency_costs(table, p, o) for p, o in zip(paths, options)]
-    costs = latency or [np.array([layer.cost(r, budget.kind) for r in o]) for layer, o in zip(layers, options)]
+    costs = latency or [np.array([alts[a].cost(r, budget.kind) for r, a in zip(o, w)])
+                        for alts, o, w in zip(alternatives, options, owners)]
     total = sum(c[0] for c in costs)
     fastest = sum(float(c.min()) for c in costs) / total
     if budget.kind == "latency" and fastest > budget.ratio:
@@ -799,14 +843,19 @@ def _global(layers, sensitivity, curves, budget, proxy, grid, sweeps, key, progr
     if cap is not None:
         keep = [np.flatnonzero(e <= cap) for e in errors]
         options = [[o[j] for j in k] for o, k in zip(options, keep)]
+        owners = [[w[j] for j in k] for w, k in zip(owners, keep)]
         errors = [e[k] for e, k in zip(errors, keep)]
         damages = [d[k] for d, k in zip(damages, keep)]
         costs = [c[k] for c, k in zip(costs, keep)]
         latency = None if latency is None else costs
     picks = allocate(costs, damages, budget.ratio * total)
-    tables = tuple(_table(layer, o, e, sensitivity, curves, j, None if latency is None else latency[i])
-                   for i, (layer, o, e, j) in enumerate(zip(layers, options, errors, picks)))
-    return [o[j] for o, j in zip(options, picks)], [float(e[j]) for e, j in zip(errors, picks)], tables, table, cap
+    mixed = len(alternatives[0]) > 1
+    tables = tuple(_table(alts, o, e, sensitivity, curves, j, None if latency is None else latency[i],
+                          w if mixed else None)
+                   for i, (alts, o, e, j, w) in enumerate(zip(alternatives, options, errors, picks, owners)))
+    chosen = [alts[w[j]] for alts, w, j in zip(alternatives, owners, picks)]
+    return ([o[j] for o, j in zip(options, picks)], [float(e[j]) for e, j in zip(errors, picks)], tables, table,
+            cap, chosen)
 
 
 def _all_candidates(layers, proxy, grid, sweeps, keys, cache, progress) -> list:
@@ -847,12 +896,18 @@ def _error_cap(costs, errors, budget: float, max_error: float | None) -> float |
     return None
 
 
-def _table(layer: _Layer, options, errors, sensitivity, curves, pick, latency=None) -> LayerCandidates:
+def _table(alts: list, options, errors, sensitivity, curves, pick, latency=None, owners=None) -> LayerCandidates:
+    """``alts``: the layer once per format tried; ``owners[j]``: which one option ``j`` belongs to
+    (``None``: one format)."""
+    layer = alts[0]
     path = layer.entry.path
-    counts = [layer.counts(r) for r in options]
+    counts = [alts[0 if owners is None else owners[j]].counts(r) for j, r in enumerate(options)]
     flops = None if layer.entry.flops_before is None else np.array([f for _, f in counts], np.float64)
+    formats = None if owners is None else tuple(None if r is None else alts[w].entry.format
+                                                for r, w in zip(options, owners))
     return LayerCandidates(path, tuple(options), errors, np.array([p for p, _ in counts], np.float64), flops,
-                           None if curves is None else curves[path], float(sensitivity[path]), int(pick), latency)
+                           None if curves is None else curves[path], float(sensitivity[path]), int(pick), latency,
+                           formats)
 
 
 def _proxy_of(fmt: str, proxy: str | None) -> str:

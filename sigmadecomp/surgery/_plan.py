@@ -274,6 +274,7 @@ def plan(model: nnx.Module, *, format: str, ratio: Optional[float] = None, ranks
         :func:`~sigmadecomp.surgery.rank_for_ratio` (one rule per format, see there).
       ranks: instead of ``ratio``: dict path → rank (``int``) or the format's rank tuple;
         it must name every planned layer (skip the others, e.g. ``skip=lambda p: p not in ranks``).
+        A :class:`~sigmadecomp.surgery.RankSelection` also gives each layer's format.
       skip: paths to leave untouched, or a predicate on the path. Skipping the first conv and the
         classifier, as is customary, is one line: ``skip=["conv1", "linear"]``.
       formats: optional per-layer override of ``format``, e.g. ``{"linear": "svd"}``.
@@ -297,6 +298,9 @@ def plan(model: nnx.Module, *, format: str, ratio: Optional[float] = None, ranks
     """
     formats = {} if formats is None else formats
     _check_arguments(format, ratio, ranks, formats)
+    # a rank selection knows each layer's format (several when global chose per layer); explicit
+    # formats= still wins
+    formats = {**getattr(ranks, "formats", {}), **formats}
     layers = eligible_layers(model)
     _check_paths(list(formats), layers, "formats")
     is_skipped = _skip_predicate(skip, layers)

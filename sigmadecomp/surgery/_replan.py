@@ -57,6 +57,7 @@ class LayerCandidates:
     slope: float
     pick: int
     latency: np.ndarray | None = None  # measured ms per option (latency budget), else None
+    formats: tuple | None = None  # each option's format when global tried several (None: dense), else None
 
     def damage(self, errors) -> np.ndarray:
         errors = np.asarray(errors, np.float64)
@@ -119,6 +120,9 @@ class Replanner:
         if selection.rule != "global" or not selection.candidates:
             raise ValueError(f"re-planning needs a rule='global' selection (it re-solves its knapsack); "
                              f"got rule {selection.rule!r}")
+        if selection.options.get("formats"):
+            raise ValueError(f"re-planning re-solves one format's candidates; this selection tried several "
+                             f"({', '.join(selection.options['formats'])}): compress with its up-front choice")
         if not (isinstance(window, int) and window >= 0):
             raise ValueError(f"window must be an int >= 0; got {window!r}")
         if not (isinstance(sweeps, int) and sweeps >= 1):
