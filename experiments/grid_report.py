@@ -123,7 +123,7 @@ def where(r) -> str:
     return device
 
 
-FORMAT_ORDER = ("svd", "cp", "tucker2", "tt", "r-cp", "r-tucker", "r-tt", "r-tr")
+FORMAT_ORDER = ("svd", "cp", "tucker2", "cp+tucker2", "tt", "r-cp", "r-tucker", "r-tt", "r-tr")
 
 
 def pct(x) -> str:

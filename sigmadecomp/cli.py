@@ -72,6 +72,17 @@ def _arch(text: str) -> str:
     return text
 
 
+def _formats(text: str) -> str:
+    """A registered format, or several joined by ``+`` (each layer's pick by the global rule)."""
+    names = format_names()
+    parts = text.split("+")
+    unknown = [p for p in parts if p not in names]
+    if unknown or len(set(parts)) != len(parts):
+        raise argparse.ArgumentTypeError(f"expected a format of {', '.join(names)}, or distinct ones joined by '+' "
+                                         f"(e.g. cp+tucker2); got {text!r}")
+    return text
+
+
 def _int_at_least(low: int, what: str):
     def parse(text: str) -> int:
         try:
@@ -198,9 +209,11 @@ def _add_compress(commands) -> None:
                                "all of jax.devices()); parallel calibration only (default: one device)")
     compress.add_argument("--save-format", default="safetensors", choices=("safetensors", "orbax"),
                           help="file format of --save (default: safetensors)")
-    compress.add_argument("--format", default="tucker2", choices=format_names(),
-                          help="decomposition of every compressed conv, from the format registry "
-                               "(default: tucker2)")
+    compress.add_argument("--format", default="tucker2", type=_formats, metavar="FORMAT[+FORMAT...]",
+                          help="decomposition of every compressed conv, from the format registry: "
+                               f"{', '.join(format_names())}; several joined by '+' (e.g. cp+tucker2) "
+                               "with --rank-rule global let each layer take the format and ranks that "
+                               "damage the output least (default: tucker2)")
     compress.add_argument("--norm", default="sigma", choices=("frobenius", "sigma"),
                           help="frobenius: classic ALS/SVD on the weights; sigma: minimise the "
                                "output error on calibration data (default: sigma)")
@@ -434,6 +447,9 @@ def _check_validation_flags(metric, validation, metric_flag: str, validation_fla
 
 
 def _run_compress(args) -> int:
+    if "+" in args.format and (args.rank_rule != "global" or args.replan):
+        raise ValueError(f"--format {args.format} tries several formats per layer: use it with --rank-rule global "
+                         "--budget params=R (or flops=R), without --replan")
     _check_replan_flags(args)
     _check_validation_flags(args.finetune_validation_metric, args.finetune_validation,
                             "--finetune-validation-metric", "--finetune-validation")

@@ -266,6 +266,7 @@ def compress_model(
     ratio: float | None = None,
     ranks: Mapping | None = None,
     skip=(),
+    formats: Mapping | None = None,
     max_steps: int | None = None,
     covariances: Mapping | None = None,
     input_shape: Sequence[int] | None = None,
@@ -282,7 +283,9 @@ def compress_model(
         norm: ``"frobenius"`` (classic SVD/ALS on the weights) or ``"sigma"`` (minimise the output
             error ``tr(ΔW cov ΔWᵀ)`` on the calibration data).
         key: PRNG key; layer ``i`` of the plan gets ``jax.random.split(key, n)[i]``.
-        ratio, ranks, skip: as in :func:`sigmadecomp.plan` (exactly one of ``ratio``, ``ranks``).
+        ratio, ranks, skip, formats: as in :func:`sigmadecomp.plan` (exactly one of ``ratio``,
+            ``ranks``; ``formats`` overrides ``format`` per layer, and a ``global`` rank selection
+            over several formats passed as ``ranks`` brings its own).
         max_steps: ALS sweeps per layer (default: each solver's own).
         covariances: precomputed ``{path: LayerCovariance}`` (e.g. from :func:`calibrate`), to
             compare several formats/norms/ratios on the same statistics.
@@ -316,7 +319,7 @@ def compress_model(
     model = canonical_convs(model)
     if input_shape is None and calib_images is not None:
         input_shape = (1, *np.shape(calib_images)[1:])
-    layer_plan = sd.plan(model, format=format, ratio=ratio, ranks=ranks, skip=skip,
+    layer_plan = sd.plan(model, format=format, ratio=ratio, ranks=ranks, skip=skip, formats=formats,
                          input_shape=input_shape)
     if len(layer_plan) == 0:
         raise ValueError("the plan is empty: every eligible layer is skipped; skip fewer layers")
@@ -490,6 +493,10 @@ def compress_pretrained(
     ``config`` and one entry per compressed layer. ``save_dir`` receives the model via
     :func:`sigmadecomp.save`.
 
+    ``format`` is a registered format, or several joined by ``+`` (``"cp+tucker2"``) with
+    ``rank_rule="global"``: every layer then gets the format and ranks the knapsack prefers
+    (:func:`sigmadecomp.surgery.select_ranks` over several formats); the report's layers say which.
+
     ``calibration`` is ``"sequential"`` (each layer fitted, in execution order, to the inputs it
     sees in the partially compressed network: :func:`sigmadecomp.calibration.compress_sequential`)
     or ``"parallel"`` (every layer's ``cov`` from the original network). ``None`` picks sequential
@@ -528,6 +535,12 @@ def compress_pretrained(
     start = time.perf_counter()
     calibration = _check_calibration(calibration, norm)
     _check_replan(replan, rank_rule, calibration)
+    tried = tuple(format.split("+"))
+    if len(tried) > 1 and (rank_rule != "global" or replan):
+        raise ValueError(f"format {format!r} tries several formats: the global rank rule chooses each layer's "
+                         f"(rank_rule='global' with a budget, no replan); got rank_rule={rank_rule!r}, "
+                         f"replan={replan}")
+    format = tried[0]  # the plan's default; a selection over several formats gives each layer its own
     if implementation not in sd.latency.MODES:
         raise ValueError(f"implementation must be one of {sd.latency.MODES}; got {implementation!r}")
     model = sd.models.pretrained_resnet(resnet_depth(arch), weights)
@@ -539,9 +552,9 @@ def compress_pretrained(
     test_images, test_labels = sd.data.load_cifar10(eval_dir or data_dir, "test")
     calib_images = sd.data.cifar10_normalize(sd.data.sample(train_images, None, calib, key=calib_key))
     skip = ("conv1", "linear") if skip_first else ("linear",)
-    selection, ranks = None, None
+    selection, ranks, formats = None, None, None
     if rank_rule != "uniform" or (budget is not None and not budget.startswith("params")):
-        selection = _select(model, calib_images, format=format, norm=norm, rule=rank_rule, budget=budget,
+        selection = _select(model, calib_images, format=tried if len(tried) > 1 else format, norm=norm, rule=rank_rule, budget=budget,
                             tau=tau, skip=skip, key=jax.random.fold_in(calib_key, 1), batch_size=batch_size,
                             progress=progress, latency_batch=deploy_batch, latency_table=latency_table)
         ratio, ranks, skip = None, selection, selection.is_dense
@@ -559,12 +572,14 @@ def compress_pretrained(
         slow = tuple(path for path, _ in chosen.left_dense)
         if selection is not None:  # the selection's dense layers, and those the latency check keeps dense
             ranks = {p: r for p, r in selection.items() if p not in slow}
+            formats = {p: f for p, f in selection.formats.items() if p in ranks}
             skip = lambda path: path not in ranks  # noqa: E731
         else:
             skip = skip + slow
         result = _compress_fixed(model, calib_images, calibration=calibration, format=format, norm=norm,
-                                 ratio=ratio, ranks=ranks, skip=skip, key=solve_key, max_steps=max_steps,
-                                 bias_correction=bias_correction, batch_size=batch_size, progress=progress)
+                                 ratio=ratio, ranks=ranks, skip=skip, formats=formats, key=solve_key,
+                                 max_steps=max_steps, bias_correction=bias_correction, batch_size=batch_size,
+                                 progress=progress)
     result = _with_implementations(result, chosen)
     test_images = sd.data.cifar10_normalize(test_images)
     result, tuned = _maybe_finetune(model, result, test_images, test_labels, epochs=finetune_epochs,
@@ -576,7 +591,7 @@ def compress_pretrained(
     if save_dir is not None:
         sd.save(save_dir, result.model, result.plan)
     config = dict(arch=arch, weights=str(weights), data=str(data_dir),
-                  eval_data=str(eval_dir or data_dir), format=format, norm=norm, ratio=ratio,
+                  eval_data=str(eval_dir or data_dir), format="+".join(tried), norm=norm, ratio=ratio,
                   calib=calib, key=key, max_steps=max_steps, skip_first=skip_first,
                   calibration=calibration, bias_correction=bias_correction, rank_rule=rank_rule,
                   budget=budget, tau=tau, replan=replan,
@@ -607,15 +622,16 @@ def compress_pretrained(
 
 
 def _compress_fixed(model, calib_images, *, calibration, format, norm, ratio, ranks, skip, key, max_steps,
-                    bias_correction, batch_size, progress) -> Compressed:
+                    bias_correction, batch_size, progress, formats=None) -> Compressed:
     """Compress with ranks decided beforehand, sequential or parallel (+ bias correction)."""
     if calibration == "sequential":
         return sd.calibration.compress_sequential(
-            model, calib_images, format=format, ratio=ratio, ranks=ranks, skip=skip, key=key,
+            model, calib_images, format=format, ratio=ratio, ranks=ranks, skip=skip, formats=formats, key=key,
             max_steps=max_steps, bias_correction=bias_correction, batch_size=batch_size,
             progress=progress)
     result = compress_model(model, calib_images, format=format, norm=norm, ratio=ratio, ranks=ranks,
-                            skip=skip, key=key, max_steps=max_steps, batch_size=batch_size, progress=progress)
+                            skip=skip, formats=formats, key=key, max_steps=max_steps, batch_size=batch_size,
+                            progress=progress)
     if bias_correction:
         corrected = sd.calibration.correct_bias(model, result.model, calib_images, plan=result.plan,
                                                 batch_size=batch_size, progress=progress)
@@ -642,8 +658,9 @@ def _implementations_after(model, plan, implementation: str, deploy_batch: int):
 
 def _select(model, calib_images, *, format, norm, rule, budget, tau, skip, key, batch_size, progress, latency_batch=128,
             latency_table=None):
-    """Rank selection on the original network's statistics (see :func:`select_ranks`)."""
-    paths = sd.plan(model, format=format, ratio=1.0, skip=skip).paths
+    """Rank selection on the original network's statistics (see :func:`select_ranks`); ``format``
+    may be a tuple of formats (rule ``global``)."""
+    paths = sd.plan(model, format=format if isinstance(format, str) else format[0], ratio=1.0, skip=skip).paths
     covariances = calibrate(model, calib_images, layers=paths, batch_size=batch_size, progress=progress)
     return sd.surgery.select_ranks(model, covariances, format=format, rule=rule, budget=budget, tau=tau,
                                    norm=norm, images=calib_images, key=key, skip=skip,

@@ -59,7 +59,9 @@ def _compress_argv(tmp_path, **overrides) -> list[str]:
         ({"--calib": "0"}, "positive integer"),
         ({"--max-steps": "-3"}, "positive integer"),
         ({"--arch": "resnet18"}, "6n+2"),
-        ({"--format": "tucker9"}, "invalid choice"),
+        ({"--format": "tucker9"}, "expected a format"),
+        ({"--format": "cp+tucker9"}, "expected a format"),
+        ({"--format": "cp+cp"}, "distinct ones joined by '+'"),
         ({"--norm": "l1"}, "invalid choice"),
     ],
 )
@@ -131,3 +133,11 @@ def test_calibration_default_follows_the_norm():
     assert _check_calibration("parallel", "sigma") == "parallel"
     with pytest.raises(ValueError, match="calibration must be one of"):
         _check_calibration("greedy", "sigma")
+
+
+@pytest.mark.parametrize("extra", [[], ["--rank-rule", "uniform"], ["--rank-rule", "global", "--budget", "params=0.5",
+                                                                    "--replan"]])
+def test_several_formats_need_the_global_rule_without_replan(tmp_path, capsys, extra):
+    assert main(_compress_argv(tmp_path, **{"--format": "cp+tucker2"}) + extra) == 1
+    lines = _error_lines(capsys)
+    assert len(lines) == 1 and "tries several formats per layer" in lines[0], lines

@@ -276,14 +276,19 @@ def test_global_chooses_each_layers_format_from_several(small_net):
 
     net, images, _ = small_net
     cache: dict = {}
-    mixed = _select(small_net, format=("svd", "tucker2"), rule="global", budget="params=0.4", cache=cache)
-    single = {f: _select(small_net, format=f, rule="global", budget="params=0.4", cache=cache)
-              for f in ("svd", "tucker2")}
+    mixed = _select(small_net, format=("svd", "tucker2"), rule="global", budget="params=0.4", cache=cache,
+                    grid=(0.2, 0.45), sweeps=1, max_error=None)  # no cap: every candidate stays offered
+    single = {f: _select(small_net, format=f, rule="global", budget="params=0.4", cache=cache, proxy="sweeps",
+                         grid=(0.2, 0.45), sweeps=1, max_error=None) for f in ("svd", "tucker2")}
     assert mixed.achieved("params") <= 0.4 and mixed.options["formats"] == ["svd", "tucker2"]
-    for table, choice in zip(mixed.candidates, mixed.layers):  # every option of both formats was offered
-        assert table.formats[0] is None and set(table.formats[1:]) == {"svd", "tucker2"}
+    assert mixed.options["proxy"] == "sweeps"  # every format's errors measured alike
+    offered = set()
+    for table, choice in zip(mixed.candidates, mixed.layers):
+        assert table.formats[0] is None and len(table.formats) == len(table.options)
+        offered |= set(table.formats[1:])
         assert choice.format == (table.formats[table.pick] or choice.format)
         assert choice.ranks == table.options[table.pick]
+    assert offered == {"svd", "tucker2"}
     # the same candidates (shared cache) as the one-format selections: each single pick is on offer
     for f, sel in single.items():
         for table, choice in zip(mixed.candidates, sel.layers):
@@ -474,6 +479,29 @@ def test_cli_replan_end_to_end_on_a_tiny_resnet(tmp_path):
     replan = report["replan"]
     assert replan["achieved_params"] <= 0.5 and len(replan["layers"]) == len(report["rank_selection"]["layers"])
     assert {layer["path"] for layer in report["layers"]} == {r["path"] for r in replan["layers"] if r["used"]}
+
+
+@pytest.mark.experiment  # every candidate of both formats swept on seven layers: 5.5 minutes under load
+def test_cli_several_formats_end_to_end_on_a_tiny_resnet(tmp_path):
+    from safetensors.numpy import save_file
+    from test_hardening import _random_torch_state_dict, _write_cifar
+
+    from sigmadecomp.cli import main
+    from sigmadecomp.models import CifarResNet
+
+    save_file(_random_torch_state_dict(nnx.eval_shape(lambda: CifarResNet(8, rngs=nnx.Rngs(0)))),
+              str(tmp_path / "w.safetensors"))
+    out = tmp_path / "r.json"
+    code = main(["compress", "--arch", "resnet8", "--weights", str(tmp_path / "w.safetensors"),
+                 "--data", str(_write_cifar(tmp_path / "cifar")), "--format", "svd+tucker2", "--rank-rule", "global",
+                 "--budget", "params=0.4", "--calib", "16", "--batch-size", "16", "--max-steps", "2",
+                 "--implementation", "factorized", "--latency-repeats", "0", "--json", str(out), "--no-progress"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["format"] == "svd+tucker2"
+    chosen = {c["path"]: c["format"] for c in report["rank_selection"]["layers"] if c["ranks"] is not None}
+    assert {layer["path"]: layer["format"] for layer in report["layers"]} == chosen
+    assert report["rank_selection"]["achieved_params"] <= 0.4
 
 
 @pytest.mark.parametrize("budget", ["params=0.5", "latency=0.5"])

@@ -142,8 +142,10 @@ def randomize(model, paths, key):
 
 
 def compress_for(model, calib, format, ratio, init, config: Config):
-    common = dict(format=format, ratio=ratio, key=jax.random.key(config.compress_seed), skip=config.skip,
-                  max_steps=config.max_steps, progress=False)
+    if "+" in format and init != "sigma_seq_global":
+        raise SystemExit(f"{format}: several formats are chosen per layer by the global rule: init sigma_seq_global")
+    common = dict(format=format.split("+")[0], ratio=ratio, key=jax.random.key(config.compress_seed),
+                  skip=config.skip, max_steps=config.max_steps, progress=False)
     if init == "sigma_seq":
         return seqcal.compress_sequential(model, calib, **common)
     if init == "sigma_seq_global":
@@ -156,13 +158,16 @@ def compress_for(model, calib, format, ratio, init, config: Config):
 def global_ranks(model, calib, format, ratio, config: Config):
     """Every layer's ranks under one budget, ``params=ratio`` of the compressed layers' dense count:
     ``select_ranks``'s global rule on the dense model's statistics (its damage curves and
-    sensitivities from the calibration images), candidates at ``GLOBAL_GRID`` × ``ratio``."""
+    sensitivities from the calibration images), candidates at ``GLOBAL_GRID`` × ``ratio``. A format
+    ``"a+b"`` offers every layer the candidates of both; the rule picks each layer's format."""
     from sigmadecomp.surgery import plan, select_ranks
 
-    paths = plan(model, format=format, ratio=1.0, skip=config.skip).paths
+    formats = tuple(format.split("+"))
+    paths = plan(model, format=formats[0], ratio=1.0, skip=config.skip).paths
     covariances = compress.calibrate(model, calib, layers=paths, progress=False)
     grid = tuple(sorted({min(round(g * ratio, 4), 0.9) for g in GLOBAL_GRID}))
-    return select_ranks(model, covariances, format=format, rule="global", budget=f"params={ratio}", norm="sigma",
+    return select_ranks(model, covariances, format=formats if len(formats) > 1 else format, rule="global",
+                        budget=f"params={ratio}", norm="sigma",
                         images=calib, key=jax.random.key(config.compress_seed + 1), skip=config.skip,
                         input_shape=(1, 32, 32, 3), grid=grid, sweeps=GLOBAL_PROXY_SWEEPS, progress=True)
 
@@ -365,7 +370,7 @@ def table(results) -> str:
     lines = ["| format | initialisation | stage | " + " | ".join(f"{r:.0%}" for r in ratios) + " |",
              "|" + "---|" * (3 + len(ratios))]
     order = {init: i for i, init in enumerate(ALL_INITS)}
-    for f in [f for f in ("svd", "cp", "tucker2") if any(r["format"] == f for r in runs)]:
+    for f in [f for f in ("svd", "cp", "tucker2", "cp+tucker2") if any(r["format"] == f for r in runs)]:
         tnn = [f"{TNN[f][r]:.2f}" if r in TNN[f] else "–" for r in ratios]
         lines.append(f"| {f} | TNN seed | full retraining, 50 000 images | " + " | ".join(tnn) + " |")
         groups = sorted({_label(r): order[r["init"]] for r in runs if r["format"] == f}.items(), key=lambda kv: kv[1])
@@ -468,7 +473,12 @@ def cpu_budget(format: str, ratio: float, batch_size: int) -> dict:
     the device machine (a quiet, pinned 2-core CPU), so that runs on a loaded development CPU or on
     a GPU train exactly as much as the 2-core CPU would in 10 minutes. A format the device did not
     measure (the reshaped ones) takes its plain format's rate (``PLAIN``) times its speed relative
-    to that format, measured on the development CPU (:func:`relative_speed`)."""
+    to that format, measured on the development CPU (:func:`relative_speed`). A mixed plan
+    (``"cp+tucker2"``) takes the slower of its formats' rates: fewer images, never more."""
+    if "+" in format:
+        slowest = min((cpu_budget(f, ratio, batch_size) for f in format.split("+")),
+                      key=lambda b: b["cpu_images_per_second"])
+        return dict(slowest, source=slowest["source"] + f"; the slowest of {format}")
     measured = {k: v["images_per_second"] for k, v in
                 load_results(HERE / "cpu_throughput.json").get("device", {}).get("formats", {}).items()
                 if v.get("images_per_second")}

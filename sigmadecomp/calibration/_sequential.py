@@ -213,6 +213,7 @@ def compress_sequential(
     ratio: float | None = None,
     ranks: Mapping | None = None,
     skip=(),
+    formats: Mapping | None = None,
     max_steps: int | None = None,
     bias_correction: bool = False,
     batch_size: int = 256,
@@ -226,7 +227,7 @@ def compress_sequential(
     Args:
         model: the trained NNX model in inference mode (not modified).
         calib_images: preprocessed calibration inputs ``(N, ...)``; both networks see them all.
-        format, ratio, ranks, skip: as in :func:`sigmadecomp.plan`.
+        format, ratio, ranks, skip, formats: as in :func:`sigmadecomp.plan`.
         key: PRNG key; layer ``i`` of the plan gets ``jax.random.split(key, n)[i]``, as in
             :func:`sigmadecomp.compress.compress_model`.
         max_steps: ALS sweeps per layer (default: each solver's own).
@@ -268,7 +269,7 @@ def compress_sequential(
     if replan is not None:
         _check_replan(replan, format, ratio, ranks, skip)
         ratio, skip = 1.0, (lambda path: path not in replan.paths)  # entries re-ranked layer by layer
-    layer_plan = sd.plan(model, format=format, ratio=ratio, ranks=ranks, skip=skip,
+    layer_plan = sd.plan(model, format=format, ratio=ratio, ranks=ranks, skip=skip, formats=formats,
                          input_shape=(1, *np.shape(calib_images)[1:]))
     if len(layer_plan) == 0:
         raise ValueError("the plan is empty: every eligible layer is skipped; skip fewer layers")

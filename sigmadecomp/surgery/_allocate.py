@@ -582,7 +582,9 @@ def select_ranks(
             layer's candidates are then those of every format, and the knapsack picks each
             layer's format with its ranks (``selection.formats``; :func:`plan` reads them from
             ``ranks=selection``). Errors are relative Σ-errors whatever the format, so the
-            candidates compare directly. Params or FLOPs budgets only; no re-planning.
+            candidates compare directly; to keep them measured alike, ``proxy`` defaults to
+            ``"sweeps"`` for every format then (Tucker-2's spectrum proxy is a bound, not a fit).
+            Params or FLOPs budgets only; no re-planning.
         rule: ``"uniform"``, ``"energy"``, ``"vbmf"`` or ``"global"``.
         budget: ``"params=R"`` / ``"flops=R"`` or a :class:`Budget`: needed by ``uniform`` and
             ``global``; optional for ``energy`` (then ``τ`` is fitted to it); ignored by ``vbmf``.
@@ -634,6 +636,7 @@ def select_ranks(
     if rule in ("uniform", "global") and budget is None:
         raise ValueError(f"rule {rule!r} needs a budget (e.g. budget='params=0.5')")
     tried = _check_formats(format, rule, budget, formats)
+    proxy = "sweeps" if proxy is None and len(tried) > 1 else proxy
     bases = [plan(model, format=f, ratio=1.0, skip=skip, formats=formats, input_shape=input_shape) for f in tried]
     base = bases[0]
     if budget is not None and budget.kind == "flops" and base.flops_before is None:
