@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _surgery_models import TinyNet, inputs, random_factors, random_factorized, run
-from flax import nnx
 
 from sigmadecomp.latency import _choose, choose_implementations, set_implementations, time_interleaved
 from sigmadecomp.layers import CP3Conv, CPConv, LowRankDense

@@ -73,6 +73,9 @@ _PRIORITY = (
     + _block(("tucker2", "svd", "cp"), ("uniform", "global"), ("params=0.33",), arch=56)
     + _block(("svd",), ("uniform", "global"), ("params=0.5",), arch=56)
     + _block(("tucker2", "svd"), ("uniform", "global"), ("params=0.33",), norm="frobenius", calibration="parallel")
+    # session 10: the global rule choosing each layer's format (CP or Tucker-2, both swept) with its ranks
+    + _block(("cp+tucker2",), ("global",), ("params=0.33", "params=0.5", "params=0.25"))
+    + _block(("cp+tucker2",), ("global",), ("params=0.33", "params=0.5"), arch=32)
 )
 
 FULL = Config(runs=tuple(dict.fromkeys(_PRIORITY)))

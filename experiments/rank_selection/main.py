@@ -109,7 +109,9 @@ def measure(arch: Arch, key, test, config) -> dict:
     # the HOSVD spectrum proxy.
     proxy = "sweeps" if rule.startswith("global_sweeps") or fmt not in ("svd", "tucker2") else None
     frozen = latency_table_file(depth, fmt, norm, config) if budget.startswith("latency") else None
-    sel = select_ranks(arch.model, arch.covariances, format=fmt, rule=rule.split("_")[0], damage=damage,
+    # "cp+tucker2": the global rule offers every layer both formats' swept candidates and picks one
+    sel = select_ranks(arch.model, arch.covariances, format=tuple(fmt.split("+")) if "+" in fmt else fmt,
+                       rule=rule.split("_")[0], damage=damage,
                        budget=None if budget == "none" else budget, norm=norm, images=arch.calib,
                        key=jax.random.key(config.calib_seed + 1), skip=config.skip, input_shape=INPUT_SHAPE,
                        proxy=proxy if rule.startswith("global") else None,
@@ -121,7 +123,7 @@ def measure(arch: Arch, key, test, config) -> dict:
         frozen.parent.mkdir(parents=True, exist_ok=True)
         frozen.write_text(json.dumps(sel.latency_table, indent=1))
     select_seconds = time.perf_counter() - start
-    common = dict(format=fmt, ranks=sel, skip=sel.is_dense, key=jax.random.key(config.compress_seed),
+    common = dict(format=fmt.split("+")[0], ranks=sel, skip=sel.is_dense, key=jax.random.key(config.compress_seed),
                   max_steps=config.max_steps, batch_size=config.batch_size, progress=False)
     if rule.endswith("_replan"):  # the pass re-solves the selection layer by layer: no ranks/skip up front
         if calibration != "sequential":
@@ -148,7 +150,8 @@ def measure(arch: Arch, key, test, config) -> dict:
         params=params, baseline_params=arch.params, params_ratio=params / arch.params,
         macs_ratio=(arch.macs - p.flops_before + p.flops_after) / arch.macs,
         predicted_damage=sel.predicted_damage,
-        layers=[dict(path=c.path, ranks=used[c.path] if replan else None if c.ranks is None else list(c.ranks),
+        layers=[dict(path=c.path, format=c.format,
+                     ranks=used[c.path] if replan else None if c.ranks is None else list(c.ranks),
                      predicted_error=c.predicted_error, sensitivity=c.sensitivity,
                      measured_error=measured.get(c.path),
                      **({"upfront_ranks": None if c.ranks is None else list(c.ranks)} if replan else {}))

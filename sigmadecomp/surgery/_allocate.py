@@ -45,6 +45,11 @@ the selection's report; ``latency_table=`` reuses a measured one (dict or JSON f
 timing again. The costs are what *this* machine measured at *that* load: a ratio, not a promise
 for another machine.
 
+Given several formats (``format=("cp", "tucker2")``), ``global`` puts every format's candidates
+for a layer into that layer's option list, so the knapsack chooses the format with the ranks
+(``selection.formats``); all candidates are then measured by sweeps, so their errors are fits of
+the same kind.
+
 Formats without a native spectral rule (CP, CP-3 and any format registered later) translate the
 SVD-Σ rank a rule picks into that layer's parameter ratio and use the format's own
 :func:`rank_for_ratio`; costs always come from :func:`sigmadecomp.layers.count_format`.
