@@ -458,8 +458,8 @@ def test_cli_replan_errors_are_clear(tmp_path, capsys, argv, needle):
     assert "Traceback" not in err and needle in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.slow
-def test_cli_replan_end_to_end_on_a_tiny_resnet(tmp_path):
+def _tiny_resnet_cli(tmp_path, *flags) -> dict:
+    """``sigmadecomp compress`` of a random ResNet-8 on a tiny CIFAR folder with ``flags``; the report."""
     from safetensors.numpy import save_file
     from test_hardening import _random_torch_state_dict, _write_cifar
 
@@ -470,11 +470,16 @@ def test_cli_replan_end_to_end_on_a_tiny_resnet(tmp_path):
               str(tmp_path / "w.safetensors"))
     out = tmp_path / "r.json"
     code = main(["compress", "--arch", "resnet8", "--weights", str(tmp_path / "w.safetensors"),
-                 "--data", str(_write_cifar(tmp_path / "cifar")), "--format", "svd", "--rank-rule", "global",
-                 "--budget", "params=0.5", "--replan", "--calib", "16", "--batch-size", "16",
-                 "--implementation", "factorized", "--latency-repeats", "0", "--json", str(out), "--no-progress"])
+                 "--data", str(_write_cifar(tmp_path / "cifar")), "--rank-rule", "global", "--calib", "16",
+                 "--batch-size", "16", "--implementation", "factorized", "--latency-repeats", "0",
+                 "--json", str(out), "--no-progress", *flags])
     assert code == 0
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_cli_replan_end_to_end_on_a_tiny_resnet(tmp_path):
+    report = _tiny_resnet_cli(tmp_path, "--format", "svd", "--budget", "params=0.5", "--replan")
     assert report["config"]["replan"] is True and report["config"]["calibration"] == "sequential"
     replan = report["replan"]
     assert replan["achieved_params"] <= 0.5 and len(replan["layers"]) == len(report["rank_selection"]["layers"])
@@ -483,21 +488,7 @@ def test_cli_replan_end_to_end_on_a_tiny_resnet(tmp_path):
 
 @pytest.mark.experiment  # every candidate of both formats swept on seven layers: 5.5 minutes under load
 def test_cli_several_formats_end_to_end_on_a_tiny_resnet(tmp_path):
-    from safetensors.numpy import save_file
-    from test_hardening import _random_torch_state_dict, _write_cifar
-
-    from sigmadecomp.cli import main
-    from sigmadecomp.models import CifarResNet
-
-    save_file(_random_torch_state_dict(nnx.eval_shape(lambda: CifarResNet(8, rngs=nnx.Rngs(0)))),
-              str(tmp_path / "w.safetensors"))
-    out = tmp_path / "r.json"
-    code = main(["compress", "--arch", "resnet8", "--weights", str(tmp_path / "w.safetensors"),
-                 "--data", str(_write_cifar(tmp_path / "cifar")), "--format", "svd+tucker2", "--rank-rule", "global",
-                 "--budget", "params=0.4", "--calib", "16", "--batch-size", "16", "--max-steps", "2",
-                 "--implementation", "factorized", "--latency-repeats", "0", "--json", str(out), "--no-progress"])
-    assert code == 0
-    report = json.loads(out.read_text())
+    report = _tiny_resnet_cli(tmp_path, "--format", "svd+tucker2", "--budget", "params=0.4", "--max-steps", "2")
     assert report["config"]["format"] == "svd+tucker2"
     chosen = {c["path"]: c["format"] for c in report["rank_selection"]["layers"] if c["ranks"] is not None}
     assert {layer["path"]: layer["format"] for layer in report["layers"]} == chosen
