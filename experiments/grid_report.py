@@ -535,7 +535,17 @@ points. Measured levers that did not close the 0.33 gap: swept instead of spectr
 (−0.8), bias correction (+0.1, table below). At the same parameter budget CP loses 0.4 points
 where Tucker-2 loses 5.7: the gap is the format's, not the allocation's. What would close it:
 training (experiments/finetune), or letting `global` choose the format per layer as well as the
-ranks (not built).
+ranks: built in session 10 and measured below ("Each layer's format chosen by `global`").
+
+## Each layer's format chosen by `global` (`cp+tucker2`, session 10)
+
+`select_ranks(format=("cp", "tucker2"), rule="global")` (CLI `--format cp+tucker2 --rank-rule
+global`) offers every layer the candidates of both formats, each measured by {rsm.FULL.proxy_sweeps} ALS sweeps at the
+CP sweep grid (so the mixed run's candidates are exactly those of CP `global` and Tucker-2
+`global_sweeps`), and one knapsack picks each layer's format with its ranks. Same calibration,
+sequential fits, and 512 test images (one standard error 1.3 points) as every row here.
+
+{rsm.format_versus(results)}
 
 ## All runs
 

@@ -372,6 +372,30 @@ def bias_versus(results) -> str:
     return "\n".join(lines)
 
 
+def format_versus(results) -> str:
+    """``global`` choosing each layer's format (``cp+tucker2``) beside the one-format selections
+    (CP global, Tucker-2 global with spectral and with swept damage curves) at the same budget."""
+    by = {run_key(r): r for r in results["runs"]}
+
+    def acc(key):
+        r = by.get(key)
+        return "not run" if r is None else f"{100 * r['accuracy']:.1f}"
+
+    lines = ["| model | budget | dense | cp+tucker2 global | layers CP / Tucker-2 (dense) | CP global | "
+             "Tucker-2 global | Tucker-2 global_sweeps | CP uniform | achieved params |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, r in sorted(by.items()):
+        if "+" not in key[1]:
+            continue
+        picks = [layer.get("format") if layer["ranks"] is not None else None for layer in r["layers"]]
+        split = f"{picks.count('cp')} / {picks.count('tucker2')} ({picks.count(None)})"
+        lines.append(f"| ResNet-{key[0]} | {key[5]} | {100 * r['baseline_accuracy']:.1f} | {100 * r['accuracy']:.1f} | "
+                     f"{split} | {acc(sibling(key, format='cp'))} | {acc(sibling(key, format='tucker2'))} | "
+                     f"{acc(sibling(key, format='tucker2', rule='global_sweeps'))} | "
+                     f"{acc(sibling(key, format='cp', rule='uniform'))} | {r['achieved_params']:.3f} |")
+    return "\n".join(lines)
+
+
 def latency_versus(results) -> str:
     """Latency-budget runs: the table's predicted ratio, the measured whole-model ratio, accuracy,
     and the flops=0.5 global selection of the same format at the same latency table / measurement."""
