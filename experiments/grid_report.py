@@ -552,7 +552,7 @@ compressed layer of ResNet-20 and ResNet-32 at every budget above: at equal para
 Σ-error is below Tucker-2's on every layer of these networks, so the choice adds nothing over CP
 `global`: it picked exactly CP `global`'s ranks in every row where both ran (checked in
 results.json). The accuracies of those identical plans still differ by up to 0.6 points (ResNet-32
-at 0.33: 92.8 now, 92.2 in session 8): the two compressions ran sessions apart, under solver code
+at 0.33: 92.8 now, 92.2 in session 9): the two compressions ran sessions apart, under solver code
 that changed in between, which is inside the noise of 512 test images. It does change the plan where
 the formats are closer: on ResNet-32 at 5% of the conv parameters (experiments/finetune, the grid
 scaled to that rate) it took Tucker-2 for 6 of 30 layers. The Tucker-2 targets above stay missed
