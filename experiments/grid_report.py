@@ -138,8 +138,9 @@ def tnn_table(runs, ftm) -> str:
     for fmt in [f for f in FORMAT_ORDER if f in ftm.TNN or any(r["format"] == f for r in runs)]:
         mine = [r for r in runs if r["format"] == fmt]
         seed = ftm.TNN.get(fmt, {})
-        lines.append(f"| {fmt} | TNN seed | full retraining, 50 000 images | "
-                     + " | ".join(f"{seed[r]:.2f}" if r in seed else "–" for r in RATES) + " |")
+        if seed:  # a mixed plan (cp+tucker2: each layer's format chosen by select_ranks) has no seed row
+            lines.append(f"| {fmt} | TNN seed | full retraining, 50 000 images | "
+                         + " | ".join(f"{seed[r]:.2f}" if r in seed else "–" for r in RATES) + " |")
         for init in [i for i in ftm.ALL_INITS if any(r["init"] == i for r in mine)]:
             cell = {}
             for r in sorted((r for r in mine if r["init"] == init), key=lambda r: r.get("date", "")):
@@ -362,7 +363,8 @@ other jobs. A reshaped format (r-cp, …), which the device did not time, uses a
 rate (r-tucker: Tucker-2's, the others CP's) times its distillation speed relative to that format
 measured side by side on the development CPU (`benchmarks/training_implementations.py`, ResNet-32 at
 10%, default training implementations); the column "budget's CPU rate from" says which. The first
-r-CP run (10%, session 5) predates that ratio and used CP's rate as it is.
+r-CP run (10%, session 5) predates that ratio and used CP's rate as it is. A mixed plan (`cp+tucker2`: each layer's format
+chosen by `select_ranks`) trains on the slower of its formats' rates.
 
 ## Distilled accuracy, TNN-seed layout (dev test set, 512 images)
 
