@@ -554,7 +554,7 @@ def compress_pretrained(
     skip = ("conv1", "linear") if skip_first else ("linear",)
     selection, ranks, formats = None, None, None
     if rank_rule != "uniform" or (budget is not None and not budget.startswith("params")):
-        selection = _select(model, calib_images, format=tried if len(tried) > 1 else format, norm=norm, rule=rank_rule, budget=budget,
+        selection = _select(model, calib_images, formats=tried, norm=norm, rule=rank_rule, budget=budget,
                             tau=tau, skip=skip, key=jax.random.fold_in(calib_key, 1), batch_size=batch_size,
                             progress=progress, latency_batch=deploy_batch, latency_table=latency_table)
         ratio, ranks, skip = None, selection, selection.is_dense
@@ -656,13 +656,13 @@ def _implementations_after(model, plan, implementation: str, deploy_batch: int):
     return dataclasses.replace(chosen, entries=entries, left_dense=())
 
 
-def _select(model, calib_images, *, format, norm, rule, budget, tau, skip, key, batch_size, progress, latency_batch=128,
-            latency_table=None):
-    """Rank selection on the original network's statistics (see :func:`select_ranks`); ``format``
-    may be a tuple of formats (rule ``global``)."""
-    paths = sd.plan(model, format=format if isinstance(format, str) else format[0], ratio=1.0, skip=skip).paths
+def _select(model, calib_images, *, formats, norm, rule, budget, tau, skip, key, batch_size, progress,
+            latency_batch=128, latency_table=None):
+    """Rank selection on the original network's statistics (see :func:`select_ranks`); ``formats``:
+    the format tried, or several (rule ``global``)."""
+    paths = sd.plan(model, format=formats[0], ratio=1.0, skip=skip).paths
     covariances = calibrate(model, calib_images, layers=paths, batch_size=batch_size, progress=progress)
-    return sd.surgery.select_ranks(model, covariances, format=format, rule=rule, budget=budget, tau=tau,
+    return sd.surgery.select_ranks(model, covariances, format=formats, rule=rule, budget=budget, tau=tau,
                                    norm=norm, images=calib_images, key=key, skip=skip,
                                    input_shape=(1, *np.shape(calib_images)[1:]), progress=progress,
                                    batch_size=latency_batch, latency_table=latency_table)

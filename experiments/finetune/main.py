@@ -166,8 +166,7 @@ def global_ranks(model, calib, format, ratio, config: Config):
     paths = plan(model, format=formats[0], ratio=1.0, skip=config.skip).paths
     covariances = compress.calibrate(model, calib, layers=paths, progress=False)
     grid = tuple(sorted({min(round(g * ratio, 4), 0.9) for g in GLOBAL_GRID}))
-    return select_ranks(model, covariances, format=formats if len(formats) > 1 else format, rule="global",
-                        budget=f"params={ratio}", norm="sigma",
+    return select_ranks(model, covariances, format=formats, rule="global", budget=f"params={ratio}", norm="sigma",
                         images=calib, key=jax.random.key(config.compress_seed + 1), skip=config.skip,
                         input_shape=(1, 32, 32, 3), grid=grid, sweeps=GLOBAL_PROXY_SWEEPS, progress=True)
 

@@ -110,8 +110,8 @@ def measure(arch: Arch, key, test, config) -> dict:
     proxy = "sweeps" if rule.startswith("global_sweeps") or fmt not in ("svd", "tucker2") else None
     frozen = latency_table_file(depth, fmt, norm, config) if budget.startswith("latency") else None
     # "cp+tucker2": the global rule offers every layer both formats' swept candidates and picks one
-    sel = select_ranks(arch.model, arch.covariances, format=tuple(fmt.split("+")) if "+" in fmt else fmt,
-                       rule=rule.split("_")[0], damage=damage,
+    sel = select_ranks(arch.model, arch.covariances, format=tuple(fmt.split("+")), rule=rule.split("_")[0],
+                       damage=damage,
                        budget=None if budget == "none" else budget, norm=norm, images=arch.calib,
                        key=jax.random.key(config.calib_seed + 1), skip=config.skip, input_shape=INPUT_SHAPE,
                        proxy=proxy if rule.startswith("global") else None,

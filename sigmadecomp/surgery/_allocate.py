@@ -652,10 +652,8 @@ def select_ranks(
     if missing:
         raise ValueError(f"covariances has no entry for layer(s) {missing}; calibrate them too")
     cache = {} if cache is None else cache
-    alternatives = [[_Layer(e, np.asarray(get_by_path(model, e.path).kernel[...], np.float64),
-                            np.asarray(covariances[e.path].cov, np.float64), norm,
-                            cache.setdefault(("spectra", e.path, norm), {}), get_by_path(model, e.path).kernel[...])
-                     for e in entries] for entries in zip(*(b.entries for b in bases))]
+    alternatives = [_alternatives(model, covariances, entries, norm, cache)
+                    for entries in zip(*(b.entries for b in bases))]
     layers = [alts[0] for alts in alternatives]
     _check_groups(layers)
     options = dict(norm=norm, tau=tau, proxy=proxy, relative_noise=relative_noise)
@@ -691,6 +689,16 @@ def select_ranks(
     curves = cache.get("curves") if damage == "curve" else None  # measured by this or an earlier global call
     choices = tuple(_choice(layer, r, err, sensitivity, curves, table) for layer, r, err in zip(layers, ranks, errors))
     return RankSelection(rule, budget, choices, options, time.perf_counter() - start, tables, table)
+
+
+def _alternatives(model, covariances, entries, norm, cache) -> list:
+    """One layer once per format tried (``entries``: its plan entry in each), sharing one float64
+    copy of its kernel and cov and one spectra cache (spectra depend on the kernel only)."""
+    path = entries[0].path
+    raw = get_by_path(model, path).kernel[...]
+    kernel, cov = np.asarray(raw, np.float64), np.asarray(covariances[path].cov, np.float64)
+    spectra = cache.setdefault(("spectra", path, norm), {})
+    return [_Layer(e, kernel, cov, norm, spectra, raw) for e in entries]
 
 
 def _check_formats(format, rule, budget, formats) -> tuple:
